@@ -1,0 +1,417 @@
+"""Typed, frozen configuration: one dataclass per concern, YAML deltas, dotted overrides.
+
+OmegaConf structured configs do the merging and type conversion; this module adds named
+model presets, "did you mean" for unknown keys, and the checks that must fail before
+anything is compiled, each saying what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from jaxlm.errors import ConfigError
+
+
+def _f(default: Any, help: str):
+    """A dataclass field with a help string (shown by `jaxlm train --help`)."""
+    return field(default=default, metadata={"help": help})
+
+
+FAMILIES = ("gpt2", "llama")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+SCHEDULES = ("constant", "cosine", "linear", "wsd", "inverse_sqrt")
+BACKENDS = ("jit", "pmap")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = _f("", "named preset applied before the other model keys (see PRESETS)")
+    family: str = _f("gpt2", "gpt2 (LayerNorm, learned positions, GELU) or llama (RMSNorm, RoPE, SwiGLU, GQA)")
+    vocab_size: int = _f(0, "0 = the tokenizer's vocabulary size; larger only as a multiple of 128 (padding)")
+    d_model: int = _f(256, "residual stream width")
+    n_layers: int = _f(4, "number of decoder blocks")
+    n_heads: int = _f(4, "attention heads")
+    n_kv_heads: int = _f(0, "key/value heads for grouped-query attention; 0 = n_heads")
+    d_ff: int = _f(0, "MLP hidden width; 0 = 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)")
+    max_seq_len: int = _f(1024, "longest sequence the model accepts (gpt2: size of the position table)")
+    bias: Optional[bool] = _f(None, "biases in dense layers and norms; default: gpt2 yes, llama no")
+    tie_embeddings: Optional[bool] = _f(None, "share input embedding and output head; default: gpt2 yes, llama no")
+    norm_eps: float = _f(1e-5, "epsilon of LayerNorm / RMSNorm")
+    rope_theta: float = _f(10000.0, "RoPE base frequency (llama)")
+    init_std: float = _f(0.02, "std of the normal init; residual projections are scaled by 1/sqrt(2*n_layers)")
+    dtype: str = _f("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
+    remat: str = _f("none", "rematerialisation per block: none, full, dots, dots_no_batch")
+    scan_layers: bool = _f(True, "stack blocks with nn.scan so compile time does not grow with depth")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.family == "llama":
+            return 64 * -(-(8 * self.d_model // 3) // 64)
+        return 4 * self.d_model
+
+    @property
+    def use_bias(self) -> bool:
+        return self.family == "gpt2" if self.bias is None else self.bias
+
+    @property
+    def tied(self) -> bool:
+        return self.family == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _f("tfds:tiny_shakespeare", "training text: tfds:NAME[/CONFIG][:SPLIT], text:GLOB or jsonl:GLOB")
+    valid_source: str = _f("", "validation text; empty = the TFDS validation split, else the held-out fraction")
+    valid_fraction: float = _f(0.05, "share of the text held out for validation when there is no split")
+    text_field: str = _f("text", "feature (TFDS) or field (jsonl) holding the text")
+    tfds_data_dir: str = _f("", "TFDS data dir; empty = $TFDS_DATA_DIR or TFDS's default")
+    tokenizer: str = _f("", "path to a sentencepiece .model; empty = train one on the training text")
+    tokenizer_vocab: int = _f(1024, "vocabulary size of a trained tokenizer")
+    tokenizer_type: str = _f("bpe", "sentencepiece model type of a trained tokenizer: bpe or unigram")
+    tokenizer_max_bytes: int = _f(20_000_000, "cap on the text sample the tokenizer is trained on")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = _f(1e-3, "peak learning rate")
+    schedule: str = _f("cosine", "constant, cosine, linear, wsd (warmup-stable-decay) or inverse_sqrt")
+    warmup_steps: int = _f(100, "linear warmup from 0 to lr")
+    min_lr_ratio: float = _f(0.1, "final lr as a fraction of lr (cosine, linear, wsd)")
+    decay_fraction: float = _f(0.2, "wsd: share of the steps spent decaying at the end")
+    b1: float = _f(0.9, "AdamW beta1")
+    b2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(0.1, "decoupled weight decay (never on norms or biases)")
+    decay_embeddings: bool = _f(False, "apply weight decay to embeddings and the output head too")
+    grad_clip: float = _f(1.0, "global gradient-norm clip; 0 = off")
+    z_loss: float = _f(0.0, "weight of the z-loss (log-partition squared) term; 0 = off")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = _f(-1, "data-parallel axis size; -1 = all devices left over")
+    fsdp: int = _f(1, "fully-sharded data-parallel axis size (shards params and optimizer state)")
+    tensor: int = _f(1, "tensor-parallel axis size (shards heads, MLP and vocab)")
+    backend: str = _f("jit", "jit (sharded jit, all three axes) or pmap (legacy data parallel)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _f(1000, "optimizer steps")
+    seed: int = _f(0, "seed of the init and of the data order")
+    batch_size: int = _f(32, "global batch in sequences")
+    seq_len: int = _f(256, "tokens per sequence")
+    grad_accum: int = _f(1, "microbatches per step (lax.scan inside the step)")
+    log_every: int = _f(10, "steps between metrics records")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _f(200, "steps between validation passes; 0 = only at the end")
+    batch_size: int = _f(0, "validation batch in sequences; 0 = train.batch_size")
+    max_batches: int = _f(0, "cap on validation batches; 0 = the whole validation set")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = _f(0, "steps between checkpoints; 0 = only at the end")
+    keep: int = _f(3, "number of recent checkpoints kept")
+    enabled: bool = _f(True, "write checkpoints at all")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = _f("default", "run name")
+    dir: str = _f("", "run directory; empty = runs/<name>")
+    peak_tflops: float = _f(0.0, "per-device peak TFLOP/s for MFU; 0 = from the device kind")
+    tensorboard: bool = _f(True, "write TensorBoard event files")
+    progress: bool = _f(True, "show a progress bar")
+
+    @property
+    def path(self) -> str:
+        return self.dir or os.path.join("runs", self.name)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# Presets set model keys only; explicit model keys in YAML or overrides win.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-tiny": dict(family="gpt2", d_model=64, n_layers=2, n_heads=4, max_seq_len=256),
+    "gpt2-124m": dict(family="gpt2", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
+    "gpt2-355m": dict(family="gpt2", d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
+    "gpt2-774m": dict(family="gpt2", d_model=1280, n_layers=36, n_heads=20, max_seq_len=1024),
+    "llama-tiny": dict(family="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
+    "llama-125m": dict(family="llama", d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, max_seq_len=2048),
+    "llama-1b": dict(family="llama", d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+                     max_seq_len=2048, rope_theta=500000.0),
+}
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. 'optim.lr'."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+            keys += all_keys(_SECTIONS[f.name], name + ".")
+        else:
+            keys.append(name)
+    return keys
+
+
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    if not close:  # a right leaf under a wrong section, or a bare leaf name
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _merge(base, other, origin: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        raise ConfigError(f"unknown config key '{key}' in {origin}{_did_you_mean(key)}") from None
+    except ValidationError as e:
+        expected = _expected_type(e.full_key)
+        raise ConfigError(
+            f"wrong type for '{e.full_key}' in {origin}: got {e.value!r}, expected {expected}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad config in {origin}: {e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def _expected_type(key: str | None) -> str:
+    if not key or "." not in key:
+        return "a section (mapping)"
+    section, leaf = key.split(".", 1)
+    for f in dataclasses.fields(_SECTIONS.get(section, Config)()):
+        if f.name == leaf:
+            return str(f.type).replace("typing.", "")
+    return "another type"
+
+
+def _parse_overrides(overrides: list[str]):
+    for o in overrides:
+        if "=" not in o or o.startswith("="):
+            raise ConfigError(f"override '{o}' is not of the form key=value (e.g. optim.lr=3e-3)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"could not parse overrides {overrides}: {e}") from None
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- model preset <- YAML file <- dotted overrides, then the static checks."""
+    layers = []
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax errors come in many types
+            raise ConfigError(f"could not parse {path}: {e}") from None
+        if not OmegaConf.is_dict(loaded):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, optim:, ...)")
+        layers.append((loaded, path))
+    if overrides:
+        layers.append((_parse_overrides(list(overrides)), "command-line overrides"))
+
+    merged = OmegaConf.structured(Config)
+    for layer, origin in layers:
+        merged = _merge(merged, layer, origin)
+    preset = merged.model.preset
+    if preset:
+        if preset not in PRESETS:
+            hint = difflib.get_close_matches(preset, PRESETS, n=1)
+            raise ConfigError(f"unknown model.preset '{preset}'"
+                              + (f"; did you mean '{hint[0]}'?" if hint else "")
+                              + f" Known presets: {', '.join(PRESETS)}")
+        merged = OmegaConf.merge(OmegaConf.structured(Config), {"model": PRESETS[preset]})
+        for layer, origin in layers:
+            merged = _merge(merged, layer, origin)
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml_file(path: str) -> Config:
+    """Read a resolved config written by `to_yaml` (e.g. a run directory's config.yaml)."""
+    return load_config(path)
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """Copy of cfg with some keys of some sections changed, e.g. replace(cfg, train={'steps': 5})."""
+    new = {name: dataclasses.replace(getattr(cfg, name), **kv) for name, kv in sections.items()}
+    out = dataclasses.replace(cfg, **new)
+    validate(out)
+    return out
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]):
+    if value not in choices:
+        hint = difflib.get_close_matches(value, choices, n=1)
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}"
+                          + (f"; did you mean '{hint[0]}'?" if hint else ""))
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no devices and no data. Raises ConfigError saying what to change."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    positive = {
+        "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+        "model.max_seq_len": m.max_seq_len, "train.steps": t.steps, "train.batch_size": t.batch_size,
+        "train.seq_len": t.seq_len, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+        "data.tokenizer_vocab": cfg.data.tokenizer_vocab, "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {v}")
+    non_negative = {
+        "model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff, "model.vocab_size": m.vocab_size,
+        "optim.warmup_steps": o.warmup_steps, "optim.weight_decay": o.weight_decay,
+        "optim.grad_clip": o.grad_clip, "optim.z_loss": o.z_loss, "eval.every": cfg.eval.every,
+        "eval.batch_size": cfg.eval.batch_size, "eval.max_batches": cfg.eval.max_batches,
+        "checkpoint.every": cfg.checkpoint.every, "run.peak_tflops": cfg.run.peak_tflops,
+    }
+    for key, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v}")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
+    if not 0 < cfg.data.valid_fraction < 1:
+        raise ConfigError(f"data.valid_fraction must be in (0, 1), got {cfg.data.valid_fraction}")
+    _choice("model.family", m.family, FAMILIES)
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.remat", m.remat, REMAT_POLICIES)
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+    _choice("mesh.backend", cfg.mesh.backend, BACKENDS)
+    _choice("data.tokenizer_type", cfg.data.tokenizer_type, ("bpe", "unigram"))
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+            f"pick n_heads among {_divisors(m.d_model)} or change d_model")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(
+            f"model.n_kv_heads={m.kv_heads} does not divide model.n_heads={m.n_heads}; "
+            f"pick n_kv_heads among {_divisors(m.n_heads)}")
+    if m.family == "llama" and m.head_dim % 2:
+        raise ConfigError(f"RoPE needs an even head dimension, got d_model/n_heads={m.head_dim}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+                          f"raise model.max_seq_len or lower train.seq_len")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
+                          f"train.grad_accum={t.grad_accum}")
+    sizes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "mesh.tensor": cfg.mesh.tensor}
+    for key, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"{key} must be a positive size or -1 (the rest), got {v}")
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_mesh_shape(cfg: Config, n_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with -1 filled in; checks the product and every divisibility."""
+    mc, m = cfg.mesh, cfg.model
+    shape = [mc.data, mc.fsdp, mc.tensor]
+    known = 1
+    for v in shape:
+        if v != -1:
+            known *= v
+    if -1 in shape:
+        if n_devices % known:
+            raise ConfigError(f"mesh sizes {shape} leave no whole number for -1 with {n_devices} devices; "
+                              f"choose sizes whose product divides {n_devices}")
+        shape[shape.index(-1)] = n_devices // known
+    data, fsdp, tensor = shape
+    if data * fsdp * tensor != n_devices:
+        raise ConfigError(
+            f"mesh data*fsdp*tensor = {data}*{fsdp}*{tensor} = {data * fsdp * tensor} but there are "
+            f"{n_devices} devices; make the product {n_devices} (or set one axis to -1)")
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % (data * fsdp):
+        raise ConfigError(
+            f"the microbatch train.batch_size/train.grad_accum = {micro} is not divisible by the "
+            f"data-parallel size mesh.data*mesh.fsdp = {data * fsdp}; change train.batch_size or the mesh")
+    if cfg.mesh.backend == "pmap" and (fsdp != 1 or tensor != 1):
+        raise ConfigError("mesh.backend=pmap is data parallel only: set mesh.fsdp=1 and mesh.tensor=1")
+    for key, v in {"model.n_heads": m.n_heads, "model.n_kv_heads": m.kv_heads, "MLP width": m.ff_dim}.items():
+        if v % tensor:
+            raise ConfigError(f"mesh.tensor={tensor} does not divide {key}={v}; pick mesh.tensor among "
+                              f"{_divisors(v)}")
+    if m.d_model % fsdp:
+        raise ConfigError(f"mesh.fsdp={fsdp} does not divide model.d_model={m.d_model}; "
+                          f"pick mesh.fsdp among {_divisors(m.d_model)}")
+    return data, fsdp, tensor
+
+
+def check_vocab(cfg: Config, tokenizer_vocab: int, tensor: int = 1) -> int:
+    """The model's vocabulary size given the tokenizer's; raises if they cannot match."""
+    v = cfg.model.vocab_size
+    if v == 0:
+        v = tokenizer_vocab
+    elif v < tokenizer_vocab or (v > tokenizer_vocab and v % 128):
+        raise ConfigError(
+            f"model.vocab_size={v} does not match the tokenizer's {tokenizer_vocab} tokens; set "
+            f"model.vocab_size=0 (use the tokenizer's) or a multiple of 128 above it")
+    if v % tensor:
+        raise ConfigError(f"mesh.tensor={tensor} does not divide the vocabulary size {v}; "
+                          f"set model.vocab_size to a multiple of 128 above {tokenizer_vocab}")
+    return v
+
+
+def help_text() -> str:
+    """Every option group and key with its default and help string."""
+    lines = []
+    for sec in dataclasses.fields(Config):
+        cls = _SECTIONS[sec.name]
+        lines.append(f"\n{sec.name}: {cls.__name__}")
+        for f in dataclasses.fields(cls):
+            default = f.default
+            lines.append(f"  {sec.name}.{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    lines.append("\nmodel presets: " + ", ".join(PRESETS))
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Decoder-only Transformer for the gpt2 and llama families, in Flax Linen.
+
+One set of modules serves both families; `ModelConfig.family` picks the norm (LayerNorm /
+RMSNorm), the position scheme (learned table / RoPE), the MLP (GELU / SwiGLU) and the
+defaults for biases and tied embeddings. Parameters and block-boundary activations carry
+logical axis names only; `sharding.py` maps them onto the mesh.
+
+Shape suffixes: B batch, T sequence length, D model width, N query heads, K key/value
+heads, H head dimension, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.config import ModelConfig
+
+
+def compute_dtype(cfg: ModelConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def _normal(std: float, names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _zeros(names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def _constrain(x, names: tuple):
+    return nn.with_logical_constraint(x, names)
+
+
+class Norm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        c = self.cfg
+        if c.family == "llama":
+            return nn.RMSNorm(epsilon=c.norm_eps, dtype=compute_dtype(c), param_dtype=jnp.float32,
+                              scale_init=_ones(("norm",)))(x_BTD)
+        return nn.LayerNorm(epsilon=c.norm_eps, use_bias=c.use_bias, dtype=compute_dtype(c),
+                            param_dtype=jnp.float32, scale_init=_ones(("norm",)),
+                            bias_init=_zeros(("norm",)))(x_BTD)
+
+
+def rope(x_BTNH, positions_BT, theta: float):
+    """Rotary embedding in the rotate-half layout (the Hugging Face Llama layout)."""
+    half = x_BTNH.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles_BTh)[:, :, None, :]
+    sin = jnp.sin(angles_BTh)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+class Linear(nn.Module):
+    """x @ kernel (+ bias): the first `n_in` kernel dims contract with the last `n_in` dims of x.
+
+    Written out (rather than nn.DenseGeneral) so every kernel is created with its full
+    multi-dimensional shape and logical names, e.g. (embed, heads, head_dim).
+    """
+
+    shape: tuple[int, ...]
+    names: tuple[str, ...]
+    std: float
+    use_bias: bool
+    dtype: jnp.dtype
+    n_in: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _normal(self.std, self.names), self.shape, jnp.float32)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.n_in)
+        if self.use_bias:
+            bias = self.param("bias", _zeros(self.names[self.n_in:]), self.shape[self.n_in:], jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        c = self.cfg
+        D, N, K, H = c.d_model, c.n_heads, c.kv_heads, c.head_dim
+        linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c))
+        q_BTNH = linear((D, N, H), ("embed", "heads", "head_dim"), c.init_std, name="q")(x_BTD)
+        k_BTKH = linear((D, K, H), ("embed", "kv_heads", "head_dim"), c.init_std, name="k")(x_BTD)
+        v_BTKH = linear((D, K, H), ("embed", "kv_heads", "head_dim"), c.init_std, name="v")(x_BTD)
+        if c.family == "llama":
+            q_BTNH = rope(q_BTNH, positions_BT, c.rope_theta)
+            k_BTKH = rope(k_BTKH, positions_BT, c.rope_theta)
+        q_BTNH = _constrain(q_BTNH, ("batch", "length", "act_heads", "head_dim"))
+        k_BTKH = _constrain(k_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
+        v_BTKH = _constrain(v_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
+        mask = None
+        if segment_ids_BT is not None:  # packed documents do not attend to each other
+            mask = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True)
+        out_std = c.init_std / (2 * c.n_layers) ** 0.5
+        return linear((N, H, D), ("heads", "head_dim", "embed"), out_std, n_in=2, name="o")(out_BTNH)
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        c = self.cfg
+        D, F = c.d_model, c.ff_dim
+        linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c))
+        up = functools.partial(linear, (D, F), ("embed", "mlp"), c.init_std)
+        if c.family == "llama":
+            h_BTF = nn.silu(up(name="gate")(x_BTD)) * up(name="up")(x_BTD)
+        else:
+            h_BTF = nn.gelu(up(name="up")(x_BTD), approximate=True)
+        h_BTF = _constrain(h_BTF, ("batch", "length", "act_mlp"))
+        out_std = c.init_std / (2 * c.n_layers) ** 0.5
+        return linear((F, D), ("mlp", "embed"), out_std, name="down")(h_BTF)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        c = self.cfg
+        x_BTD = x_BTD + Attention(c, name="attn")(Norm(c, name="attn_norm")(x_BTD), positions_BT, segment_ids_BT)
+        x_BTD = x_BTD + Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD))
+        x_BTD = _constrain(x_BTD, ("batch", "length", "act_embed"))
+        return x_BTD, None  # (carry, output) so the block can be scanned
+
+
+_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nn.Module):
+    """tokens_BT -> logits_BTV. `vocab_size` is resolved (tokenizer size, maybe padded)."""
+
+    cfg: ModelConfig
+    vocab_size: int
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+        c = self.cfg
+        dt = compute_dtype(c)
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        embed = nn.Embed(self.vocab_size, c.d_model, embedding_init=_normal(c.init_std, ("vocab", "embed")),
+                         dtype=dt, param_dtype=jnp.float32, name="embed")
+        # Gather rows from a table replicated for the lookup (FSDP gathers weights for compute
+        # anyway); a lookup into a vocab- and width-sharded table makes XLA replicate it silently.
+        table_VD = _constrain(embed.embedding, (None, "act_embed"))
+        x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(dt)
+        if c.family == "gpt2":
+            pos_TD = self.param("pos_embed", _normal(c.init_std / 2, ("length", "embed")),
+                                (c.max_seq_len, c.d_model), jnp.float32)
+            pos_TD = _constrain(pos_TD, (None, "act_embed"))
+            x_BTD = x_BTD + jnp.take(pos_TD, positions_BT, axis=0).astype(dt)
+        x_BTD = _constrain(x_BTD, ("batch", "length", "act_embed"))
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BTD, _ = stack(c, name="blocks")(x_BTD, positions_BT, segment_ids_BT)
+        else:
+            for i in range(c.n_layers):
+                x_BTD, _ = block(c, name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT)
+
+        x_BTD = Norm(c, name="final_norm")(x_BTD)
+        if c.tied:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            logits_BTV = Linear((c.d_model, self.vocab_size), ("embed", "vocab"), c.init_std, use_bias=False,
+                                dtype=dt, name="head")(x_BTD)
+        return _constrain(logits_BTV, ("batch", "length", "act_vocab"))

@@ -1,0 +1,60 @@
+"""Optax optimizer: learning-rate schedules with linear warmup, AdamW with a decay mask, clipping."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm.config import OptimConfig
+
+
+def make_schedule(o: OptimConfig, total_steps: int):
+    """step -> learning rate. Warmup is linear from lr/warmup_steps to lr over warmup_steps."""
+    warmup = o.warmup_steps
+    floor = o.min_lr_ratio
+    decay_start = max(warmup, int(total_steps * (1 - o.decay_fraction)))
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = jnp.minimum(1.0, (step + 1) / warmup) if warmup else 1.0
+        progress = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
+        if o.schedule == "constant":
+            factor = 1.0
+        elif o.schedule == "cosine":
+            factor = floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+        elif o.schedule == "linear":
+            factor = 1 - (1 - floor) * progress
+        elif o.schedule == "wsd":
+            q = jnp.clip((step - decay_start) / max(total_steps - decay_start, 1), 0.0, 1.0)
+            factor = 1 - (1 - floor) * q
+        elif o.schedule == "inverse_sqrt":
+            factor = jnp.sqrt(max(warmup, 1) / jnp.maximum(step + 1, max(warmup, 1)))
+        else:
+            raise ValueError(o.schedule)
+        return o.lr * warm * factor
+
+    return schedule
+
+
+def decay_mask(params, decay_embeddings: bool = False):
+    """True where weight decay applies: matrices, never norms or biases; embeddings optionally."""
+
+    def wants_decay(path, leaf) -> bool:
+        name = jax.tree_util.keystr(path)
+        if "embed" in name or "head" in name:  # token/position embeddings and the output head
+            return decay_embeddings
+        return "kernel" in name
+
+    return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def make_optimizer(o: OptimConfig, total_steps: int):
+    """(optax transformation, schedule)."""
+    schedule = make_schedule(o, total_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                    mask=lambda p: decay_mask(p, o.decay_embeddings)),
+    )
+    return tx, schedule

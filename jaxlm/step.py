@@ -1,0 +1,207 @@
+"""Train state, sharded initialisation, and the pure train / eval steps.
+
+`train_step(state, batch) -> (state, metrics)` is one pure function used by both
+backends: sharded `jax.jit` over the (data, fsdp, tensor) mesh, and legacy `jax.pmap`
+where `axis_name` makes it sum gradients and token counts across devices. Losses are
+built from sums over tokens divided by the global token count, so a step gives the same
+update whatever the mesh, the backend or the number of microbatches.
+
+Shape suffixes: B batch, T sequence length, V vocabulary, A microbatches.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlm import sharding
+from jaxlm.config import Config
+from jaxlm.model import Decoder
+from jaxlm.optim import make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def build(cfg: Config, vocab_size: int):
+    """(model, tx, schedule) for a config and a resolved vocabulary size."""
+    model = Decoder(cfg.model, vocab_size)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    return model, tx, schedule
+
+
+def _boxed_init(model: Decoder, tx, rows: int, seq_len: int):
+    def init(rng) -> TrainState:
+        tokens_BT = jnp.zeros((rows, seq_len), jnp.int32)
+        params = model.init(rng, tokens_BT)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init
+
+
+def state_shardings(model: Decoder, tx, mesh, seq_len: int):
+    """Shardings of the train state, from the logical axis names of an abstract init."""
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    with sharding.activate(mesh):
+        boxed = jax.eval_shape(_boxed_init(model, tx, rows, seq_len), jax.random.key(0))
+    return sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+
+
+def create_state(model: Decoder, tx, mesh, seed: int, seq_len: int):
+    """Initialise the train state directly into its shardings (never on one device first)."""
+    shardings = state_shardings(model, tx, mesh, seq_len)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    init = _boxed_init(model, tx, rows, seq_len)
+    with sharding.activate(mesh):
+        state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.key(seed))
+    return state, shardings
+
+
+def token_sums(params, batch: dict, model: Decoder):
+    """(sum of NLL, sum of log-partition squared, number of scored tokens) over a batch."""
+    logits_BTV = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                             batch.get("segment_ids")).astype(jnp.float32)
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+    mask_BT = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones_like(logz_BT)
+    return (jnp.sum((logz_BT - target_logit_BT) * mask_BT), jnp.sum(jnp.square(logz_BT) * mask_BT),
+            jnp.sum(mask_BT))
+
+
+def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: Callable,
+               z_loss: float = 0.0, accum: int = 1, axis_name: str | None = None):
+    """One optimizer step over a global batch, accumulating `accum` microbatches with lax.scan."""
+    mask_BT = batch.get("mask", jnp.ones(batch["targets"].shape, jnp.float32))
+    count = jnp.sum(mask_BT.astype(jnp.float32))
+    if axis_name:
+        count = jax.lax.psum(count, axis_name)
+
+    def micro_loss(params, mb):
+        sum_nll, sum_z, _ = token_sums(params, mb, model)
+        return (sum_nll + z_loss * sum_z) / count, sum_nll
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+    if accum == 1:
+        grads, sum_nll = grad_fn(state.params, batch)
+    else:
+        # Microbatch a takes rows a, a+A, a+2A, ...: every device keeps its share of each
+        # microbatch, so splitting the batch moves no data between devices.
+        def split(x_B):
+            return x_B.reshape((x_B.shape[0] // accum, accum) + x_B.shape[1:]).swapaxes(0, 1)
+
+        def body(carry, mb):
+            g_sum, nll_sum = carry
+            g, nll = grad_fn(state.params, mb)
+            return (jax.tree.map(jnp.add, g_sum, g), nll_sum + nll), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
+        (grads, sum_nll), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+    if axis_name:
+        grads = jax.lax.psum(grads, axis_name)
+        sum_nll = jax.lax.psum(sum_nll, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": sum_nll / count, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+               "tokens": count}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: dict, *, model: Decoder):
+    """Sums, not means, so partial batches and any split of the data add up exactly."""
+    sum_nll, _, count = token_sums(params, batch, model)
+    return {"sum_nll": sum_nll, "count": count}
+
+
+class Stepper:
+    """The compiled train and eval steps of one run, for either backend.
+
+    jit: one compiled executable per step kind, explicit in/out shardings, state donated.
+    pmap: the same pure functions replicated over devices, gradients summed with psum.
+    """
+
+    def __init__(self, cfg: Config, model: Decoder, tx, schedule, mesh):
+        self.cfg, self.model, self.tx, self.mesh = cfg, model, tx, mesh
+        self.backend = cfg.mesh.backend
+        kw = dict(model=model, tx=tx, schedule=schedule, z_loss=cfg.optim.z_loss, accum=cfg.train.grad_accum)
+        if self.backend == "pmap":
+            self.devices = list(mesh.devices.flat)
+            self._train = jax.pmap(functools.partial(train_step, axis_name="batch", **kw), axis_name="batch",
+                                   donate_argnums=0, devices=self.devices)
+            self._eval = jax.pmap(functools.partial(eval_step, model=model), devices=self.devices)
+        else:
+            self._train_fn = functools.partial(train_step, **kw)
+            self._eval_fn = functools.partial(eval_step, model=model)
+            self._train = self._eval = None
+        self.compiled_memory = None
+
+    # -- state ---------------------------------------------------------------
+    def init_state(self, seed: int):
+        if self.backend == "pmap":
+            one = sharding.replicated(self.mesh)  # built under jit, then one copy per device
+            init = _boxed_init(self.model, self.tx, 1, self.cfg.train.seq_len)
+            state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=one)(jax.random.key(seed))
+            self.state_shardings = None
+            n = len(self.devices)  # pmap shards the leading axis of its inputs over the devices
+            return jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), jax.device_get(state))
+        state, self.state_shardings = create_state(self.model, self.tx, self.mesh, seed, self.cfg.train.seq_len)
+        return state
+
+    def compile(self, state, batch_shapes: dict[str, tuple]):
+        """AOT-compile the train step for the given global batch shapes; returns seconds taken."""
+        import time
+
+        t0 = time.perf_counter()
+        if self.backend == "pmap":
+            return 0.0
+        bsh = sharding.batch_sharding(self.mesh)
+        abstract_batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=bsh) for k, s in batch_shapes.items()}
+        with sharding.activate(self.mesh):
+            jitted = jax.jit(self._train_fn, in_shardings=(self.state_shardings, bsh),
+                             out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                             donate_argnums=0)
+            self._train = jitted.lower(state, abstract_batch).compile()
+            self._eval = jax.jit(self._eval_fn, in_shardings=(self.state_shardings.params, bsh),
+                                 out_shardings=sharding.replicated(self.mesh))
+        try:
+            self.compiled_memory = self._train.memory_analysis()
+        except Exception:  # not every backend reports it
+            self.compiled_memory = None
+        return time.perf_counter() - t0
+
+    # -- batches ---------------------------------------------------------------
+    def place(self, local_batch: dict[str, np.ndarray], global_rows: int):
+        if self.backend == "pmap":
+            n = len(self.devices)
+            return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in local_batch.items()}
+        return sharding.shard_batch(local_batch, self.mesh, global_rows)
+
+    # -- steps -----------------------------------------------------------------
+    def train(self, state, batch):
+        state, metrics = self._train(state, batch)
+        if self.backend == "pmap":
+            metrics = jax.tree.map(lambda x: x[0], metrics)
+        return state, metrics
+
+    def evaluate(self, state, batch):
+        if self.backend == "pmap":
+            out = self._eval(state.params, batch)
+            return jax.tree.map(lambda x: x.sum(0), out)
+        with sharding.activate(self.mesh):
+            return self._eval(state.params, batch)
+
+    def params(self, state):
+        """Parameters as one logical copy (pmap keeps one per device)."""
+        if self.backend == "pmap":
+            return jax.tree.map(lambda x: x[0], state.params)
+        return state.params

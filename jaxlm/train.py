@@ -1,0 +1,246 @@
+"""run(cfg): data, mesh, sharded state, the training loop, evaluation, metrics, checkpoints.
+
+`run` is callable in-process (sweeps call it many times): it keeps no global state, takes
+its devices as an argument, and returns a summary instead of exiting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from jaxlm import checkpoint as ckpt
+from jaxlm.config import Config, check_vocab, to_yaml
+from jaxlm.data.loader import TrainBatches, eval_batches, token_stream
+from jaxlm.data.sources import load_splits
+from jaxlm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from jaxlm.errors import ConfigError
+from jaxlm.metrics import MetricsWriter, Throughput, count_params, flops_per_token, peak_flops
+from jaxlm.sharding import make_mesh
+from jaxlm.step import Stepper, build
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after writing a checkpoint (EX_TEMPFAIL: run again)
+
+
+@dataclass
+class Data:
+    tokenizer: Tokenizer
+    train_tokens: np.ndarray
+    valid_tokens: np.ndarray
+    valid_bytes: int
+    train_bytes: int
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    steps: int
+    eval_loss: float | None = None
+    eval_bpb: float | None = None
+    stopped_by_signal: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def prepare_data(cfg: Config, log=print) -> Data:
+    t0 = time.perf_counter()
+    train_docs, valid_docs = load_splits(cfg.data)
+    if cfg.data.tokenizer:
+        tok = load_tokenizer(cfg.data.tokenizer)
+    else:
+        tok = train_tokenizer(train_docs, cfg.data.tokenizer_vocab, cfg.data.tokenizer_type,
+                              cfg.data.tokenizer_max_bytes)
+    train_tokens = token_stream(tok.encode(train_docs), tok.eos_id)
+    valid_tokens = token_stream(tok.encode(valid_docs), tok.eos_id)
+    data = Data(tok, train_tokens, valid_tokens, sum(len(d.encode("utf-8")) for d in valid_docs),
+                sum(len(d.encode("utf-8")) for d in train_docs))
+    log(f"data: {len(train_docs)} train / {len(valid_docs)} valid documents, "
+        f"{len(train_tokens):,} / {len(valid_tokens):,} tokens, vocab {tok.vocab_size}, "
+        f"{data.train_bytes / max(len(train_tokens), 1):.2f} bytes/token ({time.perf_counter() - t0:.1f}s)")
+    return data
+
+
+def _prepare_run_dir(cfg: Config, restart: bool) -> str:
+    run_dir = cfg.run.path
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        if not restart:
+            raise ConfigError(f"run directory '{run_dir}' already holds a run; pass --restart (run(..., "
+                              f"restart=True)) to overwrite it, or choose another run.name / run.dir")
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    if not os.access(run_dir, os.W_OK):
+        raise ConfigError(f"run directory '{run_dir}' is not writable")
+    with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(to_yaml(cfg))
+    return run_dir
+
+
+def evaluate(stepper: Stepper, state, data: Data, cfg: Config) -> dict[str, float]:
+    """Loss over the whole validation stream (every token once) and bits per byte."""
+    bs = cfg.eval.batch_size or cfg.train.batch_size
+    pc, pi = jax.process_count(), jax.process_index()
+    total_nll = total_count = 0.0
+    sums = [stepper.evaluate(state, stepper.place(b, bs))
+            for b in eval_batches(data.valid_tokens, bs, cfg.train.seq_len, cfg.eval.max_batches, pi, pc)]
+    for s in jax.device_get(sums):
+        total_nll += float(s["sum_nll"])
+        total_count += float(s["count"])
+    loss = total_nll / total_count
+    out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": int(total_count)}
+    if not cfg.eval.max_batches:  # bytes are only known for the whole split
+        out["eval_bpb"] = total_nll / math.log(2) / data.valid_bytes
+    return out
+
+
+def _plan(cfg: Config, stepper: Stepper, state, vocab: int, mesh, compile_s: float, log) -> float:
+    counts = count_params(stepper.params(state))
+    fpt = flops_per_token(cfg.model, counts, vocab, cfg.train.seq_len)
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    log(f"model: {cfg.model.family} d={cfg.model.d_model} layers={cfg.model.n_layers} heads={cfg.model.n_heads}"
+        f"/{cfg.model.kv_heads} vocab={vocab} dtype={cfg.model.dtype} remat={cfg.model.remat}")
+    log(f"params: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding")
+    log(f"flops/token: {fpt / 1e6:.2f} M; tokens/step: {tokens_per_step:,} "
+        f"({cfg.train.batch_size} x {cfg.train.seq_len}, {cfg.train.grad_accum} microbatches); "
+        f"training tokens: {tokens_per_step * cfg.train.steps:,}")
+    log(f"mesh: {shape} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices, "
+        f"backend {cfg.mesh.backend}; compiled in {compile_s:.1f}s")
+    mem = stepper.compiled_memory
+    if mem is not None:
+        total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                 - mem.alias_size_in_bytes)
+        log(f"memory per device (compiled step): {total / 2**20:.1f} MiB "
+            f"(state+batch {mem.argument_size_in_bytes / 2**20:.1f}, temp {mem.temp_size_in_bytes / 2**20:.1f})")
+    return fpt
+
+
+class _Stop:
+    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and returns."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True
+
+
+def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: bool = False, log=None) -> RunResult:
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = make_mesh(cfg, devices)  # config errors before any data or compile work
+    run_dir = _prepare_run_dir(cfg, restart)
+    data = prepare_data(cfg, log)
+    data.tokenizer.save(os.path.join(run_dir, "tokenizer.model"))
+    vocab = check_vocab(cfg, data.tokenizer.vocab_size, mesh.shape["tensor"])
+
+    model, tx, schedule = build(cfg, vocab)
+    stepper = Stepper(cfg, model, tx, schedule, mesh)
+    state = stepper.init_state(cfg.train.seed)
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    compile_s = stepper.compile(state, {"inputs": (B, T), "targets": (B, T)})
+    fpt = _plan(cfg, stepper, state, vocab, mesh, compile_s, log)
+    peak = peak_flops(devices[0], cfg.run.peak_tflops)
+
+    loader = TrainBatches(data.train_tokens, B, T, cfg.train.seed, jax.process_index(), jax.process_count())
+    writer = MetricsWriter(run_dir, cfg.run.tensorboard and jax.process_index() == 0)
+    saver = ckpt.Saver(run_dir, cfg) if cfg.checkpoint.enabled else None
+    stop = _Stop()
+    old_handlers = {}
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old_handlers[sig] = signal.signal(sig, stop)
+
+    result = RunResult(run_dir=run_dir, steps=0)
+    bar = None
+    if cfg.run.progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.steps, unit="step", dynamic_ncols=True)
+    throughput = Throughput()
+    pending = None  # (step, metrics on device, input wait): fetched one step late
+    input_wait = 0.0
+    log_every, steps = cfg.train.log_every, cfg.train.steps
+
+    def flush(item):
+        step, metrics, wait = item
+        m = jax.device_get(metrics)
+        tok_s = throughput.update(step, B * T)
+        rec = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+               "tokens": (step + 1) * B * T, "tokens_per_s": tok_s, "input_wait_s": wait}
+        if peak and tok_s:
+            rec["mfu"] = fpt * tok_s / (peak * mesh.devices.size)
+        writer.write(rec)
+        result.history.append(rec)
+        desc = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {tok_s:,.0f} tok/s" + (
+            f" mfu {rec['mfu']:.1%}" if "mfu" in rec else "")
+        if bar is not None:
+            bar.set_postfix_str(desc, refresh=False)
+        else:
+            log(f"step {step + 1}/{steps} {desc}")
+
+    def run_eval(step: int):
+        t0 = time.perf_counter()
+        ev = evaluate(stepper, state, data, cfg)
+        rec = {"step": step, **ev, "eval_s": time.perf_counter() - t0}
+        writer.write(rec)
+        result.history.append(rec)
+        result.eval_loss, result.eval_bpb = ev["eval_loss"], ev.get("eval_bpb")
+        msg = f"eval @ step {step + 1}: loss {ev['eval_loss']:.4f}" + (
+            f", {ev['eval_bpb']:.4f} bits/byte" if "eval_bpb" in ev else "") + f" ({rec['eval_s']:.1f}s)"
+        (bar.write if bar is not None else log)(msg)
+        throughput.update(step, 0)  # evaluation time is not training throughput
+
+    step = 0
+    try:
+        for step in range(steps):
+            t0 = time.perf_counter()
+            batch = stepper.place(loader.batch_at(step), B)
+            input_wait += time.perf_counter() - t0
+            state, metrics = stepper.train(state, batch)
+            if pending is not None:
+                flush(pending)
+                pending = None
+            if (step + 1) % log_every == 0 or step == 0 or step + 1 == steps:
+                pending = (step, metrics, input_wait / (step + 1))
+            if bar is not None:
+                bar.update(1)
+            last = step + 1 == steps
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
+                if pending is not None:
+                    flush(pending)
+                    pending = None
+                run_eval(step)
+            if saver and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and not last:
+                saver.save(step + 1, state, stepper)
+            if stop.requested:
+                break
+        if pending is not None:
+            flush(pending)
+        result.steps = step + 1
+        if stop.requested:
+            result.stopped_by_signal = True
+            log(f"stopping after step {step + 1} on a signal")
+        else:
+            run_eval(step)
+        if saver:
+            saver.save(step + 1, state, stepper)
+    finally:
+        if bar is not None:
+            bar.close()
+        if saver:
+            saver.close()
+        writer.close()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    log(f"done: {result.steps} steps in {time.perf_counter() - t_start:.1f}s; run directory {run_dir}")
+    return result

@@ -1,0 +1,56 @@
+"""Eight fake CPU devices for every test, and helpers for tiny configs and the shared corpora."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from jaxlm.config import load_config  # noqa: E402
+
+SHARED_DATA = pathlib.Path(os.environ.get("JAXLM_SHARED_DATA",
+                                          pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+TINY = ["model.family=gpt2", "model.d_model=64", "model.n_layers=2", "model.n_heads=8", "model.max_seq_len=64",
+        "train.batch_size=16", "train.seq_len=32", "optim.schedule=constant", "optim.warmup_steps=0",
+        "optim.lr=1e-3", "data.tokenizer_vocab=256"]
+
+
+def tiny_config(*overrides: str):
+    """A 2-layer, width-64, 8-head config (tensor=8 is legal) plus overrides."""
+    return load_config(None, TINY + list(overrides))
+
+
+def shared_data(relative: str) -> pathlib.Path:
+    """A path in ../shared/data: skip with a reason off CI, fail on CI (CI=true) when missing."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        msg = f"shared corpus {path} is missing (set JAXLM_SHARED_DATA)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture
+def shakespeare_text_source():
+    return "text:" + str(shared_data("tinyshakespeare/input.txt"))
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    """A few synthetic documents written to disk, so tests need no shared data."""
+    import random
+
+    rng = random.Random(0)
+    words = "the king queen lord lady good night day love death sword crown heart mind fair".split()
+    paths = []
+    for i in range(6):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "." for _ in range(300)]
+        p = tmp_path / f"doc{i}.txt"
+        p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        paths.append(p)
+    return "text:" + str(tmp_path / "doc*.txt")

@@ -1,0 +1,85 @@
+"""`jaxlm train` end to end on a tiny model: files, metrics fields, exit codes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxlm.cli import main
+from jaxlm.metrics import read_metrics
+
+TINY_CLI = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64",
+            "train.batch_size=8", "train.seq_len=32", "data.tokenizer_vocab=256", "run.progress=false"]
+
+
+def test_train_writes_run_directory_and_metrics(tmp_path, small_corpus, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["train", f"data.source={small_corpus}", f"run.dir={run_dir}", "train.steps=12",
+                 "train.log_every=1", "eval.every=5", "checkpoint.every=5"] + TINY_CLI)
+    assert code == 0
+    for name in ("config.yaml", "tokenizer.model", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tb").iterdir())
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["10", "12", "5"]
+    records = read_metrics(str(run_dir))
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train] == list(range(12))
+    for r in train:
+        assert {"step", "loss", "lr", "tokens_per_s"} <= set(r)
+    assert [r["step"] for r in evals] == [4, 9, 11]
+    for r in evals:
+        assert {"step", "eval_loss", "eval_bpb"} <= set(r) and r["eval_bpb"] > 0
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    # losses are written at full precision: the JSON text is the float's repr
+    line = next(ln for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln)
+    assert f'"loss": {json.loads(line)["loss"]!r}' in line
+    err = capsys.readouterr().err
+    assert "params:" in err and "flops/token" in err and "memory per device" in err and "mesh:" in err
+
+
+def test_existing_run_dir_needs_restart(tmp_path, small_corpus, capsys):
+    args = ["train", f"data.source={small_corpus}", f"run.dir={tmp_path / 'r'}", "train.steps=2",
+            "checkpoint.enabled=false"] + TINY_CLI
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "--restart" in capsys.readouterr().err
+    assert main(args + ["--restart"]) == 0
+
+
+def test_user_error_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", "optim.lrr=1"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "did you mean 'optim.lr'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_option_group(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for group in ("run:", "model:", "data:", "optim:", "mesh:", "train:", "eval:", "checkpoint:"):
+        assert group in out
+    assert "optim.lr" in out and "gpt2-124m" in out
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_75(tmp_path, small_corpus):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "jaxlm.cli", "train", f"data.source={small_corpus}", f"run.dir={run_dir}",
+           "train.steps=100000", "train.log_every=1"] + TINY_CLI
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    steps = os.listdir(run_dir / "checkpoints")
+    assert len(steps) == 1 and 3 <= int(steps[0]) < 100000

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from jaxlm.config import DataConfig
+from jaxlm.data.loader import TrainBatches, eval_batches, token_stream
+from jaxlm.data.sources import load_splits, parse_source, read_tfds
+from jaxlm.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer, train_tokenizer
+from jaxlm.errors import DataError
+
+from conftest import shared_data
+
+
+def test_tokenizer_is_lossless_with_fixed_special_ids(tmp_path):
+    docs = ["To be, or not to be:\n\nthat is the question.\n  Whether 'tis nobler — in the mind 42", "x" * 50]
+    tok = train_tokenizer(docs * 20, vocab_size=300)
+    assert tok.vocab_size == 300 and tok.eos_id == EOS_ID and tok.sp.pad_id() == PAD_ID
+    weird = "Ünïcödé ✓ and tabs\tand\n\nnewlines  "
+    for text in docs + [weird]:
+        assert tok.decode(tok.encode([text])[0]) == text
+    tok.save(str(tmp_path / "t.model"))
+    assert load_tokenizer(str(tmp_path / "t.model")).sha256 == tok.sha256
+
+
+def test_bad_tokenizer_file(tmp_path):
+    p = tmp_path / "bad.model"
+    p.write_bytes(b"not a model")
+    with pytest.raises(DataError, match="not a sentencepiece model"):
+        load_tokenizer(str(p))
+    with pytest.raises(DataError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "missing.model"))
+
+
+def test_batches_are_a_function_of_seed_and_step_for_any_process_count():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    for step in range(50):
+        full = TrainBatches(tokens, 8, 16, seed=3).batch_at(step)
+        for procs in (2, 4):
+            parts = [TrainBatches(tokens, 8, 16, seed=3, process_index=i, process_count=procs).batch_at(step)
+                     for i in range(procs)]
+            np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), full["inputs"])
+    a, b = TrainBatches(tokens, 8, 16, seed=3), TrainBatches(tokens, 8, 16, seed=4)
+    assert not np.array_equal(a.batch_at(0)["inputs"], b.batch_at(0)["inputs"])
+    np.testing.assert_array_equal(a.batch_at(7)["targets"][:, :-1], a.batch_at(7)["inputs"][:, 1:])
+
+
+def test_eval_batches_score_every_token_exactly_once():
+    tokens = np.arange(1, 1000, dtype=np.uint16)  # 998 targets: not a multiple of 32*3
+    seen = []
+    for b in eval_batches(tokens, batch_size=3, seq_len=32):
+        assert b["inputs"].shape == (3, 32)
+        seen.extend(b["targets"][b["mask"] == 1].tolist())
+    assert sorted(seen) == list(range(2, 1000))
+
+
+def test_token_stream_starts_each_document_with_eos():
+    s = token_stream([[5, 6], [7]], EOS_ID)
+    assert s.tolist() == [EOS_ID, 5, 6, EOS_ID, 7] and s.dtype == np.uint16
+
+
+def test_text_source_holds_out_whole_paragraphs(tmp_path):
+    (tmp_path / "a.txt").write_text("para one.\n\npara two.\n\npara three.\n\npara four.\n")
+    train, valid = load_splits(DataConfig(source=f"text:{tmp_path}/a.txt", valid_fraction=0.3))
+    assert "".join(train) + "".join(valid) == (tmp_path / "a.txt").read_text()
+    assert valid[0].startswith("para")
+
+
+def test_source_errors(tmp_path):
+    with pytest.raises(DataError, match="must look like"):
+        parse_source("shakespeare.txt")
+    with pytest.raises(DataError, match="no files match"):
+        load_splits(DataConfig(source=f"text:{tmp_path}/none*.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="holds no text"):
+        load_splits(DataConfig(source=f"text:{tmp_path}/empty.txt"))
+
+
+@pytest.mark.parametrize("split,length", [("train", 1_003_854), ("validation", 55_770)])
+def test_tfds_tiny_shakespeare_array_record(split, length):
+    data_dir = shared_data("tensorflow_datasets_array_record")
+    docs = read_tfds("tiny_shakespeare", split, DataConfig(tfds_data_dir=str(data_dir)))
+    assert len(docs) == 1 and len(docs[0]) == length
+
+
+def test_missing_tfds_dataset_names_data_dir(tmp_path):
+    with pytest.raises(DataError, match="TFDS_DATA_DIR"):
+        read_tfds("tiny_shakespeare", "train", DataConfig(tfds_data_dir=str(tmp_path)))

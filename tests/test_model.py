@@ -1,0 +1,97 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.config import load_config
+from jaxlm.model import Decoder, rope
+
+from conftest import tiny_config
+
+
+def init(cfg, vocab=256, T=16):
+    model = Decoder(cfg.model, vocab)
+    tokens = jax.random.randint(jax.random.key(1), (2, T), 0, vocab)
+    params = jax.tree.map(lambda x: x, model.init(jax.random.key(0), tokens)["params"])
+    from flax import linen as nn
+    return model, nn.unbox(params), tokens
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_logits_shape_and_causality(family):
+    cfg = tiny_config(f"model.family={family}", "model.n_kv_heads=2")
+    model, params, tokens = init(cfg)
+    logits = model.apply({"params": params}, tokens)
+    assert logits.shape == (2, 16, 256) and logits.dtype == jnp.float32
+    changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % 256)
+    logits2 = model.apply({"params": params}, changed)
+    np.testing.assert_allclose(logits[:, :10], logits2[:, :10], atol=1e-6)
+    assert not np.allclose(logits[:, 10:], logits2[:, 10:])
+
+
+def test_family_parameters():
+    _, gpt2, _ = init(tiny_config())
+    assert "pos_embed" in gpt2 and "head" not in gpt2 and "bias" in gpt2["blocks"]["mlp"]["up"]
+    assert gpt2["blocks"]["attn"]["q"]["kernel"].shape == (2, 64, 8, 8)  # (layers, embed, heads, head_dim)
+    _, llama, _ = init(tiny_config("model.family=llama", "model.n_kv_heads=2"))
+    assert "pos_embed" not in llama and "head" in llama and "gate" in llama["blocks"]["mlp"]
+    assert "bias" not in llama["blocks"]["mlp"]["up"]
+    assert llama["blocks"]["attn"]["k"]["kernel"].shape == (2, 64, 2, 8)  # grouped-query: 2 kv heads
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_give_the_same_gradients(remat):
+    base = tiny_config("model.family=llama")
+    model, params, tokens = init(base)
+    model_r = Decoder(tiny_config("model.family=llama", f"model.remat={remat}").model, 256)
+
+    def loss(m):
+        return lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2)
+
+    g0, g1 = jax.grad(loss(model))(params), jax.grad(loss(model_r))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_unscanned_layers_match_scanned():
+    cfg = tiny_config()
+    model, params, tokens = init(cfg)
+    unscanned = Decoder(tiny_config("model.scan_layers=false").model, 256)
+    split = dict(params)
+    blocks = split.pop("blocks")
+    for i in range(cfg.model.n_layers):
+        split[f"block_{i}"] = jax.tree.map(lambda x: x[i], blocks)
+    np.testing.assert_allclose(model.apply({"params": params}, tokens),
+                               unscanned.apply({"params": split}, tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model, params, tokens = init(tiny_config("model.dtype=bfloat16"))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    assert model.apply({"params": params}, tokens).dtype == jnp.bfloat16
+
+
+def test_rope_is_a_rotation_and_relative():
+    x = jax.random.normal(jax.random.key(0), (1, 5, 2, 8))
+    pos = jnp.arange(5)[None]
+    y = rope(x, pos, 10000.0)
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+    q, k = y[0, 3, 0], y[0, 1, 0]  # <R(3)q, R(1)k> depends on 3-1 only
+    y2 = rope(x, pos + 7, 10000.0)
+    np.testing.assert_allclose(q @ k, y2[0, 3, 0] @ y2[0, 1, 0], rtol=1e-4)
+
+
+def test_segment_ids_block_attention_across_documents():
+    cfg = tiny_config()
+    model, params, tokens = init(cfg)
+    seg = jnp.array([[0] * 8 + [1] * 8] * 2)
+    a = model.apply({"params": params}, tokens, None, seg)
+    b = model.apply({"params": params}, tokens.at[:, 2].set(0), None, seg)
+    np.testing.assert_allclose(a[:, 8:], b[:, 8:], atol=1e-6)  # document 2 does not see document 1
+
+
+def test_llama_1b_preset_parameter_count():
+    cfg = load_config(None, ["model.preset=llama-1b"])
+    model = Decoder(cfg.model, 128256)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert total == 1_498_482_688  # Llama 3.2 1B with an untied head
