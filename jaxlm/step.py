@@ -112,7 +112,7 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: 
         sum_nll = jax.lax.psum(sum_nll, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": sum_nll / count, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+    metrics = {"loss": sum_nll / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
                "tokens": count}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -188,6 +188,8 @@ class Stepper:
 
     # -- steps -----------------------------------------------------------------
     def train(self, state, batch):
+        if self._train is None:  # compile on first use for the shapes given
+            self.compile(state, {k: v.shape for k, v in batch.items()})
         state, metrics = self._train(state, batch)
         if self.backend == "pmap":
             metrics = jax.tree.map(lambda x: x[0], metrics)

@@ -13,7 +13,7 @@ from jaxlm.cli import main
 from jaxlm.metrics import read_metrics
 
 TINY_CLI = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64",
-            "train.batch_size=8", "train.seq_len=32", "data.tokenizer_vocab=256", "run.progress=false"]
+            "train.batch_size=8", "train.seq_len=32", "data.tokenizer_vocab=320", "run.progress=false"]
 
 
 def test_train_writes_run_directory_and_metrics(tmp_path, small_corpus, capsys):

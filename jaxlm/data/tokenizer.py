@@ -91,5 +91,6 @@ def train_tokenizer(docs: list[str], vocab_size: int, model_type: str = "bpe",
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, hard_vocab_limit=True,
             num_threads=os.cpu_count() or 1, minloglevel=2)
     except RuntimeError as e:
-        raise DataError(f"tokenizer training failed ({e}); for a small corpus lower data.tokenizer_vocab") from None
+        raise DataError(f"tokenizer training failed ({e}); adjust data.tokenizer_vocab (byte fallback needs "
+                        f"at least 260 plus the distinct characters; a small corpus supports only a small vocabulary)") from None
     return Tokenizer(model.getvalue())
