@@ -157,8 +157,21 @@ class Stepper:
         state, self.state_shardings = create_state(self.model, self.tx, self.mesh, seed, self.cfg.train.seq_len)
         return state
 
+    def abstract_state(self, seed: int = 0):
+        """The train state as sharded ShapeDtypeStructs: compile without allocating it."""
+        self.state_shardings = state_shardings(self.model, self.tx, self.mesh, self.cfg.train.seq_len)
+        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        init = _boxed_init(self.model, self.tx, rows, self.cfg.train.seq_len)
+        with sharding.activate(self.mesh):
+            shapes = jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.key(seed))
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                            self.state_shardings)
+
     def compile(self, state, batch_shapes: dict[str, tuple]):
-        """AOT-compile the train step for the given global batch shapes; returns seconds taken."""
+        """AOT-compile the train step for the given global batch shapes; returns seconds taken.
+
+        `state` may be the real state or `abstract_state()`.
+        """
         import time
 
         t0 = time.perf_counter()
