@@ -9,6 +9,7 @@ mask, times 3 for forward + backward).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -43,14 +44,35 @@ _PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0, "tpu v
 
 
 def peak_flops(device, override_tflops: float = 0.0) -> float | None:
-    """Peak FLOP/s of one device; None when unknown (CPUs: set run.peak_tflops)."""
+    """Peak FLOP/s of one device: the override, the data-sheet table, or on a CPU a measurement."""
     if override_tflops:
         return override_tflops * 1e12
     kind = getattr(device, "device_kind", "").lower()
     for name, tflops in _PEAK_TFLOPS.items():
         if name in kind:
             return tflops * 1e12
+    if device.platform == "cpu":
+        return measured_matmul_flops(device)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(device, n: int = 1024, seconds: float = 0.3) -> float:
+    """Best float32 matmul FLOP/s seen on `device` in ~`seconds`: a CPU's practical peak.
+
+    CPUs have no data-sheet number that XLA can reach, so MFU on a CPU is relative to this.
+    """
+    import jax.numpy as jnp
+
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
 
 
 class MetricsWriter:
