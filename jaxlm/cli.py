@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, JaxlmError
 
 TRAIN_EPILOG = """\
 Overrides are dotted keys, e.g.  jaxlm train experiments/shakespeare.yaml optim.lr=3e-3 mesh.fsdp=4
@@ -20,7 +20,7 @@ to <run dir>/config.yaml. Option groups and keys (default, meaning):
 
 def _train(args) -> int:
     from jaxlm.config import load_config
-    from jaxlm.train import EXIT_OK, EXIT_PREEMPTED, run
+    from jaxlm.train import run
 
     cfg = load_config(args.config, args.overrides)
     result = run(cfg, restart=args.restart, handle_signals=True)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except JaxlmError as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

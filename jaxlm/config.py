@@ -270,19 +270,6 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def from_yaml_file(path: str) -> Config:
-    """Read a resolved config written by `to_yaml` (e.g. a run directory's config.yaml)."""
-    return load_config(path)
-
-
-def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
-    """Copy of cfg with some keys of some sections changed, e.g. replace(cfg, train={'steps': 5})."""
-    new = {name: dataclasses.replace(getattr(cfg, name), **kv) for name, kv in sections.items()}
-    out = dataclasses.replace(cfg, **new)
-    validate(out)
-    return out
-
-
 def _choice(key: str, value: str, choices: tuple[str, ...]):
     if value not in choices:
         hint = difflib.get_close_matches(value, choices, n=1)
@@ -377,6 +364,9 @@ def resolve_mesh_shape(cfg: Config, n_devices: int) -> tuple[int, int, int]:
         raise ConfigError(
             f"the microbatch train.batch_size/train.grad_accum = {micro} is not divisible by the "
             f"data-parallel size mesh.data*mesh.fsdp = {data * fsdp}; change train.batch_size or the mesh")
+    if cfg.eval.batch_size % (data * fsdp):
+        raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} is not divisible by the data-parallel size "
+                          f"mesh.data*mesh.fsdp = {data * fsdp}")
     if cfg.mesh.backend == "pmap" and (fsdp != 1 or tensor != 1):
         raise ConfigError("mesh.backend=pmap is data parallel only: set mesh.fsdp=1 and mesh.tensor=1")
     for key, v in {"model.n_heads": m.n_heads, "model.n_kv_heads": m.kv_heads, "MLP width": m.ff_dim}.items():

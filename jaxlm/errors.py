@@ -1,4 +1,11 @@
-"""User-facing errors. The CLI prints these without a traceback and exits with code 2."""
+"""User-facing errors and the exit codes of the `jaxlm` command.
+
+The CLI prints a JaxlmError without a traceback and exits with EXIT_USER_ERROR.
+"""
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after writing a checkpoint (EX_TEMPFAIL: run again)
 
 
 class JaxlmError(Exception):

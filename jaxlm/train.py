@@ -27,11 +27,6 @@ from jaxlm.metrics import MetricsWriter, Throughput, count_params, flops_per_tok
 from jaxlm.sharding import make_mesh
 from jaxlm.step import Stepper, build
 
-EXIT_OK = 0
-EXIT_USER_ERROR = 2
-EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after writing a checkpoint (EX_TEMPFAIL: run again)
-
-
 @dataclass
 class Data:
     tokenizer: Tokenizer

@@ -123,3 +123,8 @@ def test_stable_interface_keys_exist():
 
 def test_bad_override_syntax():
     assert "key=value" in error("optim.lr")
+
+
+def test_eval_batch_must_divide_data_parallel_size():
+    with pytest.raises(ConfigError, match="eval.batch_size=6 is not divisible"):
+        resolve_mesh_shape(tiny_config("eval.batch_size=6"), 8)
