@@ -87,6 +87,7 @@ class DataConfig:
     tokenizer_vocab: int = _f(1024, "vocabulary size of a trained tokenizer")
     tokenizer_type: str = _f("bpe", "sentencepiece model type of a trained tokenizer: bpe or unigram")
     tokenizer_max_bytes: int = _f(20_000_000, "cap on the text sample the tokenizer is trained on")
+    cache_dir: str = _f("", "token cache; empty = $JAXLM_CACHE_DIR or ~/.cache/jaxlm")
 
 
 @dataclass(frozen=True)

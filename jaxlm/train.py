@@ -19,9 +19,10 @@ import numpy as np
 
 from jaxlm import checkpoint as ckpt
 from jaxlm.config import Config, check_vocab, to_yaml
-from jaxlm.data.loader import TrainBatches, eval_batches, token_stream
-from jaxlm.data.sources import load_splits
-from jaxlm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from jaxlm.data import cache
+from jaxlm.data.loader import TrainBatches, eval_batches
+from jaxlm.data.sources import fingerprint as fingerprint_sources
+from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.metrics import MetricsWriter, Throughput, count_params, flops_per_token, peak_flops
 from jaxlm.sharding import make_mesh
@@ -47,18 +48,15 @@ class RunResult:
 
 
 def prepare_data(cfg: Config, log=print) -> Data:
+    """Tokenizer and token streams, from the token cache when source and tokenizer are unchanged."""
     t0 = time.perf_counter()
-    train_docs, valid_docs = load_splits(cfg.data)
-    if cfg.data.tokenizer:
-        tok = load_tokenizer(cfg.data.tokenizer)
-    else:
-        tok = train_tokenizer(train_docs, cfg.data.tokenizer_vocab, cfg.data.tokenizer_type,
-                              cfg.data.tokenizer_max_bytes)
-    train_tokens = token_stream(tok.encode(train_docs), tok.eos_id)
-    valid_tokens = token_stream(tok.encode(valid_docs), tok.eos_id)
-    data = Data(tok, train_tokens, valid_tokens, sum(len(d.encode("utf-8")) for d in valid_docs),
-                sum(len(d.encode("utf-8")) for d in train_docs))
-    log(f"data: {len(train_docs)} train / {len(valid_docs)} valid documents, "
+    fingerprint = fingerprint_sources(cfg.data)
+    splits = cache.Splits(cfg.data)
+    tok = cache.get_tokenizer(cfg.data, fingerprint, splits, log)
+    train_tokens, train_m = cache.tokens(cfg.data, tok, fingerprint, "train", splits, log)
+    valid_tokens, valid_m = cache.tokens(cfg.data, tok, fingerprint, "valid", splits, log)
+    data = Data(tok, train_tokens, valid_tokens, valid_m["bytes"], train_m["bytes"])
+    log(f"data: {train_m['documents']} train / {valid_m['documents']} valid documents, "
         f"{len(train_tokens):,} / {len(valid_tokens):,} tokens, vocab {tok.vocab_size}, "
         f"{data.train_bytes / max(len(train_tokens), 1):.2f} bytes/token ({time.perf_counter() - t0:.1f}s)")
     return data

@@ -5,6 +5,11 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
+# Token caches of tests go to a fresh directory, never the user's ~/.cache/jaxlm.
+os.environ["JAXLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-test-cache-")
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402

@@ -84,3 +84,68 @@ def test_tfds_tiny_shakespeare_array_record(split, length):
 def test_missing_tfds_dataset_names_data_dir(tmp_path):
     with pytest.raises(DataError, match="TFDS_DATA_DIR"):
         read_tfds("tiny_shakespeare", "train", DataConfig(tfds_data_dir=str(tmp_path)))
+
+
+def _cache_run(source: str, cache_dir, vocab: int = 300):
+    from jaxlm.data import cache
+    from jaxlm.data.sources import fingerprint
+
+    cfg = DataConfig(source=source, cache_dir=str(cache_dir), tokenizer_vocab=vocab)
+    fp = fingerprint(cfg)
+    splits = cache.Splits(cfg)
+    logs = []
+    tok = cache.get_tokenizer(cfg, fp, splits, logs.append)
+    train, manifest = cache.tokens(cfg, tok, fp, "train", splits, logs.append)
+    return np.array(train), manifest, logs, splits
+
+
+def test_token_cache_is_built_once_and_reused(small_corpus, tmp_path):
+    first, manifest, logs, _ = _cache_run(small_corpus, tmp_path / "c")
+    assert any(m.startswith("token cache: built train") for m in logs)
+    again, manifest2, logs2, splits = _cache_run(small_corpus, tmp_path / "c")
+    assert any(m.startswith("token cache: reusing train") for m in logs2) and not any(m.startswith("token cache: built") for m in logs2)
+    assert splits._docs is None  # the source text was not even read
+    np.testing.assert_array_equal(first, again)
+    assert manifest == manifest2 and manifest["tokens"] == len(first) and manifest["documents"] == 5
+    assert manifest["bytes"] > 0 and manifest["dtype"] == "uint16"
+
+
+def test_token_cache_rebuilds_when_tokenizer_or_source_changes(small_corpus, tmp_path):
+    first, m1, _, _ = _cache_run(small_corpus, tmp_path / "c", vocab=300)
+    other, m2, logs, _ = _cache_run(small_corpus, tmp_path / "c", vocab=400)
+    assert any(m.startswith("token cache: built train") for m in logs) and m1["tokenizer_sha256"] != m2["tokenizer_sha256"]
+    doc = tmp_path / "doc0.txt"
+    doc.write_text(doc.read_text() + "an added line.\n")
+    _, m3, logs, _ = _cache_run(small_corpus, tmp_path / "c", vocab=300)
+    assert any(m.startswith("token cache: built train") for m in logs) and m3["source_fingerprint"] != m1["source_fingerprint"]
+
+
+def test_interrupted_or_damaged_cache_is_never_used(small_corpus, tmp_path):
+    import os
+
+    first, _, _, _ = _cache_run(small_corpus, tmp_path / "c")
+    root = tmp_path / "c" / "tokens"
+    (entry,) = [p for p in root.iterdir() if ".tmp-" not in p.name]
+    # a build killed halfway: only a temporary directory, never renamed into place
+    os.rename(entry, str(entry) + ".tmp-dead")
+    (tmp_path / "c" / "tokens" / (entry.name + ".tmp-dead") / "tokens.bin").write_bytes(b"\0" * 10)
+    again, _, logs, _ = _cache_run(small_corpus, tmp_path / "c")
+    assert any(m.startswith("token cache: built train") for m in logs)
+    assert not any(".tmp-" in p.name for p in root.iterdir())  # the leftover was removed
+    np.testing.assert_array_equal(first, again)
+    # a truncated token file does not match its manifest and is rebuilt
+    with open(entry / "tokens.bin", "r+b") as f:
+        f.truncate(100)
+    third, _, logs, _ = _cache_run(small_corpus, tmp_path / "c")
+    assert any("does not match its manifest" in m for m in logs)
+    np.testing.assert_array_equal(first, third)
+
+
+def test_tfrecord_dir_without_tensorflow_says_how_to_read_it():
+    import importlib.util
+
+    data_dir = shared_data("tensorflow_datasets")
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed: the tfrecord dir is readable")
+    with pytest.raises(DataError, match="needs TensorFlow to read: pip install tensorflow-cpu"):
+        read_tfds("tiny_shakespeare", "train", DataConfig(tfds_data_dir=str(data_dir)))

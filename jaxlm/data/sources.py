@@ -9,6 +9,8 @@ document per line from the field `data.text_field`.
 from __future__ import annotations
 
 import glob
+import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -62,11 +64,9 @@ def read_tfds(name: str, split: str, cfg: DataConfig) -> list[str]:
         records = builder.as_data_source(split=split)
         examples = (records[i] for i in range(len(records)))
     else:
-        try:
-            import tensorflow  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("tensorflow") is None:
             raise DataError(f"TFDS dataset '{name}' in {builder.data_dir} is in tfrecord format, which needs "
-                            f"TensorFlow to read: pip install tensorflow-cpu, or use an array_record data dir") from None
+                            f"TensorFlow to read: pip install tensorflow-cpu, or use an array_record data dir")
         examples = tfds.as_numpy(builder.as_dataset(split=split))
     out = []
     for ex in examples:
@@ -154,3 +154,27 @@ def load_splits(cfg: DataConfig) -> tuple[list[str], list[str]]:
     if not valid:
         raise DataError(f"the validation split of '{cfg.valid_source or cfg.source}' holds no text")
     return train, valid
+
+
+def fingerprint(cfg: DataConfig) -> str:
+    """A hash of what the splits are read from, computed without reading the text.
+
+    Files count by path, size and modification time; a TFDS dataset by its prepared
+    version directory's file names and sizes. Any change to a source changes the hash.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps([cfg.source, cfg.valid_source, cfg.valid_fraction, cfg.text_field]).encode())
+    for source in filter(None, (cfg.source, cfg.valid_source)):
+        spec = parse_source(source)
+        if spec.kind == "tfds":
+            import tensorflow_datasets as tfds
+
+            builder = tfds.builder(spec.target, data_dir=_tfds_dir(cfg))
+            root = str(builder.data_dir)
+            files = sorted(os.listdir(root)) if os.path.isdir(root) else []
+            h.update(json.dumps([root] + [(f, os.path.getsize(os.path.join(root, f))) for f in files]).encode())
+        else:
+            for path in _files(spec.target):
+                st = os.stat(path)
+                h.update(json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns]).encode())
+    return h.hexdigest()
