@@ -82,6 +82,7 @@ class DataConfig:
     valid_source: str = _f("", "validation text; empty = the TFDS validation split, else the held-out fraction")
     valid_fraction: float = _f(0.05, "share of the text held out for validation when there is no split")
     text_field: str = _f("text", "feature (TFDS) or field (jsonl) holding the text")
+    invalid_utf8: str = _f("error", "invalid UTF-8 in text/jsonl files: error, or replace (with U+FFFD, counted)")
     tfds_data_dir: str = _f("", "TFDS data dir; empty = $TFDS_DATA_DIR or TFDS's default")
     tokenizer: str = _f("", "path to a sentencepiece .model; empty = train one on the training text")
     tokenizer_vocab: int = _f(1024, "vocabulary size of a trained tokenizer")
@@ -314,6 +315,7 @@ def validate(cfg: Config) -> None:
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _choice("mesh.backend", cfg.mesh.backend, BACKENDS)
     _choice("data.tokenizer_type", cfg.data.tokenizer_type, ("bpe", "unigram"))
+    _choice("data.invalid_utf8", cfg.data.invalid_utf8, ("error", "replace"))
     if m.d_model % m.n_heads:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "

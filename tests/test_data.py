@@ -149,3 +149,30 @@ def test_tfrecord_dir_without_tensorflow_says_how_to_read_it():
         pytest.skip("TensorFlow is installed: the tfrecord dir is readable")
     with pytest.raises(DataError, match="needs TensorFlow to read: pip install tensorflow-cpu"):
         read_tfds("tiny_shakespeare", "train", DataConfig(tfds_data_dir=str(data_dir)))
+
+
+def test_invalid_utf8_is_rejected_or_replaced_and_counted(tmp_path, caplog):
+    (tmp_path / "bad.txt").write_bytes(b"good text \xff\xfe and \xc3 more \xef\xbf\xbd kept")
+    with pytest.raises(DataError, match=r"bad.txt is not valid UTF-8 .*data.invalid_utf8=replace"):
+        load_splits(DataConfig(source=f"text:{tmp_path}/bad.txt"))
+    from jaxlm.data.sources import read_text
+
+    with caplog.at_level("WARNING"):
+        (doc,) = read_text(f"{tmp_path}/bad.txt", invalid_utf8="replace")
+    assert doc.count("\ufffd") == 4  # three replaced sequences plus one genuine U+FFFD
+    assert "replaced 3 invalid UTF-8 sequence(s)" in caplog.text
+
+
+def test_jsonl_source_and_its_errors(tmp_path):
+    good = tmp_path / "a.jsonl"
+    good.write_text('{"text": "first doc"}\n\n{"text": "second doc", "id": 2}\n{"text": "third"}\n')
+    train, valid = load_splits(DataConfig(source=f"jsonl:{good}", valid_fraction=0.3))
+    assert train == ["first doc", "second doc"] and valid == ["third"]
+    (tmp_path / "b.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(DataError, match=r"b.jsonl:2 is not valid JSON"):
+        load_splits(DataConfig(source=f"jsonl:{tmp_path}/b.jsonl"))
+    (tmp_path / "c.jsonl").write_text('{"body": "no text field"}\n{"body": "another"}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:1 has no field 'text' \(set data.text_field\)"):
+        load_splits(DataConfig(source=f"jsonl:{tmp_path}/c.jsonl"))
+    train, valid = load_splits(DataConfig(source=f"jsonl:{tmp_path}/c.jsonl", text_field="body"))
+    assert train == ["no text field"] and valid == ["another"]

@@ -3,7 +3,8 @@
 `tfds:NAME[/CONFIG][:SPLIT]` reads a prepared TFDS dataset (array_record data dirs through
 `tfds.data_source`, which needs no TensorFlow; tfrecord dirs through `tfds.load`, which
 does). `text:GLOB` reads UTF-8 files, one document per file. `jsonl:GLOB` reads one
-document per line from the field `data.text_field`.
+document per line from the field `data.text_field`. Invalid UTF-8 is an error unless
+`data.invalid_utf8=replace`, which replaces it with U+FFFD and logs how often.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import glob
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 
 from jaxlm.config import DataConfig
 from jaxlm.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,22 +87,34 @@ def _files(pattern: str) -> list[str]:
     return files
 
 
-def read_text(pattern: str) -> list[str]:
+def decode(raw: bytes, where: str, invalid_utf8: str = "error") -> str:
+    """UTF-8 text; invalid bytes raise DataError, or with invalid_utf8='replace' become U+FFFD and are counted."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if invalid_utf8 != "replace":
+            raise DataError(f"{where} is not valid UTF-8 ({e.reason} at byte {e.start}); fix the file or set "
+                            f"data.invalid_utf8=replace to replace invalid bytes with U+FFFD") from None
+    text = raw.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
+    logger.warning("%s: replaced %d invalid UTF-8 sequence(s) with U+FFFD", where, replaced)
+    return text
+
+
+def read_text(pattern: str, invalid_utf8: str = "error") -> list[str]:
     docs = []
     for path in _files(pattern):
-        try:
-            with open(path, encoding="utf-8") as f:
-                docs.append(f.read())
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path} is not UTF-8 text ({e})") from None
+        with open(path, "rb") as f:
+            docs.append(decode(f.read(), path, invalid_utf8))
     return docs
 
 
-def read_jsonl(pattern: str, field: str) -> list[str]:
+def read_jsonl(pattern: str, field: str, invalid_utf8: str = "error") -> list[str]:
     docs = []
     for path in _files(pattern):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = decode(raw, f"{path}:{lineno}", invalid_utf8)
                 if not line.strip():
                     continue
                 try:
@@ -115,8 +131,8 @@ def read(spec: SourceSpec, cfg: DataConfig, split: str | None = None) -> list[st
     if spec.kind == "tfds":
         return read_tfds(spec.target, split or spec.split or "train", cfg)
     if spec.kind == "text":
-        return read_text(spec.target)
-    return read_jsonl(spec.target, cfg.text_field)
+        return read_text(spec.target, cfg.invalid_utf8)
+    return read_jsonl(spec.target, cfg.text_field, cfg.invalid_utf8)
 
 
 def _hold_out(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
