@@ -12,6 +12,7 @@ Shape suffixes: B batch, T sequence length, V vocabulary, A microbatches.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Callable
 
 import flax
@@ -50,19 +51,22 @@ def _boxed_init(model: Decoder, tx, rows: int, seq_len: int):
     return init
 
 
+def _mesh_init(model: Decoder, tx, mesh, seq_len: int):
+    """The boxed init, with one dummy row per data-parallel shard so batch constraints divide."""
+    return _boxed_init(model, tx, mesh.shape["data"] * mesh.shape["fsdp"], seq_len)
+
+
 def state_shardings(model: Decoder, tx, mesh, seq_len: int):
     """Shardings of the train state, from the logical axis names of an abstract init."""
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
     with sharding.activate(mesh):
-        boxed = jax.eval_shape(_boxed_init(model, tx, rows, seq_len), jax.random.key(0))
+        boxed = jax.eval_shape(_mesh_init(model, tx, mesh, seq_len), jax.random.key(0))
     return sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
 
 
 def create_state(model: Decoder, tx, mesh, seed: int, seq_len: int):
     """Initialise the train state directly into its shardings (never on one device first)."""
     shardings = state_shardings(model, tx, mesh, seq_len)
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    init = _boxed_init(model, tx, rows, seq_len)
+    init = _mesh_init(model, tx, mesh, seq_len)
     with sharding.activate(mesh):
         state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.key(seed))
     return state, shardings
@@ -160,8 +164,7 @@ class Stepper:
     def abstract_state(self, seed: int = 0):
         """The train state as sharded ShapeDtypeStructs: compile without allocating it."""
         self.state_shardings = state_shardings(self.model, self.tx, self.mesh, self.cfg.train.seq_len)
-        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        init = _boxed_init(self.model, self.tx, rows, self.cfg.train.seq_len)
+        init = _mesh_init(self.model, self.tx, self.mesh, self.cfg.train.seq_len)
         with sharding.activate(self.mesh):
             shapes = jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.key(seed))
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
@@ -172,8 +175,6 @@ class Stepper:
 
         `state` may be the real state or `abstract_state()`.
         """
-        import time
-
         t0 = time.perf_counter()
         if self.backend == "pmap":
             return 0.0
