@@ -27,6 +27,48 @@ def _train(args) -> int:
     return EXIT_PREEMPTED if result.stopped_by_signal else EXIT_OK
 
 
+def _data(args) -> int:
+    from jaxlm.config import load_config
+    from jaxlm.train import prepare_data
+
+    cfg = load_config(args.config, args.overrides)
+    prepare_data(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    return EXIT_OK
+
+
+def _tokenizer_train(args) -> int:
+    import os
+    import time
+
+    from jaxlm.config import load_config
+    from jaxlm.data import cache
+    from jaxlm.data.tokenizer import train_tokenizer
+    from jaxlm.errors import ConfigError
+
+    cfg = load_config(args.config, args.overrides)
+    if os.path.exists(args.output) and not args.force:
+        raise ConfigError(f"'{args.output}' exists; pass --force to overwrite it")
+    d = cfg.data
+    train_parts, _, valid_parts = cache.parts(d)
+    t0 = time.perf_counter()
+    docs = [doc for p in train_parts for doc in p.docs[0]]
+    tok = train_tokenizer(docs, d.tokenizer_vocab, d.tokenizer_type, d.tokenizer_max_bytes)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tok.save(args.output)
+    valid = [doc for p in valid_parts for doc in p.docs[1]]
+    n_bytes = sum(len(v.encode("utf-8")) for v in valid)
+    n_tokens = sum(map(len, tok.encode(valid)))
+    print(f"tokenizer: {d.tokenizer_type} vocab {tok.vocab_size} trained on at most {d.tokenizer_max_bytes:,} "
+          f"bytes of {d.source} in {time.perf_counter() - t0:.1f}s; validation text {n_bytes / max(n_tokens, 1):.2f} "
+          f"bytes/token; wrote {args.output} (use it with data.tokenizer={args.output})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="experiment YAML (deltas over the defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxlm.config import help_text
 
@@ -34,10 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model", description="Train a model from a YAML experiment file.",
                            epilog=TRAIN_EPILOG + help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("config", nargs="?", help="experiment YAML (deltas over the defaults)")
-    train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    _config_args(train)
     train.add_argument("--restart", action="store_true", help="overwrite an existing run directory")
     train.set_defaults(func=_train)
+    data = sub.add_parser("data", help="tokenize the data of a config into the token cache",
+                          description="Train or load the tokenizer and build the token cache of every split "
+                                      "of the config's data, as `jaxlm train` would, without training.")
+    _config_args(data)
+    data.set_defaults(func=_data)
+    tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="action", required=True)
+    tok_train = tok.add_parser("train", help="train a sentencepiece tokenizer on a config's data",
+                               description="Train a sentencepiece tokenizer on the training text of a config "
+                                           "(data.source, data.tokenizer_vocab, data.tokenizer_type, "
+                                           "data.tokenizer_max_bytes) and write the .model file.")
+    _config_args(tok_train)
+    tok_train.add_argument("--output", "-o", required=True, help="path of the .model file to write")
+    tok_train.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    tok_train.set_defaults(func=_tokenizer_train)
     return parser
 
 
@@ -45,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train" and args.config and "=" in args.config:  # overrides only, no file
+    if getattr(args, "config", None) and "=" in args.config:  # overrides only, no file
         args.overrides.insert(0, args.config)
         args.config = None
     try:

@@ -78,17 +78,25 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _f("tfds:tiny_shakespeare", "training text: tfds:NAME[/CONFIG][:SPLIT], text:GLOB or jsonl:GLOB")
+    source: str = _f("tfds:tiny_shakespeare", "training text: tfds:NAME[/CONFIG][:SPLIT], text:GLOB or jsonl:GLOB; "
+                     "a mixture is 'SOURCE@WEIGHT; SOURCE@WEIGHT; ...' (rows drawn by weight)")
     valid_source: str = _f("", "validation text; empty = the TFDS validation split, else the held-out fraction")
     valid_fraction: float = _f(0.05, "share of the text held out for validation when there is no split")
     text_field: str = _f("text", "feature (TFDS) or field (jsonl) holding the text")
+    doc_separator: str = _f("", "text files: split each file into documents at this string (e.g. '\\n\\n\\n\\n'); "
+                            "empty = one document per file")
     invalid_utf8: str = _f("error", "invalid UTF-8 in text/jsonl files: error, or replace (with U+FFFD, counted)")
     tfds_data_dir: str = _f("", "TFDS data dir; empty = $TFDS_DATA_DIR or TFDS's default")
+    tfds_download: bool = _f(False, "prepare a missing TFDS dataset with TFDS's download_and_prepare (needs network "
+                                    "and the `prepare` extra with TensorFlow)")
     tokenizer: str = _f("", "path to a sentencepiece .model; empty = train one on the training text")
     tokenizer_vocab: int = _f(1024, "vocabulary size of a trained tokenizer")
     tokenizer_type: str = _f("bpe", "sentencepiece model type of a trained tokenizer: bpe or unigram")
     tokenizer_max_bytes: int = _f(20_000_000, "cap on the text sample the tokenizer is trained on")
     cache_dir: str = _f("", "token cache; empty = $JAXLM_CACHE_DIR or ~/.cache/jaxlm")
+    segment_ids: bool = _f(False, "rows carry document ids and in-document positions: attention never crosses "
+                           "a document boundary")
+    prefetch: int = _f(2, "batches prepared ahead on a background thread")
 
 
 @dataclass(frozen=True)
@@ -286,7 +294,8 @@ def validate(cfg: Config) -> None:
         "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
         "model.max_seq_len": m.max_seq_len, "train.steps": t.steps, "train.batch_size": t.batch_size,
         "train.seq_len": t.seq_len, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
-        "data.tokenizer_vocab": cfg.data.tokenizer_vocab, "checkpoint.keep": cfg.checkpoint.keep,
+        "data.tokenizer_vocab": cfg.data.tokenizer_vocab, "data.prefetch": cfg.data.prefetch,
+        "checkpoint.keep": cfg.checkpoint.keep,
     }
     for key, v in positive.items():
         if v <= 0:

@@ -20,8 +20,7 @@ import numpy as np
 from jaxlm import checkpoint as ckpt
 from jaxlm.config import Config, check_vocab, to_yaml
 from jaxlm.data import cache
-from jaxlm.data.loader import TrainBatches, eval_batches
-from jaxlm.data.sources import fingerprint as fingerprint_sources
+from jaxlm.data.loader import Prefetch, TrainBatches, eval_batches
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import ConfigError
 from jaxlm.metrics import MetricsWriter, Throughput, count_params, flops_per_token, peak_flops
@@ -31,7 +30,8 @@ from jaxlm.step import Stepper, build
 @dataclass
 class Data:
     tokenizer: Tokenizer
-    train_tokens: np.ndarray
+    train_streams: list[np.ndarray]  # one EOS-joined token stream per source of the mixture
+    weights: list[float]
     valid_tokens: np.ndarray
     valid_bytes: int
     train_bytes: int
@@ -48,17 +48,22 @@ class RunResult:
 
 
 def prepare_data(cfg: Config, log=print) -> Data:
-    """Tokenizer and token streams, from the token cache when source and tokenizer are unchanged."""
+    """Tokenizer and token streams, from the token cache when sources and tokenizer are unchanged."""
     t0 = time.perf_counter()
-    fingerprint = fingerprint_sources(cfg.data)
-    splits = cache.Splits(cfg.data)
-    tok = cache.get_tokenizer(cfg.data, fingerprint, splits, log)
-    train_tokens, train_m = cache.tokens(cfg.data, tok, fingerprint, "train", splits, log)
-    valid_tokens, valid_m = cache.tokens(cfg.data, tok, fingerprint, "valid", splits, log)
-    data = Data(tok, train_tokens, valid_tokens, valid_m["bytes"], train_m["bytes"])
-    log(f"data: {train_m['documents']} train / {valid_m['documents']} valid documents, "
-        f"{len(train_tokens):,} / {len(valid_tokens):,} tokens, vocab {tok.vocab_size}, "
-        f"{data.train_bytes / max(len(train_tokens), 1):.2f} bytes/token ({time.perf_counter() - t0:.1f}s)")
+    train_parts, weights, valid_parts = cache.parts(cfg.data)
+    tok = cache.get_tokenizer(cfg.data, train_parts, log)
+    train = [cache.tokens(cfg.data, tok, p, "train", log) for p in train_parts]
+    valid = [cache.tokens(cfg.data, tok, p, "valid", log) for p in valid_parts]
+    valid_tokens = valid[0][0] if len(valid) == 1 else np.concatenate([v for v, _ in valid])
+    data = Data(tok, [t for t, _ in train], weights, valid_tokens, sum(m["bytes"] for _, m in valid),
+                sum(m["bytes"] for _, m in train))
+    n_train = sum(len(t) for t in data.train_streams)
+    log(f"data: {sum(m['documents'] for _, m in train)} train / {sum(m['documents'] for _, m in valid)} valid "
+        f"documents, {n_train:,} / {len(valid_tokens):,} tokens, vocab {tok.vocab_size}, "
+        f"{data.train_bytes / max(n_train, 1):.2f} bytes/token ({time.perf_counter() - t0:.1f}s)")
+    if len(train) > 1:
+        log("mixture: " + ", ".join(f"{p.source} weight {w / sum(weights):.3f} ({len(t):,} tokens)"
+                                    for p, w, t in zip(train_parts, weights, data.train_streams)))
     return data
 
 
@@ -83,7 +88,8 @@ def evaluate(stepper: Stepper, state, data: Data, cfg: Config) -> dict[str, floa
     pc, pi = jax.process_count(), jax.process_index()
     total_nll = total_count = 0.0
     sums = [stepper.evaluate(state, stepper.place(b, bs))
-            for b in eval_batches(data.valid_tokens, bs, cfg.train.seq_len, cfg.eval.max_batches, pi, pc)]
+            for b in eval_batches(data.valid_tokens, bs, cfg.train.seq_len, cfg.eval.max_batches, pi, pc,
+                                  _eos(cfg, data))]
     for s in jax.device_get(sums):
         total_nll += float(s["sum_nll"])
         total_count += float(s["count"])
@@ -92,6 +98,11 @@ def evaluate(stepper: Stepper, state, data: Data, cfg: Config) -> dict[str, floa
     if not cfg.eval.max_batches:  # bytes are only known for the whole split
         out["eval_bpb"] = total_nll / math.log(2) / data.valid_bytes
     return out
+
+
+def _eos(cfg: Config, data: Data) -> int | None:
+    """The id that starts a document, when batches carry segment ids."""
+    return data.tokenizer.eos_id if cfg.data.segment_ids else None
 
 
 def _plan(cfg: Config, stepper: Stepper, state, vocab: int, mesh, compile_s: float, log) -> float:
@@ -140,11 +151,13 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
     stepper = Stepper(cfg, model, tx, schedule, mesh)
     state = stepper.init_state(cfg.train.seed)
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    compile_s = stepper.compile(state, {"inputs": (B, T), "targets": (B, T)})
+    batch_keys = ("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segment_ids else ())
+    compile_s = stepper.compile(state, {k: (B, T) for k in batch_keys})
     fpt = _plan(cfg, stepper, state, vocab, mesh, compile_s, log)
     peak = peak_flops(devices[0], cfg.run.peak_tflops)
 
-    loader = TrainBatches(data.train_tokens, B, T, cfg.train.seed, jax.process_index(), jax.process_count())
+    loader = TrainBatches(data.train_streams, B, T, cfg.train.seed, jax.process_index(), jax.process_count(),
+                          data.weights, _eos(cfg, data))
     writer = MetricsWriter(run_dir, cfg.run.tensorboard and jax.process_index() == 0)
     saver = ckpt.Saver(run_dir, cfg) if cfg.checkpoint.enabled else None
     stop = _Stop()
@@ -160,16 +173,21 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
 
         bar = tqdm(total=cfg.train.steps, unit="step", dynamic_ncols=True)
     throughput = Throughput()
-    pending = None  # (step, metrics on device, input wait): fetched one step late
-    input_wait = 0.0
+    pending = None  # (step, metrics on device): fetched one step late
     log_every, steps = cfg.train.log_every, cfg.train.steps
+    prefetch = Prefetch(lambda s: stepper.place(loader.batch_at(s), B), 0, steps, cfg.data.prefetch)
+    mark = [0.0, time.perf_counter(), -1]  # input wait, time and step at the last record
 
     def flush(item):
-        step, metrics, wait = item
+        step, metrics = item
         m = jax.device_get(metrics)
         tok_s = throughput.update(step, B * T)
+        now, wait = time.perf_counter(), prefetch.wait_s
+        dw, dt, n = wait - mark[0], now - mark[1], step - mark[2]
+        mark[:] = [wait, now, step]
         rec = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-               "tokens": (step + 1) * B * T, "tokens_per_s": tok_s, "input_wait_s": wait}
+               "tokens": (step + 1) * B * T, "tokens_per_s": tok_s, "input_wait_s": dw / max(n, 1),
+               "input_wait_frac": dw / dt if dt > 0 else 0.0}
         if peak and tok_s:
             rec["mfu"] = fpt * tok_s / (peak * mesh.devices.size)
         writer.write(rec)
@@ -192,19 +210,17 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
             f", {ev['eval_bpb']:.4f} bits/byte" if "eval_bpb" in ev else "") + f" ({rec['eval_s']:.1f}s)"
         (bar.write if bar is not None else log)(msg)
         throughput.update(step, 0)  # evaluation time is not training throughput
+        mark[:] = [prefetch.wait_s, time.perf_counter(), step]
 
     step = 0
     try:
         for step in range(steps):
-            t0 = time.perf_counter()
-            batch = stepper.place(loader.batch_at(step), B)
-            input_wait += time.perf_counter() - t0
-            state, metrics = stepper.train(state, batch)
+            state, metrics = stepper.train(state, prefetch.get(step))
             if pending is not None:
                 flush(pending)
                 pending = None
             if (step + 1) % log_every == 0 or step == 0 or step + 1 == steps:
-                pending = (step, metrics, input_wait / (step + 1))
+                pending = (step, metrics)
             if bar is not None:
                 bar.update(1)
             last = step + 1 == steps
@@ -228,6 +244,7 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
         if saver:
             saver.save(step + 1, state, stepper)
     finally:
+        prefetch.close()
         if bar is not None:
             bar.close()
         if saver:

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 
 from jaxlm.config import DataConfig
-from jaxlm.data.loader import TrainBatches, eval_batches, token_stream
 from jaxlm.data.sources import load_splits, parse_source, read_tfds
 from jaxlm.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer, train_tokenizer
 from jaxlm.errors import DataError
@@ -28,33 +27,6 @@ def test_bad_tokenizer_file(tmp_path):
         load_tokenizer(str(p))
     with pytest.raises(DataError, match="does not exist"):
         load_tokenizer(str(tmp_path / "missing.model"))
-
-
-def test_batches_are_a_function_of_seed_and_step_for_any_process_count():
-    tokens = np.arange(10_000, dtype=np.uint16)
-    for step in range(50):
-        full = TrainBatches(tokens, 8, 16, seed=3).batch_at(step)
-        for procs in (2, 4):
-            parts = [TrainBatches(tokens, 8, 16, seed=3, process_index=i, process_count=procs).batch_at(step)
-                     for i in range(procs)]
-            np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), full["inputs"])
-    a, b = TrainBatches(tokens, 8, 16, seed=3), TrainBatches(tokens, 8, 16, seed=4)
-    assert not np.array_equal(a.batch_at(0)["inputs"], b.batch_at(0)["inputs"])
-    np.testing.assert_array_equal(a.batch_at(7)["targets"][:, :-1], a.batch_at(7)["inputs"][:, 1:])
-
-
-def test_eval_batches_score_every_token_exactly_once():
-    tokens = np.arange(1, 1000, dtype=np.uint16)  # 998 targets: not a multiple of 32*3
-    seen = []
-    for b in eval_batches(tokens, batch_size=3, seq_len=32):
-        assert b["inputs"].shape == (3, 32)
-        seen.extend(b["targets"][b["mask"] == 1].tolist())
-    assert sorted(seen) == list(range(2, 1000))
-
-
-def test_token_stream_starts_each_document_with_eos():
-    s = token_stream([[5, 6], [7]], EOS_ID)
-    assert s.tolist() == [EOS_ID, 5, 6, EOS_ID, 7] and s.dtype == np.uint16
 
 
 def test_text_source_holds_out_whole_paragraphs(tmp_path):
@@ -88,23 +60,21 @@ def test_missing_tfds_dataset_names_data_dir(tmp_path):
 
 def _cache_run(source: str, cache_dir, vocab: int = 300):
     from jaxlm.data import cache
-    from jaxlm.data.sources import fingerprint
 
     cfg = DataConfig(source=source, cache_dir=str(cache_dir), tokenizer_vocab=vocab)
-    fp = fingerprint(cfg)
-    splits = cache.Splits(cfg)
+    (part,), _, _ = cache.parts(cfg)
     logs = []
-    tok = cache.get_tokenizer(cfg, fp, splits, logs.append)
-    train, manifest = cache.tokens(cfg, tok, fp, "train", splits, logs.append)
-    return np.array(train), manifest, logs, splits
+    tok = cache.get_tokenizer(cfg, [part], logs.append)
+    train, manifest = cache.tokens(cfg, tok, part, "train", logs.append)
+    return np.array(train), manifest, logs, part
 
 
 def test_token_cache_is_built_once_and_reused(small_corpus, tmp_path):
     first, manifest, logs, _ = _cache_run(small_corpus, tmp_path / "c")
     assert any(m.startswith("token cache: built train") for m in logs)
-    again, manifest2, logs2, splits = _cache_run(small_corpus, tmp_path / "c")
+    again, manifest2, logs2, part = _cache_run(small_corpus, tmp_path / "c")
     assert any(m.startswith("token cache: reusing train") for m in logs2) and not any(m.startswith("token cache: built") for m in logs2)
-    assert splits._docs is None  # the source text was not even read
+    assert part._docs is None  # the source text was not even read
     np.testing.assert_array_equal(first, again)
     assert manifest == manifest2 and manifest["tokens"] == len(first) and manifest["documents"] == 5
     assert manifest["bytes"] > 0 and manifest["dtype"] == "uint16"
@@ -141,16 +111,6 @@ def test_interrupted_or_damaged_cache_is_never_used(small_corpus, tmp_path):
     np.testing.assert_array_equal(first, third)
 
 
-def test_tfrecord_dir_without_tensorflow_says_how_to_read_it():
-    import importlib.util
-
-    data_dir = shared_data("tensorflow_datasets")
-    if importlib.util.find_spec("tensorflow") is not None:
-        pytest.skip("TensorFlow is installed: the tfrecord dir is readable")
-    with pytest.raises(DataError, match="needs TensorFlow to read: pip install tensorflow-cpu"):
-        read_tfds("tiny_shakespeare", "train", DataConfig(tfds_data_dir=str(data_dir)))
-
-
 def test_invalid_utf8_is_rejected_or_replaced_and_counted(tmp_path, caplog):
     (tmp_path / "bad.txt").write_bytes(b"good text \xff\xfe and \xc3 more \xef\xbf\xbd kept")
     with pytest.raises(DataError, match=r"bad.txt is not valid UTF-8 .*data.invalid_utf8=replace"):
@@ -176,3 +136,63 @@ def test_jsonl_source_and_its_errors(tmp_path):
         load_splits(DataConfig(source=f"jsonl:{tmp_path}/c.jsonl"))
     train, valid = load_splits(DataConfig(source=f"jsonl:{tmp_path}/c.jsonl", text_field="body"))
     assert train == ["no text field"] and valid == ["another"]
+
+
+def test_encoding_in_pieces_gives_the_ids_of_whole_documents():
+    from jaxlm.data.cache import encode_documents, splits_at_spaces
+
+    docs = [shared_data("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:300_000],
+            shared_data("wikitext-2-raw/wiki.test.raw").read_text(encoding="utf-8")[:300_000],
+            shared_data("gutenberg-en/valid.txt").read_text(encoding="utf-8")[:300_000],
+            "  leading spaces,\ttabs,   runs of   spaces\n \n and ünïcödé ✓ " * 50]
+    tok = train_tokenizer(docs, vocab_size=1000)
+    assert splits_at_spaces(tok) and not splits_at_spaces(train_tokenizer(docs, 1000, model_type="unigram"))
+    pieces = np.concatenate([ids for ids, _, _ in encode_documents(tok, docs, piece_chars=97)])
+    whole = np.concatenate([ids for ids, _, _ in encode_documents(tok, docs, piece_chars=None)])
+    expected = [i for d in docs for i in [EOS_ID] + tok.sp.encode(d)]
+    assert whole.tolist() == expected and pieces.dtype == np.uint16
+    np.testing.assert_array_equal(pieces, whole)
+
+
+def test_tokenizers_that_merge_across_spaces_encode_whole_documents():
+    import io
+
+    import sentencepiece as spm
+
+    from jaxlm.data.cache import encode_documents, splits_at_spaces
+    from jaxlm.data.tokenizer import Tokenizer
+
+    text = ["the cat sat on the mat and the dog sat on the log " * 40]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text * 20), model_writer=model, vocab_size=18,
+                                   add_dummy_prefix=True, minloglevel=2)
+    tok = Tokenizer(model.getvalue())
+    assert not splits_at_spaces(tok)
+    (ids, n_bytes, _), = encode_documents(tok, text, piece_chars=10)
+    assert ids.tolist() == [tok.eos_id] + tok.sp.encode(text[0]) and n_bytes == len(text[0])
+
+
+def test_mixtures_separators_and_a_separate_validation_source(tmp_path):
+    from jaxlm.data import cache
+    from jaxlm.data.sources import parse_mixture
+
+    assert parse_mixture("text:a.txt") == [("text:a.txt", 1.0)]
+    assert parse_mixture(" text:a/*.txt@3 ; jsonl:b@x.jsonl ;text:c@0.5") == [
+        ("text:a/*.txt", 3.0), ("jsonl:b@x.jsonl", 1.0), ("text:c", 0.5)]
+    for bad, msg in [("text:a@0", "must be > 0"), ("text:a;text:a@2", "names a source twice"), (" ; ", "empty"),
+                     ("text:a;web:b", "must look like")]:
+        with pytest.raises(DataError, match=msg):
+            parse_mixture(bad)
+    (tmp_path / "books.txt").write_text("book one\n\n\n\nbook two\n\n\n\nbook three")
+    (tmp_path / "notes.txt").write_text("a note")
+    (tmp_path / "held.txt").write_text("held out text")
+    cfg = DataConfig(source=f"text:{tmp_path}/books.txt@2; text:{tmp_path}/notes.txt",
+                     valid_source=f"text:{tmp_path}/held.txt", doc_separator="\n\n\n\n")
+    train, weights, valid = cache.parts(cfg)
+    assert [p.docs for p in train] == [(["book one", "book two", "book three"], []), (["a note"], [])]
+    assert weights == [2.0, 1.0] and [p.docs for p in valid] == [([], ["held out text"])]
+    # without a validation source each source holds out its own whole documents
+    train, _, valid = cache.parts(DataConfig(source=cfg.source, doc_separator="\n\n\n\n", valid_fraction=0.4))
+    assert train[0].docs == (["book one", "book two"], ["book three"]) and valid is train
+    fps = {p.fingerprint for p in train} | {cache.Part(cfg, cfg.source.split(";")[0].split("@")[0]).fingerprint}
+    assert len(fps) == 3  # sources and roles differ, so do their cache entries

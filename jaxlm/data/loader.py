@@ -1,57 +1,88 @@
-"""Token streams and batches (numpy only, no jax).
+"""Training and validation batches from token streams (numpy only, no jax).
 
-The training batch at step s is a pure function of (seed, s): B windows of T+1 tokens at
-offsets drawn from a generator seeded with (seed, s). It does not depend on how many
-processes or devices there are; each process materialises only its own rows. Validation
-windows tile the validation stream so every token is scored exactly once.
+The training batch at step s is a pure function of (seed, s): a generator seeded with
+(seed, s) picks, for each of the B rows, a source of the mixture (by weight) and a window
+of T+1 tokens at a random offset in that source's EOS-joined stream. It does not depend on
+how many processes or devices there are, or on where the run started; each process
+materialises only its own rows. With segment ids, each row also carries the document
+each token belongs to and its position within that document, so attention stays inside
+documents. Validation windows tile the validation stream so every token is scored once.
+`Prefetch` computes batches ahead on a background thread and measures the time the
+training loop waits for them.
 """
 
 from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable
 
 import numpy as np
 
 from jaxlm.errors import DataError
 
 
-def token_stream(docs_ids: list[list[int]], eos_id: int) -> np.ndarray:
-    """EOS, doc, EOS, doc, ...: the leading EOS makes the first text token a scored target."""
-    total = sum(len(d) for d in docs_ids) + len(docs_ids)
-    dtype = np.uint16 if max((max(d) for d in docs_ids if d), default=0) < 2**16 else np.uint32
-    out = np.empty(total, dtype)
-    pos = 0
-    for d in docs_ids:
-        out[pos] = eos_id
-        out[pos + 1:pos + 1 + len(d)] = d
-        pos += 1 + len(d)
-    return out
+def add_segments(batch: dict[str, np.ndarray], eos_id: int) -> dict[str, np.ndarray]:
+    """Segment ids and in-document positions of `batch["inputs"]`: an EOS input starts a document."""
+    inputs = batch["inputs"]
+    starts = inputs == eos_id
+    idx = np.arange(inputs.shape[1])
+    first = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    return {**batch, "segment_ids": np.cumsum(starts, axis=1, dtype=np.int32),
+            "positions": (idx - first).astype(np.int32)}
 
 
 class TrainBatches:
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
-                 process_index: int = 0, process_count: int = 1):
-        if len(tokens) < seq_len + 2:
-            raise DataError(f"the training text has {len(tokens)} tokens, fewer than train.seq_len+2="
-                            f"{seq_len + 2}; use more text or a shorter train.seq_len")
+    def __init__(self, streams: list[np.ndarray] | np.ndarray, batch_size: int, seq_len: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, weights: list[float] | None = None,
+                 eos_id: int | None = None):
+        """`streams`: one token stream per source; `weights`: their sampling weights (default equal).
+
+        `eos_id` set: batches carry segment ids and positions (see `add_segments`).
+        """
+        streams = [streams] if isinstance(streams, np.ndarray) else list(streams)
+        for i, s in enumerate(streams):
+            if len(s) < seq_len + 2:
+                raise DataError(f"the training text{f' of source {i}' if len(streams) > 1 else ''} has {len(s)} "
+                                f"tokens, fewer than train.seq_len+2={seq_len + 2}; use more text or a shorter "
+                                f"train.seq_len")
         if batch_size % process_count:
             raise DataError(f"train.batch_size={batch_size} is not divisible by {process_count} processes")
-        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
+        w = np.ones(len(streams)) if weights is None else np.asarray(weights, np.float64)
+        if len(w) != len(streams) or not np.all(w > 0):
+            raise DataError(f"mixture weights {list(w)} must be positive, one per source")
+        self.streams, self.p = streams, w / w.sum()
+        self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
         rows = batch_size // process_count
         self.rows = slice(process_index * rows, (process_index + 1) * rows)
 
-    def starts(self, step: int) -> np.ndarray:
-        """Offsets of the global batch's windows at `step`."""
+    def plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, offset) of each window of the global batch at `step`."""
         rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        if len(self.streams) == 1:
+            src = np.zeros(self.batch_size, np.int64)
+        else:
+            src = rng.choice(len(self.streams), size=self.batch_size, p=self.p)
+        # one uniform draw per row, scaled to its source's length: exact for any mix
+        u = rng.random(self.batch_size)
+        span = np.array([len(s) - self.seq_len for s in self.streams])[src]
+        return src, np.minimum((u * span).astype(np.int64), span - 1)
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of the global batch at `step`."""
-        idx = self.starts(step)[self.rows, None] + np.arange(self.seq_len + 1)
-        window = self.tokens[idx].astype(np.int32)
-        return {"inputs": window[:, :-1], "targets": window[:, 1:]}
+        src, start = (a[self.rows] for a in self.plan(step))
+        offsets = np.arange(self.seq_len + 1)
+        window = np.empty((len(src), self.seq_len + 1), np.int32)
+        for i in np.unique(src):
+            rows = src == i
+            window[rows] = self.streams[i][start[rows, None] + offsets]
+        batch = {"inputs": window[:, :-1], "targets": window[:, 1:]}
+        return add_segments(batch, self.eos_id) if self.eos_id is not None else batch
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int = 0,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, eos_id: int | None = None):
     """Yield this process's rows of fixed validation batches covering every target once.
 
     Window i holds tokens [i*T, i*T+T]; the last window and the last batch are padded,
@@ -73,4 +104,58 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
         window = padded[starts[:, None] + np.arange(seq_len + 1)]
         pos = starts[:, None] + np.arange(1, seq_len + 1)
         mask = (pos <= n_targets) & (ids < n_windows)[:, None]
-        yield {"inputs": window[:, :-1], "targets": window[:, 1:], "mask": mask.astype(np.int32)}
+        batch = {"inputs": window[:, :-1], "targets": window[:, 1:], "mask": mask.astype(np.int32)}
+        yield add_segments(batch, eos_id) if eos_id is not None else batch
+
+
+class Prefetch:
+    """Runs `make(step)` for steps start, start+1, ... on a background thread, `depth` ahead.
+
+    `get(step)` returns the item of `step` (steps are consumed in order) and adds the time
+    it blocked to `wait_s`. An exception in `make` is raised by the `get` that needs it.
+    """
+
+    def __init__(self, make: Callable[[int], object], start: int, stop: int, depth: int = 2):
+        self.wait_s = 0.0
+        self._q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._halt = threading.Event()
+        self._next = start
+        self._thread = threading.Thread(target=self._work, args=(make, start, stop), daemon=True,
+                                        name="jaxlm-prefetch")
+        self._thread.start()
+
+    def _work(self, make, start, stop):
+        for step in range(start, stop):
+            try:
+                item = (step, make(step), None)
+            except BaseException as e:  # handed to the consumer
+                item = (step, None, e)
+            while not self._halt.is_set():
+                try:
+                    self._q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._halt.is_set() or item[2] is not None:
+                return
+
+    def get(self, step: int):
+        if step != self._next:
+            raise ValueError(f"prefetch expected step {self._next}, asked for {step}")
+        t0 = time.perf_counter()
+        while True:
+            try:
+                got, item, error = self._q.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._q.empty():
+                    raise RuntimeError(f"prefetch stopped before step {step}") from None
+        self.wait_s += time.perf_counter() - t0
+        self._next += 1
+        if error is not None:
+            raise error
+        return item
+
+    def close(self):
+        self._halt.set()
+        self._thread.join(timeout=5)

@@ -1,10 +1,15 @@
 """Text sources -> lists of documents (numpy/python only, no jax).
 
-`tfds:NAME[/CONFIG][:SPLIT]` reads a prepared TFDS dataset (array_record data dirs through
-`tfds.data_source`, which needs no TensorFlow; tfrecord dirs through `tfds.load`, which
-does). `text:GLOB` reads UTF-8 files, one document per file. `jsonl:GLOB` reads one
-document per line from the field `data.text_field`. Invalid UTF-8 is an error unless
-`data.invalid_utf8=replace`, which replaces it with U+FFFD and logs how often.
+`tfds:NAME[/CONFIG][:SPLIT]` reads a prepared TFDS dataset. Array_record data dirs go
+through `builder.as_data_source`; tfrecord data dirs through `builder.as_dataset` when
+TensorFlow is installed, else through the pure-Python reader in `jaxlm.data.tfrecord`
+with each record decoded by TFDS's own TF-free `features.deserialize_example_np` (the
+same parser `as_data_source` uses). A dataset that is not prepared is an error, unless
+`data.tfds_download=true`, which runs TFDS's `download_and_prepare` (array_record
+format; needs network and TensorFlow). `text:GLOB` reads UTF-8 files, one document per
+file. `jsonl:GLOB` reads one document per line from the field `data.text_field`. Invalid
+UTF-8 is an error unless `data.invalid_utf8=replace`, which replaces it with U+FFFD and
+logs how often.
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import inspect
+import itertools
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from jaxlm.config import DataConfig
+from jaxlm.data import tfrecord
 from jaxlm.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -40,8 +49,67 @@ def parse_source(spec: str) -> SourceSpec:
     return SourceSpec(kind, rest)
 
 
+def parse_mixture(source: str) -> list[tuple[str, float]]:
+    """`SOURCE[@WEIGHT]; SOURCE[@WEIGHT]; ...` -> [(source, weight)], weights default 1."""
+    out = []
+    for entry in filter(None, (e.strip() for e in source.split(";"))):
+        spec, at, weight = entry.rpartition("@")
+        try:
+            w = float(weight) if at else 1.0
+        except ValueError:
+            spec, w = entry, 1.0  # an '@' that is part of a path
+        else:
+            spec = spec.strip() if at else entry
+        if not w > 0:
+            raise DataError(f"mixture weight of '{spec}' must be > 0, got {weight}")
+        parse_source(spec)
+        out.append((spec, w))
+    if not out:
+        raise DataError("data.source is empty")
+    if len({s for s, _ in out}) < len(out):
+        raise DataError(f"data.source '{source}' names a source twice; give it one weight")
+    return out
+
+
 def _tfds_dir(cfg: DataConfig) -> str | None:
     return cfg.tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or None
+
+
+def _have_tensorflow() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _prepare_tfds(builder, name: str, data_dir: str | None) -> None:
+    """Download and prepare a TFDS dataset (array_record where TFDS can choose the format)."""
+    where = data_dir or "TFDS's default data dir (~/tensorflow_datasets)"
+    if not _have_tensorflow():
+        raise DataError(f"TFDS dataset '{name}' is not prepared in {where}, and preparing it "
+                        f"(data.tfds_download=true) needs TensorFlow: pip install -e \".[prepare]\"")
+    kwargs = {}
+    if "file_format" in inspect.signature(builder.download_and_prepare).parameters:
+        kwargs["file_format"] = "array_record"  # later reads then need no TensorFlow
+    logger.info("preparing TFDS dataset %s in %s", name, where)
+    try:
+        builder.download_and_prepare(**kwargs)
+    except Exception as e:  # no network, a moved URL, a full disk ...
+        raise DataError(
+            f"could not download and prepare TFDS dataset '{name}' in {where}: {type(e).__name__}: {e}. "
+            f"Prepare it on a machine with internet with `tfds build {name} --data_dir DIR --file_format "
+            f"array_record`, copy DIR here and point TFDS_DATA_DIR (or data.tfds_data_dir) at it") from None
+
+
+def _tfrecord_examples(builder, split: str) -> Iterator[dict]:
+    """The examples of a tfrecord split without TensorFlow: shard files read in pure Python,
+    records decoded by TFDS's numpy example parser."""
+    features = builder.info.features
+    for fi in builder.info.splits[split].file_instructions:
+        count = 0
+        for record in itertools.islice(tfrecord.read_records(fi.filename), fi.skip, fi.skip + fi.take):
+            count += 1
+            yield features.deserialize_example_np(record)
+        if count < fi.take:
+            raise DataError(f"TFRecord file {fi.filename} holds {fi.skip + count} records, but the dataset "
+                            f"info of '{builder.name}' says it has at least {fi.skip + fi.take}")
 
 
 def read_tfds(name: str, split: str, cfg: DataConfig) -> list[str]:
@@ -53,11 +121,19 @@ def read_tfds(name: str, split: str, cfg: DataConfig) -> list[str]:
     except Exception as e:  # unknown name, bad config
         raise DataError(f"TFDS dataset '{name}' is not known to tensorflow-datasets: {e}") from None
     if not builder.is_prepared():
-        where = data_dir or "TFDS's default data dir (~/tensorflow_datasets)"
-        raise DataError(
-            f"TFDS dataset '{name}' is not prepared in {where}. Point TFDS_DATA_DIR (or data.tfds_data_dir) "
-            f"at a data dir that holds it, or prepare it on a machine with internet with "
-            f"`tfds build {name} --data_dir DIR` (array_record format needs no TensorFlow to read)")
+        if cfg.tfds_download:
+            _prepare_tfds(builder, name, data_dir)
+            builder = tfds.builder(name, data_dir=data_dir)  # the dataset info as prepared
+            if not builder.is_prepared():
+                raise DataError(f"TFDS dataset '{name}' is still not prepared in {builder.data_dir} after "
+                                f"download_and_prepare")
+        else:
+            where = data_dir or "TFDS's default data dir (~/tensorflow_datasets)"
+            raise DataError(
+                f"TFDS dataset '{name}' is not prepared in {where}. Point TFDS_DATA_DIR (or data.tfds_data_dir) "
+                f"at a data dir that holds it, set data.tfds_download=true to download and prepare it here "
+                f"(needs network and TensorFlow), or prepare it on a machine with internet with "
+                f"`tfds build {name} --data_dir DIR --file_format array_record` (needs no TensorFlow to read)")
     if split not in builder.info.splits:
         raise DataError(f"TFDS dataset '{name}' has no split '{split}'; it has {', '.join(builder.info.splits)}")
     feature = cfg.text_field
@@ -67,11 +143,10 @@ def read_tfds(name: str, split: str, cfg: DataConfig) -> list[str]:
     if getattr(builder.info.file_format, "value", builder.info.file_format) == "array_record":
         records = builder.as_data_source(split=split)
         examples = (records[i] for i in range(len(records)))
-    else:
-        if importlib.util.find_spec("tensorflow") is None:
-            raise DataError(f"TFDS dataset '{name}' in {builder.data_dir} is in tfrecord format, which needs "
-                            f"TensorFlow to read: pip install tensorflow-cpu, or use an array_record data dir")
+    elif _have_tensorflow():
         examples = tfds.as_numpy(builder.as_dataset(split=split))
+    else:
+        examples = _tfrecord_examples(builder, split)
     out = []
     for ex in examples:
         text = ex[feature]
@@ -101,11 +176,13 @@ def decode(raw: bytes, where: str, invalid_utf8: str = "error") -> str:
     return text
 
 
-def read_text(pattern: str, invalid_utf8: str = "error") -> list[str]:
+def read_text(pattern: str, invalid_utf8: str = "error", separator: str = "") -> list[str]:
+    """One document per file, or per `separator`-delimited part of each file."""
     docs = []
     for path in _files(pattern):
         with open(path, "rb") as f:
-            docs.append(decode(f.read(), path, invalid_utf8))
+            text = decode(f.read(), path, invalid_utf8)
+        docs.extend(text.split(separator) if separator else [text])
     return docs
 
 
@@ -131,7 +208,7 @@ def read(spec: SourceSpec, cfg: DataConfig, split: str | None = None) -> list[st
     if spec.kind == "tfds":
         return read_tfds(spec.target, split or spec.split or "train", cfg)
     if spec.kind == "text":
-        return read_text(spec.target, cfg.invalid_utf8)
+        return read_text(spec.target, cfg.invalid_utf8, cfg.doc_separator)
     return read_jsonl(spec.target, cfg.text_field, cfg.invalid_utf8)
 
 
@@ -147,50 +224,68 @@ def _hold_out(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
     return [text[:cut]], [text[cut:]]
 
 
-def load_splits(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """(train documents, validation documents), both non-empty."""
-    spec = parse_source(cfg.source)
-    train = read(spec, cfg)
-    if cfg.valid_source:
-        valid = read(parse_source(cfg.valid_source), cfg, split=None)
-    elif spec.kind == "tfds" and spec.split in (None, "train"):
-        import tensorflow_datasets as tfds
+def _valid_split(cfg: DataConfig, name: str) -> str | None:
+    import tensorflow_datasets as tfds
 
-        splits = tfds.builder(spec.target, data_dir=_tfds_dir(cfg)).info.splits
-        name = next((s for s in ("validation", "valid", "test") if s in splits), None)
-        valid = read(spec, cfg, split=name) if name else None
-        if valid is None:
-            train, valid = _hold_out(train, cfg.valid_fraction)
+    splits = tfds.builder(name, data_dir=_tfds_dir(cfg)).info.splits
+    return next((s for s in ("validation", "valid", "test") if s in splits), None)
+
+
+def load_splits(cfg: DataConfig, source: str | None = None, role: str = "both") -> tuple[list[str], list[str]]:
+    """(train documents, validation documents) of one source (default: data.source).
+
+    role "both": validation is the TFDS validation split (if the source is a TFDS train
+    split that has one) or a held-out fraction of whole documents; "train": all of it
+    trains; "valid": all of it validates (a TFDS source without a split reads its
+    validation split).
+    """
+    source = source or cfg.source
+    spec = parse_source(source)
+    if role == "valid":
+        split = spec.split or (_valid_split(cfg, spec.target) if spec.kind == "tfds" else None)
+        train, valid = [], read(spec, cfg, split=split)
     else:
-        train, valid = _hold_out(train, cfg.valid_fraction)
+        train = read(spec, cfg)
+        valid = []
+        if role == "both":
+            name = _valid_split(cfg, spec.target) if spec.kind == "tfds" and spec.split in (None, "train") else None
+            if name:
+                valid = read(spec, cfg, split=name)
+            else:
+                train, valid = _hold_out(train, cfg.valid_fraction)
     train = [d for d in train if d]
     valid = [d for d in valid if d]
-    if not train:
-        raise DataError(f"data source '{cfg.source}' holds no text")
-    if not valid:
-        raise DataError(f"the validation split of '{cfg.valid_source or cfg.source}' holds no text")
+    if role != "valid" and not train:
+        raise DataError(f"data source '{source}' holds no text")
+    if role != "train" and not valid:
+        raise DataError(f"the validation split of '{source}' holds no text")
     return train, valid
 
 
-def fingerprint(cfg: DataConfig) -> str:
-    """A hash of what the splits are read from, computed without reading the text.
+def fingerprint(cfg: DataConfig, source: str | None = None, role: str = "both") -> str:
+    """A hash of what one source's splits are read from, computed without reading the text.
 
-    Files count by path, size and modification time; a TFDS dataset by its prepared
-    version directory's file names and sizes. Any change to a source changes the hash.
+    It covers the source, its role and every setting that changes the documents. Files
+    count by path, size and modification time; a TFDS dataset by its prepared version
+    directory's file names and sizes. Any change to a source changes the hash.
     """
+    source = source or cfg.source
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.source, cfg.valid_source, cfg.valid_fraction, cfg.text_field]).encode())
-    for source in filter(None, (cfg.source, cfg.valid_source)):
-        spec = parse_source(source)
-        if spec.kind == "tfds":
-            import tensorflow_datasets as tfds
+    h.update(json.dumps([source, role, cfg.valid_fraction if role == "both" else None, cfg.text_field,
+                         cfg.doc_separator, cfg.invalid_utf8]).encode())
+    spec = parse_source(source)
+    if spec.kind == "tfds":
+        import tensorflow_datasets as tfds
 
+        try:
             builder = tfds.builder(spec.target, data_dir=_tfds_dir(cfg))
-            root = str(builder.data_dir)
-            files = sorted(os.listdir(root)) if os.path.isdir(root) else []
-            h.update(json.dumps([root] + [(f, os.path.getsize(os.path.join(root, f))) for f in files]).encode())
-        else:
-            for path in _files(spec.target):
-                st = os.stat(path)
-                h.update(json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns]).encode())
+        except Exception as e:  # unknown name, bad config
+            raise DataError(f"TFDS dataset '{spec.target}' is not known to tensorflow-datasets: {e}") from None
+        root = str(builder.data_dir)
+        files = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        h.update(json.dumps([root] + [(f, os.path.getsize(os.path.join(root, f))) for f in files]).encode())
+    else:
+        for path in _files(spec.target):
+            st = os.stat(path)
+            h.update(json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns]).encode())
     return h.hexdigest()
