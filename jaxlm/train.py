@@ -213,6 +213,7 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
         mark[:] = [prefetch.wait_s, time.perf_counter(), step]
 
     step = 0
+    t_loop = time.perf_counter()
     try:
         for step in range(steps):
             state, metrics = stepper.train(state, prefetch.get(step))
@@ -252,5 +253,7 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
         writer.close()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
-    log(f"done: {result.steps} steps in {time.perf_counter() - t_start:.1f}s; run directory {run_dir}")
+    loop_s = time.perf_counter() - t_loop
+    log(f"done: {result.steps} steps in {time.perf_counter() - t_start:.1f}s (training loop {loop_s:.1f}s, of which "
+        f"{prefetch.wait_s:.2f}s waiting for input); run directory {run_dir}")
     return result

@@ -83,3 +83,39 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path, small_corpus):
     assert proc.returncode == 75, err
     steps = os.listdir(run_dir / "checkpoints")
     assert len(steps) == 1 and 3 <= int(steps[0]) < 100000
+
+
+def test_mixture_with_segment_ids_trains_and_logs_input_wait(tmp_path, small_corpus, capsys):
+    folder = small_corpus.removeprefix("text:").rsplit("/", 1)[0]
+    run_dir = tmp_path / "run"
+    code = main(["train", f"data.source=text:{folder}/doc[0-2].txt@3; text:{folder}/doc[3-5].txt",
+                 "data.segment_ids=true", f"run.dir={run_dir}", "train.steps=6", "train.log_every=1",
+                 "eval.every=0", "checkpoint.enabled=false"] + TINY_CLI)
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "mixture: text:" in err and "weight 0.750" in err and "weight 0.250" in err
+    train = [r for r in read_metrics(str(run_dir)) if "loss" in r]
+    assert len(train) == 6 and all(0 <= r["input_wait_frac"] < 1 and r["input_wait_s"] >= 0 for r in train)
+    evals = [r for r in read_metrics(str(run_dir)) if "eval_loss" in r]
+    # each source held out its own last document: 1 + 1 validation documents
+    assert "2 valid documents" in err and evals[-1]["eval_bpb"] > 0
+
+
+def test_tokenizer_train_and_data_commands(tmp_path, small_corpus, capsys):
+    out = tmp_path / "tok.model"
+    args = ["tokenizer", "train", f"data.source={small_corpus}", "data.tokenizer_vocab=300", "-o", str(out)]
+    assert main(args) == 0 and out.is_file()
+    assert "vocab 300" in capsys.readouterr().err
+    assert main(args) == 2 and "--force" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0
+    data = ["data", f"data.source={small_corpus}", f"data.tokenizer={out}", f"data.cache_dir={tmp_path / 'c'}"]
+    assert main(data) == 0
+    first = capsys.readouterr().err
+    assert "token cache: built train" in first and "token cache: built valid" in first
+    assert main(data) == 0
+    again = capsys.readouterr().err
+    assert "token cache: reusing train" in again and "built" not in again
+    bad = tmp_path / "bad.model"
+    bad.write_text("not a model")
+    assert main(["data", f"data.source={small_corpus}", f"data.tokenizer={bad}"]) == 2
+    assert "not a sentencepiece model" in capsys.readouterr().err

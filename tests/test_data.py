@@ -196,3 +196,30 @@ def test_mixtures_separators_and_a_separate_validation_source(tmp_path):
     assert train[0].docs == (["book one", "book two"], ["book three"]) and valid is train
     fps = {p.fingerprint for p in train} | {cache.Part(cfg, cfg.source.split(";")[0].split("@")[0]).fingerprint}
     assert len(fps) == 3  # sources and roles differ, so do their cache entries
+
+
+@pytest.mark.slow
+def test_books_experiment_builds_its_cache_at_5_mb_per_s_then_reuses_it(tmp_path):
+    import pathlib
+    import re
+    import time
+
+    from jaxlm.config import load_config
+    from jaxlm.train import prepare_data
+
+    books = shared_data("gutenberg-en")
+    exp = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "books.yaml"
+    cfg = load_config(str(exp), [f"data.source=text:{books}/train_*.txt", f"data.valid_source=text:{books}/valid.txt",
+                                 f"data.cache_dir={tmp_path}"])
+    logs = []
+    data = prepare_data(cfg, log=logs.append)
+    built = [m for m in logs if m.startswith("token cache: built train")]
+    assert built and "125 train / 10 valid documents" in logs[-1], logs
+    rate = float(re.search(r"\(([\d.]+) MB/s of text\)", built[0]).group(1))
+    print(f"books: train cache built at {rate} MB/s; {logs[-1]}")
+    assert rate >= 5.0
+    assert data.train_bytes == sum((books / f"train_{i:02d}.txt").stat().st_size for i in range(5)) - 120 * 4
+    t0 = time.perf_counter()
+    again = prepare_data(cfg, log=logs.append)
+    assert time.perf_counter() - t0 < 2.0 and "token cache: reusing train" in logs[-3]
+    np.testing.assert_array_equal(again.train_streams[0][-1000:], data.train_streams[0][-1000:])

@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 
@@ -186,7 +187,7 @@ def tokens(cfg: DataConfig, tok: Tokenizer, part: Part, split: str, log=print) -
     dtype = None
     with open(os.path.join(tmp, "tokens.bin"), "wb") as f, \
             tqdm(total=total_chars, unit="char", unit_scale=True, desc=f"tokenizing {label}", leave=False,
-                 disable=total_chars < _GROUP_CHARS) as bar:
+                 disable=total_chars < _GROUP_CHARS or not sys.stderr.isatty()) as bar:
         for ids, nb, nc in encode_documents(tok, docs):
             f.write(ids.tobytes())
             n_tokens += len(ids)
