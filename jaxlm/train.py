@@ -67,12 +67,20 @@ def prepare_data(cfg: Config, log=print) -> Data:
     return data
 
 
+def _existing_run(cfg: Config, restart: bool) -> bool:
+    """Whether the run directory holds a run; refuses one without `restart`."""
+    run_dir = cfg.run.path
+    if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        return False
+    if not restart:
+        raise ConfigError(f"run directory '{run_dir}' already holds a run; pass --restart (run(..., "
+                          f"restart=True)) to overwrite it, or choose another run.name / run.dir")
+    return True
+
+
 def _prepare_run_dir(cfg: Config, restart: bool) -> str:
     run_dir = cfg.run.path
-    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-        if not restart:
-            raise ConfigError(f"run directory '{run_dir}' already holds a run; pass --restart (run(..., "
-                              f"restart=True)) to overwrite it, or choose another run.name / run.dir")
+    if _existing_run(cfg, restart):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     if not os.access(run_dir, os.W_OK):
@@ -142,10 +150,11 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
     t_start = time.perf_counter()
     devices = list(jax.devices() if devices is None else devices)
     mesh = make_mesh(cfg, devices)  # config errors before any data or compile work
-    run_dir = _prepare_run_dir(cfg, restart)
-    data = prepare_data(cfg, log)
-    data.tokenizer.save(os.path.join(run_dir, "tokenizer.model"))
+    _existing_run(cfg, restart)
+    data = prepare_data(cfg, log)  # bad input fails here, before the run directory is touched
     vocab = check_vocab(cfg, data.tokenizer.vocab_size, mesh.shape["tensor"])
+    run_dir = _prepare_run_dir(cfg, restart)
+    data.tokenizer.save(os.path.join(run_dir, "tokenizer.model"))
 
     model, tx, schedule = build(cfg, vocab)
     stepper = Stepper(cfg, model, tx, schedule, mesh)

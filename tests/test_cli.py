@@ -119,3 +119,12 @@ def test_tokenizer_train_and_data_commands(tmp_path, small_corpus, capsys):
     bad.write_text("not a model")
     assert main(["data", f"data.source={small_corpus}", f"data.tokenizer={bad}"]) == 2
     assert "not a sentencepiece model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["data.source=text:/nonexistent/*.txt", "model.vocab_size=100"])
+def test_bad_input_writes_no_run_directory(tmp_path, small_corpus, capsys, bad):
+    run_dir = tmp_path / "run"
+    assert main(["train", f"data.source={small_corpus}", f"run.dir={run_dir}", bad] + TINY_CLI) == 2
+    err = capsys.readouterr().err
+    assert ("no files match" in err) if "source" in bad else ("does not match the tokenizer" in err)
+    assert not run_dir.exists()

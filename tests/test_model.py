@@ -95,3 +95,20 @@ def test_llama_1b_preset_parameter_count():
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     assert total == 1_498_482_688  # Llama 3.2 1B with an untied head
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_packed_document_scores_as_if_it_were_alone(family):
+    """Loader segment ids + positions: document 2 of a packed row gives the logits it gives on its own."""
+    from jaxlm.data.loader import add_segments
+
+    cfg = tiny_config(f"model.family={family}")
+    model, params, tokens = init(cfg)
+    eos = 3
+    row = tokens[:1].at[0, 5].set(eos)  # a document tail (0..4), then EOS starting document 2 (5..15)
+    packed = add_segments({"inputs": np.asarray(row)}, eos)
+    a = model.apply({"params": params}, row, packed["positions"], packed["segment_ids"])
+    alone = model.apply({"params": params}, row[:, 5:])
+    np.testing.assert_allclose(a[:, 5:], alone, atol=2e-5)
+    plain = model.apply({"params": params}, row)  # without segments document 2 sees document 1
+    assert not np.allclose(plain[:, 5:], alone, atol=1e-3)
