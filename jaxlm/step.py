@@ -170,6 +170,23 @@ class Stepper:
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                             self.state_shardings)
 
+    def restore_target(self):
+        """The abstract state a checkpoint is restored into: this run's shardings (jit), one copy (pmap)."""
+        if self.backend == "pmap":
+            init = _boxed_init(self.model, self.tx, 1, self.cfg.train.seq_len)
+            one = sharding.replicated(self.mesh)
+            shapes = jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.key(0))
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), shapes)
+        return self.abstract_state()
+
+    def adopt(self, state):
+        """A restored state in this backend's layout (pmap keeps one copy per device)."""
+        if self.backend == "pmap":
+            self.state_shardings = None
+            n = len(self.devices)
+            return jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), jax.device_get(state))
+        return state
+
     def compile(self, state, batch_shapes: dict[str, tuple]):
         """AOT-compile the train step for the given global batch shapes; returns seconds taken.
 

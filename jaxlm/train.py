@@ -6,6 +6,8 @@ its devices as an argument, and returns a summary instead of exiting.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import shutil
@@ -18,12 +20,12 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt
-from jaxlm.config import Config, check_vocab, to_yaml
+from jaxlm.config import Config, check_vocab, load_config, to_yaml
 from jaxlm.data import cache
 from jaxlm.data.loader import Prefetch, TrainBatches, eval_batches
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import ConfigError
-from jaxlm.metrics import MetricsWriter, Throughput, count_params, flops_per_token, peak_flops
+from jaxlm.metrics import MetricsWriter, Throughput, count_params, flops_per_token, peak_flops, read_metrics
 from jaxlm.sharding import make_mesh
 from jaxlm.step import Stepper, build
 
@@ -67,20 +69,41 @@ def prepare_data(cfg: Config, log=print) -> Data:
     return data
 
 
-def _existing_run(cfg: Config, restart: bool) -> bool:
-    """Whether the run directory holds a run; refuses one without `restart`."""
+# Keys that shape the train state or the token ids: a run cannot resume across a change in them.
+STATE_KEYS = ("model.family", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+              "model.n_kv_heads", "model.d_ff", "model.max_seq_len", "model.bias", "model.tie_embeddings",
+              "model.scan_layers", "optim.grad_clip", "optim.decay_embeddings", "data.tokenizer_vocab",
+              "data.tokenizer_type", "data.tokenizer_max_bytes")
+
+
+def _flat(cfg: Config) -> dict:
+    return {f"{sec}.{k}": v for sec in ("model", "optim", "data")
+            for k, v in dataclasses.asdict(getattr(cfg, sec)).items()}
+
+
+def _resume_point(cfg: Config, restart: bool) -> int | None:
+    """The checkpoint step to resume from, None for a fresh run; refuses what cannot resume."""
     run_dir = cfg.run.path
-    if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-        return False
-    if not restart:
-        raise ConfigError(f"run directory '{run_dir}' already holds a run; pass --restart (run(..., "
-                          f"restart=True)) to overwrite it, or choose another run.name / run.dir")
-    return True
+    if restart or not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        return None
+    done = ckpt.steps(run_dir)
+    if not done:
+        raise ConfigError(f"run directory '{run_dir}' holds a run but no complete checkpoint to resume from; "
+                          f"pass --restart (run(..., restart=True)) to start it over, or choose another "
+                          f"run.name / run.dir")
+    saved = load_config(os.path.join(run_dir, "config.yaml"))
+    old, new = _flat(saved), _flat(cfg)
+    differ = [k for k in STATE_KEYS if old[k] != new[k] and not (k.startswith("data.") and cfg.data.tokenizer)]
+    if differ:
+        raise ConfigError(f"run directory '{run_dir}' cannot resume with a different " + ", ".join(
+            f"{k} ({old[k]!r} -> {new[k]!r})" for k in differ) + "; pass --restart to start over, or choose "
+            "another run.name / run.dir")
+    return done[-1]
 
 
 def _prepare_run_dir(cfg: Config, restart: bool) -> str:
     run_dir = cfg.run.path
-    if _existing_run(cfg, restart):
+    if restart and os.path.exists(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     if not os.access(run_dir, os.W_OK):
@@ -88,6 +111,17 @@ def _prepare_run_dir(cfg: Config, restart: bool) -> str:
     with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(to_yaml(cfg))
     return run_dir
+
+
+def _truncate_metrics(run_dir: str, start: int) -> None:
+    """Drop records of steps at or after `start` (written after the checkpoint a run resumes from)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    kept = [r for r in read_metrics(run_dir) if r.get("step", -1) < start]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
 
 
 def evaluate(stepper: Stepper, state, data: Data, cfg: Config) -> dict[str, float]:
@@ -150,15 +184,31 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
     t_start = time.perf_counter()
     devices = list(jax.devices() if devices is None else devices)
     mesh = make_mesh(cfg, devices)  # config errors before any data or compile work
-    _existing_run(cfg, restart)
-    data = prepare_data(cfg, log)  # bad input fails here, before the run directory is touched
+    start = _resume_point(cfg, restart)
+    data_cfg = cfg
+    if start is not None and not cfg.data.tokenizer:  # the run's own tokenizer, never a retrained one
+        data_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, tokenizer=os.path.join(cfg.run.path, "tokenizer.model")))
+    data = prepare_data(data_cfg, log)  # bad input fails here, before the run directory is touched
     vocab = check_vocab(cfg, data.tokenizer.vocab_size, mesh.shape["tensor"])
     run_dir = _prepare_run_dir(cfg, restart)
-    data.tokenizer.save(os.path.join(run_dir, "tokenizer.model"))
+    if start is None:
+        data.tokenizer.save(os.path.join(run_dir, "tokenizer.model"))
 
     model, tx, schedule = build(cfg, vocab)
     stepper = Stepper(cfg, model, tx, schedule, mesh)
-    state = stepper.init_state(cfg.train.seed)
+    if start is None:
+        start = 0
+        state = stepper.init_state(cfg.train.seed)
+    else:
+        t0 = time.perf_counter()
+        state, meta = ckpt.restore(run_dir, start, stepper.restore_target())
+        state = stepper.adopt(state)
+        if meta.get("tokenizer_sha256") not in (None, "", data.tokenizer.sha256):
+            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer run '{run_dir}' was "
+                              f"trained with; drop data.tokenizer to use the run's own")
+        _truncate_metrics(run_dir, start)
+        log(f"resuming {run_dir} from its checkpoint at step {start} (restored in {time.perf_counter() - t0:.1f}s)")
     B, T = cfg.train.batch_size, cfg.train.seq_len
     batch_keys = ("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segment_ids else ())
     compile_s = stepper.compile(state, {k: (B, T) for k in batch_keys})
@@ -168,7 +218,7 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
     loader = TrainBatches(data.train_streams, B, T, cfg.train.seed, jax.process_index(), jax.process_count(),
                           data.weights, _eos(cfg, data))
     writer = MetricsWriter(run_dir, cfg.run.tensorboard and jax.process_index() == 0)
-    saver = ckpt.Saver(run_dir, cfg) if cfg.checkpoint.enabled else None
+    saver = ckpt.Saver(run_dir, cfg, data.tokenizer.sha256) if cfg.checkpoint.enabled else None
     stop = _Stop()
     old_handlers = {}
     if handle_signals:
@@ -184,8 +234,8 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
     throughput = Throughput()
     pending = None  # (step, metrics on device): fetched one step late
     log_every, steps = cfg.train.log_every, cfg.train.steps
-    prefetch = Prefetch(lambda s: stepper.place(loader.batch_at(s), B), 0, steps, cfg.data.prefetch)
-    mark = [0.0, time.perf_counter(), -1]  # input wait, time and step at the last record
+    prefetch = Prefetch(lambda s: stepper.place(loader.batch_at(s), B), start, steps, cfg.data.prefetch)
+    mark = [0.0, time.perf_counter(), start - 1]  # input wait, time and step at the last record
 
     def flush(item):
         step, metrics = item
@@ -221,10 +271,10 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
         throughput.update(step, 0)  # evaluation time is not training throughput
         mark[:] = [prefetch.wait_s, time.perf_counter(), step]
 
-    step = 0
+    step = start - 1
     t_loop = time.perf_counter()
     try:
-        for step in range(steps):
+        for step in range(start, steps):
             state, metrics = stepper.train(state, prefetch.get(step))
             if pending is not None:
                 flush(pending)
