@@ -83,6 +83,12 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path, small_corpus):
     assert proc.returncode == 75, err
     steps = os.listdir(run_dir / "checkpoints")
     assert len(steps) == 1 and 3 <= int(steps[0]) < 100000
+    stopped = int(steps[0])
+    # the same command resumes from the step it stopped at
+    assert main(["train", f"data.source={small_corpus}", f"run.dir={run_dir}", f"train.steps={stopped + 2}",
+                 "train.log_every=1"] + TINY_CLI) == 0
+    train = [r["step"] for r in read_metrics(str(run_dir)) if "loss" in r]
+    assert train == list(range(stopped + 2))
 
 
 def test_mixture_with_segment_ids_trains_and_logs_input_wait(tmp_path, small_corpus, capsys):
