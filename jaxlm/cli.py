@@ -42,7 +42,6 @@ def _tokenizer_train(args) -> int:
 
     from jaxlm.config import load_config
     from jaxlm.data import cache
-    from jaxlm.data.tokenizer import train_tokenizer
     from jaxlm.errors import ConfigError
 
     cfg = load_config(args.config, args.overrides)
@@ -51,8 +50,7 @@ def _tokenizer_train(args) -> int:
     d = cfg.data
     train_parts, _, valid_parts = cache.parts(d)
     t0 = time.perf_counter()
-    docs = [doc for p in train_parts for doc in p.docs[0]]
-    tok = train_tokenizer(docs, d.tokenizer_vocab, d.tokenizer_type, d.tokenizer_max_bytes)
+    tok = cache.train_on(d, train_parts)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     tok.save(args.output)
     valid = [doc for p in valid_parts for doc in p.docs[1]]

@@ -150,14 +150,15 @@ class Stepper:
         self.compiled_memory = None
 
     # -- state ---------------------------------------------------------------
+    def _pmap_init(self):
+        """pmap: the unboxed init of one logical copy of the state (built under jit, replicated)."""
+        init = _boxed_init(self.model, self.tx, 1, self.cfg.train.seq_len)
+        return lambda r: nn.unbox(init(r))
+
     def init_state(self, seed: int):
         if self.backend == "pmap":
-            one = sharding.replicated(self.mesh)  # built under jit, then one copy per device
-            init = _boxed_init(self.model, self.tx, 1, self.cfg.train.seq_len)
-            state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=one)(jax.random.key(seed))
-            self.state_shardings = None
-            n = len(self.devices)  # pmap shards the leading axis of its inputs over the devices
-            return jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), jax.device_get(state))
+            one = sharding.replicated(self.mesh)
+            return self.adopt(jax.jit(self._pmap_init(), out_shardings=one)(jax.random.key(seed)))
         state, self.state_shardings = create_state(self.model, self.tx, self.mesh, seed, self.cfg.train.seq_len)
         return state
 
@@ -173,17 +174,16 @@ class Stepper:
     def restore_target(self):
         """The abstract state a checkpoint is restored into: this run's shardings (jit), one copy (pmap)."""
         if self.backend == "pmap":
-            init = _boxed_init(self.model, self.tx, 1, self.cfg.train.seq_len)
             one = sharding.replicated(self.mesh)
-            shapes = jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.key(0))
+            shapes = jax.eval_shape(self._pmap_init(), jax.random.key(0))
             return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), shapes)
         return self.abstract_state()
 
     def adopt(self, state):
-        """A restored state in this backend's layout (pmap keeps one copy per device)."""
+        """One logical copy of the state in this backend's layout (pmap keeps one copy per device)."""
         if self.backend == "pmap":
             self.state_shardings = None
-            n = len(self.devices)
+            n = len(self.devices)  # pmap shards the leading axis of its inputs over the devices
             return jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), jax.device_get(state))
         return state
 

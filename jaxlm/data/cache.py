@@ -77,6 +77,16 @@ def parts(cfg: DataConfig) -> tuple[list[Part], list[float], list[Part]]:
     return train, [w for _, w in mixture], valid
 
 
+def train_on(cfg: DataConfig, train_parts: list[Part]) -> Tokenizer:
+    """A tokenizer trained with the data.tokenizer_* settings on the training documents of `train_parts`."""
+    docs = [d for p in train_parts for d in p.docs[0]]
+    return train_tokenizer(docs, cfg.tokenizer_vocab, cfg.tokenizer_type, cfg.tokenizer_max_bytes)
+
+
+def token_dtype(tok: Tokenizer) -> np.dtype:
+    return np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+
+
 def get_tokenizer(cfg: DataConfig, train_parts: list[Part], log=print) -> Tokenizer:
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
@@ -87,8 +97,7 @@ def get_tokenizer(cfg: DataConfig, train_parts: list[Part], log=print) -> Tokeni
         log(f"tokenizer: reusing {path}")
         return load_tokenizer(path)
     t0 = time.perf_counter()
-    docs = [d for p in train_parts for d in p.docs[0]]
-    tok = train_tokenizer(docs, cfg.tokenizer_vocab, cfg.tokenizer_type, cfg.tokenizer_max_bytes)
+    tok = train_on(cfg, train_parts)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tok.save(path)
     log(f"tokenizer: trained {cfg.tokenizer_type} vocab {tok.vocab_size} in {time.perf_counter() - t0:.1f}s")
@@ -136,7 +145,7 @@ def encode_documents(tok: Tokenizer, docs: list[str], piece_chars: int | None = 
     """
     if piece_chars and not splits_at_spaces(tok):
         piece_chars = None
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    dtype = token_dtype(tok)
     eos = tok.eos_id
     group: list[str] = []
     size = 0
@@ -184,7 +193,6 @@ def tokens(cfg: DataConfig, tok: Tokenizer, part: Part, split: str, log=print) -
 
     total_chars = sum(len(d) for d in docs)
     n_tokens = n_bytes = 0
-    dtype = None
     with open(os.path.join(tmp, "tokens.bin"), "wb") as f, \
             tqdm(total=total_chars, unit="char", unit_scale=True, desc=f"tokenizing {label}", leave=False,
                  disable=total_chars < _GROUP_CHARS or not sys.stderr.isatty()) as bar:
@@ -192,11 +200,10 @@ def tokens(cfg: DataConfig, tok: Tokenizer, part: Part, split: str, log=print) -
             f.write(ids.tobytes())
             n_tokens += len(ids)
             n_bytes += nb
-            dtype = ids.dtype.name
             bar.update(nc)
     manifest = {"format": FORMAT_VERSION, "split": split, "source": part.source, "role": part.role,
                 "source_fingerprint": part.fingerprint, "tokenizer_sha256": tok.sha256,
-                "vocab_size": tok.vocab_size, "dtype": dtype or "uint16", "documents": len(docs),
+                "vocab_size": tok.vocab_size, "dtype": token_dtype(tok).name, "documents": len(docs),
                 "tokens": n_tokens, "bytes": n_bytes}
     with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)

@@ -53,6 +53,7 @@ class TrainBatches:
         if len(w) != len(streams) or not np.all(w > 0):
             raise DataError(f"mixture weights {list(w)} must be positive, one per source")
         self.streams, self.p = streams, w / w.sum()
+        self.spans = np.array([len(s) - seq_len for s in streams])  # window offsets allowed per source
         self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
         rows = batch_size // process_count
         self.rows = slice(process_index * rows, (process_index + 1) * rows)
@@ -66,7 +67,7 @@ class TrainBatches:
             src = rng.choice(len(self.streams), size=self.batch_size, p=self.p)
         # one uniform draw per row, scaled to its source's length: exact for any mix
         u = rng.random(self.batch_size)
-        span = np.array([len(s) - self.seq_len for s in self.streams])[src]
+        span = self.spans[src]
         return src, np.minimum((u * span).astype(np.int64), span - 1)
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
