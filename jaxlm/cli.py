@@ -1,7 +1,8 @@
 """`jaxlm` command line: thin subcommands over run(cfg)-style functions.
 
-Exit codes: 0 done; 2 user error (message on stderr, no traceback); 75 stopped by
-SIGTERM/SIGINT after writing a checkpoint (run the same command again to continue).
+Exit codes: 0 done; 2 user error (message on stderr, no traceback); 3 stopped after too
+many consecutive non-finite steps; 75 stopped by SIGTERM/SIGINT after committing a
+checkpoint (run the same command again to continue).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxlm.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, JaxlmError
+from jaxlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, DivergedError, JaxlmError
 
 TRAIN_EPILOG = """\
 Overrides are dotted keys, e.g.  jaxlm train experiments/shakespeare.yaml optim.lr=3e-3 mesh.fsdp=4
@@ -23,7 +24,11 @@ def _train(args) -> int:
     from jaxlm.train import run
 
     cfg = load_config(args.config, args.overrides)
-    result = run(cfg, restart=args.restart, handle_signals=True)
+    try:
+        result = run(cfg, restart=args.restart, resume=args.resume, handle_signals=True)
+    except DivergedError as e:
+        print(f"jaxlm: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     return EXIT_PREEMPTED if result.stopped_by_signal else EXIT_OK
 
 
@@ -75,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model", description="Train a model from a YAML experiment file.",
                            epilog=TRAIN_EPILOG + help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _config_args(train)
-    train.add_argument("--restart", action="store_true", help="overwrite an existing run directory")
+    mode = train.add_mutually_exclusive_group()
+    mode.add_argument("--restart", action="store_true", help="overwrite an existing run directory")
+    mode.add_argument("--resume", action="store_true",
+                      help="require a checkpoint to continue from (fail instead of starting a new run); "
+                           "without either flag a run directory with checkpoints is resumed")
     train.set_defaults(func=_train)
     data = sub.add_parser("data", help="tokenize the data of a config into the token cache",
                           description="Train or load the tokenizer and build the token cache of every split "

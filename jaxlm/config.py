@@ -131,6 +131,11 @@ class TrainConfig:
     seq_len: int = _f(256, "tokens per sequence")
     grad_accum: int = _f(1, "microbatches per step (lax.scan inside the step)")
     log_every: int = _f(10, "steps between metrics records")
+    max_bad_steps: int = _f(5, "a step with a non-finite loss or gradient is skipped (params and optimizer state "
+                            "unchanged); this many in a row are tolerated, one more triggers train.on_bad_steps")
+    on_bad_steps: str = _f("stop", "after max_bad_steps consecutive bad steps: stop (exit 3), or rollback to the "
+                           "last checkpoint and skip the batches since it")
+    max_rollbacks: int = _f(3, "rollbacks allowed in one run before it stops")
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,10 @@ class EvalConfig:
 class CheckpointConfig:
     every: int = _f(0, "steps between checkpoints; 0 = only at the end")
     keep: int = _f(3, "number of recent checkpoints kept")
+    keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of this; 0 = none")
     enabled: bool = _f(True, "write checkpoints at all")
+    init_from: str = _f("", "start a new run from another run's params (its newest usable checkpoint, or "
+                        "<run>/checkpoints/<step>) with a fresh optimizer at step 0")
 
 
 @dataclass(frozen=True)
@@ -306,6 +314,8 @@ def validate(cfg: Config) -> None:
         "optim.grad_clip": o.grad_clip, "optim.z_loss": o.z_loss, "eval.every": cfg.eval.every,
         "eval.batch_size": cfg.eval.batch_size, "eval.max_batches": cfg.eval.max_batches,
         "checkpoint.every": cfg.checkpoint.every, "run.peak_tflops": cfg.run.peak_tflops,
+        "checkpoint.keep_every": cfg.checkpoint.keep_every, "train.max_bad_steps": t.max_bad_steps,
+        "train.max_rollbacks": t.max_rollbacks,
     }
     for key, v in non_negative.items():
         if v < 0:
@@ -323,6 +333,7 @@ def validate(cfg: Config) -> None:
     _choice("model.remat", m.remat, REMAT_POLICIES)
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _choice("mesh.backend", cfg.mesh.backend, BACKENDS)
+    _choice("train.on_bad_steps", t.on_bad_steps, ("stop", "rollback"))
     _choice("data.tokenizer_type", cfg.data.tokenizer_type, ("bpe", "unigram"))
     _choice("data.invalid_utf8", cfg.data.invalid_utf8, ("error", "replace"))
     if m.d_model % m.n_heads:

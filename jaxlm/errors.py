@@ -5,6 +5,7 @@ The CLI prints a JaxlmError without a traceback and exits with EXIT_USER_ERROR.
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3  # stopped after too many consecutive non-finite steps (and rollbacks, if enabled)
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after writing a checkpoint (EX_TEMPFAIL: run again)
 
 
@@ -22,3 +23,7 @@ class DataError(JaxlmError):
 
 class CheckpointError(JaxlmError):
     """A checkpoint that cannot be written, found or restored."""
+
+
+class DivergedError(Exception):
+    """Training stopped: more consecutive non-finite steps than train.max_bad_steps allows."""

@@ -97,6 +97,12 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
 
+    def truncate(self, start: int) -> None:
+        """Drop the records of steps at or after `start` (a resume or rollback replays them)."""
+        self._file.close()
+        truncate_metrics(os.path.dirname(self.path), start)
+        self._file = open(self.path, "a", encoding="utf-8")
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
@@ -112,6 +118,19 @@ def _plain(v):
 def read_metrics(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(run_dir: str, start: int) -> None:
+    """Rewrite metrics.jsonl without the records of steps at or after `start`."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    kept = [r for r in read_metrics(run_dir) if r.get("step", -1) < start]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
 
 
 class Throughput:

@@ -111,13 +111,24 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: 
 
         zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
         (grads, sum_nll), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+    if "poison" in batch:  # test hook: NaN gradients for the batches the loader marks
+        poisoned = jnp.any(batch["poison"] > 0)
+        if axis_name:
+            poisoned = jax.lax.psum(poisoned.astype(jnp.int32), axis_name) > 0
+        grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
     if axis_name:
         grads = jax.lax.psum(grads, axis_name)
         sum_nll = jax.lax.psum(sum_nll, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": sum_nll / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
-               "tokens": count}
+    loss, grad_norm = sum_nll / count, optax.tree.norm(grads)
+    # A non-finite loss or gradient leaves params and optimizer state as they were; the step
+    # counter still advances (it is the data position), and the host counts the skip.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": count,
+               "finite": finite}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -178,6 +189,13 @@ class Stepper:
             shapes = jax.eval_shape(self._pmap_init(), jax.random.key(0))
             return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), shapes)
         return self.abstract_state()
+
+    def with_params(self, state, params):
+        """`state` with `params` (restored into `restore_target().params`) in place of its own."""
+        if self.backend == "pmap":
+            n = len(self.devices)
+            params = jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), jax.device_get(params))
+        return state.replace(params=params)
 
     def adopt(self, state):
         """One logical copy of the state in this backend's layout (pmap keeps one copy per device)."""

@@ -7,7 +7,6 @@ its devices as an argument, and returns a summary instead of exiting.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -23,9 +22,10 @@ from jaxlm import checkpoint as ckpt
 from jaxlm.config import Config, check_vocab, load_config, to_yaml
 from jaxlm.data import cache
 from jaxlm.data.loader import Prefetch, TrainBatches, eval_batches
-from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.errors import ConfigError
-from jaxlm.metrics import MetricsWriter, Throughput, count_params, flops_per_token, peak_flops, read_metrics
+from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.errors import CheckpointError, ConfigError, DivergedError
+from jaxlm.metrics import (MetricsWriter, Throughput, count_params, flops_per_token, peak_flops, read_metrics,
+                           truncate_metrics)
 from jaxlm.sharding import make_mesh
 from jaxlm.step import Stepper, build
 
@@ -49,11 +49,14 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
 
 
-def prepare_data(cfg: Config, log=print) -> Data:
-    """Tokenizer and token streams, from the token cache when sources and tokenizer are unchanged."""
+def prepare_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Data:
+    """Tokenizer and token streams, from the token cache when sources and tokenizer are unchanged.
+
+    `tokenizer` (a resumed run's own) takes the place of data.tokenizer or a trained one.
+    """
     t0 = time.perf_counter()
     train_parts, weights, valid_parts = cache.parts(cfg.data)
-    tok = cache.get_tokenizer(cfg.data, train_parts, log)
+    tok = tokenizer or cache.get_tokenizer(cfg.data, train_parts, log)
     train = [cache.tokens(cfg.data, tok, p, "train", log) for p in train_parts]
     valid = [cache.tokens(cfg.data, tok, p, "valid", log) for p in valid_parts]
     valid_tokens = valid[0][0] if len(valid) == 1 else np.concatenate([v for v, _ in valid])
@@ -81,24 +84,76 @@ def _flat(cfg: Config) -> dict:
             for k, v in dataclasses.asdict(getattr(cfg, sec)).items()}
 
 
-def _resume_point(cfg: Config, restart: bool) -> int | None:
-    """The checkpoint step to resume from, None for a fresh run; refuses what cannot resume."""
+def _state_key_changes(old: Config, new: Config, keys=STATE_KEYS) -> list[str]:
+    o, n = _flat(old), _flat(new)
+    return [f"{k} ({o[k]!r} -> {n[k]!r})" for k in keys
+            if o[k] != n[k] and not (k.startswith("data.") and new.data.tokenizer)]
+
+
+def _existing_checkpoints(cfg: Config, restart: bool, resume: bool) -> list[int]:
+    """Committed checkpoint steps to resume from ([] for a fresh run); refuses what cannot resume."""
     run_dir = cfg.run.path
-    if restart or not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-        return None
+    if restart:
+        return []
     done = ckpt.steps(run_dir)
     if not done:
-        raise ConfigError(f"run directory '{run_dir}' holds a run but no complete checkpoint to resume from; "
-                          f"pass --restart (run(..., restart=True)) to start it over, or choose another "
-                          f"run.name / run.dir")
-    saved = load_config(os.path.join(run_dir, "config.yaml"))
-    old, new = _flat(saved), _flat(cfg)
-    differ = [k for k in STATE_KEYS if old[k] != new[k] and not (k.startswith("data.") and cfg.data.tokenizer)]
+        if resume:
+            raise CheckpointError(f"--resume: no checkpoint in {ckpt.checkpoint_dir(run_dir)} to resume from; "
+                                  "drop --resume to start a new run there, or point run.dir at the run")
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and read_metrics(run_dir):
+            raise ConfigError(f"run directory '{run_dir}' holds a run but no complete checkpoint to resume from; "
+                              f"pass --restart (run(..., restart=True)) to start it over, or choose another "
+                              f"run.name / run.dir")
+        return []
+    saved_cfg = os.path.join(run_dir, "config.yaml")
+    differ = _state_key_changes(load_config(saved_cfg), cfg) if os.path.exists(saved_cfg) else []
     if differ:
-        raise ConfigError(f"run directory '{run_dir}' cannot resume with a different " + ", ".join(
-            f"{k} ({old[k]!r} -> {new[k]!r})" for k in differ) + "; pass --restart to start over, or choose "
-            "another run.name / run.dir")
-    return done[-1]
+        raise ConfigError(f"run directory '{run_dir}' cannot resume with a different " + ", ".join(differ)
+                          + "; pass --restart to start over, or choose another run.name / run.dir")
+    return done
+
+
+def _run_tokenizer(run_dir: str, done: list[int]) -> Tokenizer:
+    """The tokenizer a run was trained with: its tokenizer.model, else the copy inside its newest checkpoint."""
+    path = os.path.join(run_dir, "tokenizer.model")
+    if os.path.exists(path):
+        return load_tokenizer(path)
+    errors = []
+    for step in reversed(done):
+        try:
+            return Tokenizer(ckpt.read_tokenizer(run_dir, step))
+        except CheckpointError as e:
+            errors.append(str(e))
+    raise CheckpointError(f"run '{run_dir}' has no tokenizer.model and no checkpoint with a readable tokenizer: "
+                          + "; ".join(errors))
+
+
+@dataclass
+class _InitSource:
+    run_dir: str
+    step: int | None
+    tokenizer: Tokenizer
+
+
+def _init_source(cfg: Config) -> _InitSource:
+    """Where `checkpoint.init_from` points, checked against this run's model before any work."""
+    src_dir, step = ckpt.resolve(cfg.checkpoint.init_from)
+    done = ckpt.steps(src_dir)
+    if not done or (step is not None and step not in done):
+        raise CheckpointError(f"checkpoint.init_from={cfg.checkpoint.init_from}: no committed checkpoint "
+                              + (f"{step} " if step is not None else "") + f"in {ckpt.checkpoint_dir(src_dir)}")
+    model_keys = tuple(k for k in STATE_KEYS if k.startswith("model."))
+    src_cfg_path = os.path.join(src_dir, "config.yaml")
+    if os.path.exists(src_cfg_path):
+        differ = _state_key_changes(load_config(src_cfg_path), cfg, model_keys)
+        if differ:
+            raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} has a different model: "
+                              + ", ".join(differ) + "; use the same model.* keys as that run")
+    tok = _run_tokenizer(src_dir, done if step is None else [step])
+    if cfg.data.tokenizer and load_tokenizer(cfg.data.tokenizer).sha256 != tok.sha256:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer of {src_dir}; drop "
+                          "data.tokenizer to use that run's own (token ids must mean the same)")
+    return _InitSource(src_dir, step, tok)
 
 
 def _prepare_run_dir(cfg: Config, restart: bool) -> str:
@@ -111,17 +166,6 @@ def _prepare_run_dir(cfg: Config, restart: bool) -> str:
     with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(to_yaml(cfg))
     return run_dir
-
-
-def _truncate_metrics(run_dir: str, start: int) -> None:
-    """Drop records of steps at or after `start` (written after the checkpoint a run resumes from)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    kept = [r for r in read_metrics(run_dir) if r.get("step", -1) < start]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in kept:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def evaluate(stepper: Stepper, state, data: Data, cfg: Config) -> dict[str, float]:
@@ -174,43 +218,72 @@ class _Stop:
 
     def __init__(self):
         self.requested = False
+        self.at = 0.0
 
     def __call__(self, signum, frame):
-        self.requested = True
+        if not self.requested:
+            self.requested, self.at = True, time.perf_counter()
 
 
-def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: bool = False, log=None) -> RunResult:
+def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = False, handle_signals: bool = False,
+        log=None, inject_nan=()) -> RunResult:
+    """Train `cfg` for cfg.train.steps, continuing its run directory when that holds checkpoints.
+
+    restart: start an existing run directory over. resume: require a checkpoint to continue from.
+    handle_signals: SIGTERM/SIGINT finish the current step, commit a checkpoint and return
+    with `stopped_by_signal`. inject_nan: data positions whose gradients are made NaN (a
+    test hook for the numerics guard). Raises JaxlmError for bad input and DivergedError
+    when more than train.max_bad_steps steps in a row are non-finite.
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if restart and resume:
+        raise ConfigError("restart and resume exclude each other")
     t_start = time.perf_counter()
     devices = list(jax.devices() if devices is None else devices)
     mesh = make_mesh(cfg, devices)  # config errors before any data or compile work
-    start = _resume_point(cfg, restart)
-    data_cfg = cfg
-    if start is not None and not cfg.data.tokenizer:  # the run's own tokenizer, never a retrained one
-        data_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-            cfg.data, tokenizer=os.path.join(cfg.run.path, "tokenizer.model")))
-    data = prepare_data(data_cfg, log)  # bad input fails here, before the run directory is touched
+    done = _existing_checkpoints(cfg, restart, resume)
+    init = _init_source(cfg) if cfg.checkpoint.init_from and not done else None
+    tokenizer = init.tokenizer if init else None
+    if done and not cfg.data.tokenizer:  # the run's own tokenizer, never a retrained one
+        tokenizer = _run_tokenizer(cfg.run.path, done)
+    data = prepare_data(cfg, log, tokenizer)  # bad input fails here, before the run directory is touched
     vocab = check_vocab(cfg, data.tokenizer.vocab_size, mesh.shape["tensor"])
     run_dir = _prepare_run_dir(cfg, restart)
-    if start is None:
-        data.tokenizer.save(os.path.join(run_dir, "tokenizer.model"))
+    tok_path = os.path.join(run_dir, "tokenizer.model")
+    if not done or not os.path.exists(tok_path):
+        data.tokenizer.save(tok_path)
+    saver = ckpt.Saver(run_dir, cfg, data.tokenizer.proto) if cfg.checkpoint.enabled else None  # fails if unwritable
 
     model, tx, schedule = build(cfg, vocab)
     stepper = Stepper(cfg, model, tx, schedule, mesh)
-    if start is None:
-        start = 0
-        state = stepper.init_state(cfg.train.seed)
-    else:
+    counters = {"offset": 0, "skipped": 0, "rollbacks": 0}  # data position = step + offset
+    if done:
         t0 = time.perf_counter()
-        state, meta = ckpt.restore(run_dir, start, stepper.restore_target())
+        start, state, meta, damaged = ckpt.restore_latest(run_dir, stepper.restore_target(), log)
+        if jax.process_index() == 0:
+            for s in damaged:
+                log(f"moved damaged checkpoint {s} to {ckpt.quarantine(run_dir, s)}")
         state = stepper.adopt(state)
         if meta.get("tokenizer_sha256") not in (None, "", data.tokenizer.sha256):
             raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer run '{run_dir}' was "
                               f"trained with; drop data.tokenizer to use the run's own")
-        _truncate_metrics(run_dir, start)
+        counters.update(offset=meta.get("data_position", start) - start, skipped=meta.get("skipped_steps", 0),
+                        rollbacks=meta.get("rollbacks", 0))
+        truncate_metrics(run_dir, start)
         log(f"resuming {run_dir} from its checkpoint at step {start} (restored in {time.perf_counter() - t0:.1f}s)")
+    else:
+        start = 0
+        state = stepper.init_state(cfg.train.seed)
+        if init:
+            t0 = time.perf_counter()
+            params, _, from_step = ckpt.restore_params(cfg.checkpoint.init_from, stepper.restore_target().params, log)
+            state = stepper.with_params(state, params)
+            log(f"initialised params from {init.run_dir} step {from_step} (fresh optimizer, step 0; "
+                f"{time.perf_counter() - t0:.1f}s)")
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    batch_keys = ("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segment_ids else ())
+    poison = frozenset(int(p) for p in inject_nan)
+    batch_keys = (("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segment_ids else ())
+                  + (("poison",) if poison else ()))
     compile_s = stepper.compile(state, {k: (B, T) for k in batch_keys})
     fpt = _plan(cfg, stepper, state, vocab, mesh, compile_s, log)
     peak = peak_flops(devices[0], cfg.run.peak_tflops)
@@ -218,7 +291,6 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
     loader = TrainBatches(data.train_streams, B, T, cfg.train.seed, jax.process_index(), jax.process_count(),
                           data.weights, _eos(cfg, data))
     writer = MetricsWriter(run_dir, cfg.run.tensorboard and jax.process_index() == 0)
-    saver = ckpt.Saver(run_dir, cfg, data.tokenizer.sha256) if cfg.checkpoint.enabled else None
     stop = _Stop()
     old_handlers = {}
     if handle_signals:
@@ -230,23 +302,39 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
     if cfg.run.progress and sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.train.steps, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
     throughput = Throughput()
-    pending = None  # (step, metrics on device): fetched one step late
     log_every, steps = cfg.train.log_every, cfg.train.steps
-    prefetch = Prefetch(lambda s: stepper.place(loader.batch_at(s), B), start, steps, cfg.data.prefetch)
+
+    def open_prefetch(first: int) -> Prefetch:
+        offset = counters["offset"]
+
+        def make(s):
+            batch = loader.batch_at(s + offset)
+            if poison:
+                batch["poison"] = np.full(batch["inputs"].shape, int(s + offset in poison), np.int32)
+            return stepper.place(batch, B)
+
+        return Prefetch(make, first, steps, cfg.data.prefetch)
+
+    prefetch = open_prefetch(start)
+    waited = [0.0]  # input wait of prefetchers closed by rollbacks
+
+    def total_wait() -> float:
+        return waited[0] + prefetch.wait_s
+
     mark = [0.0, time.perf_counter(), start - 1]  # input wait, time and step at the last record
 
     def flush(item):
         step, metrics = item
         m = jax.device_get(metrics)
         tok_s = throughput.update(step, B * T)
-        now, wait = time.perf_counter(), prefetch.wait_s
+        now, wait = time.perf_counter(), total_wait()
         dw, dt, n = wait - mark[0], now - mark[1], step - mark[2]
         mark[:] = [wait, now, step]
         rec = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                "tokens": (step + 1) * B * T, "tokens_per_s": tok_s, "input_wait_s": dw / max(n, 1),
-               "input_wait_frac": dw / dt if dt > 0 else 0.0}
+               "input_wait_frac": dw / dt if dt > 0 else 0.0, "skipped_steps": counters["skipped"]}
         if peak and tok_s:
             rec["mfu"] = fpt * tok_s / (peak * mesh.devices.size)
         writer.write(rec)
@@ -258,7 +346,7 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
         else:
             log(f"step {step + 1}/{steps} {desc}")
 
-    def run_eval(step: int):
+    def run_eval(state, step: int):
         t0 = time.perf_counter()
         ev = evaluate(stepper, state, data, cfg)
         rec = {"step": step, **ev, "eval_s": time.perf_counter() - t0}
@@ -269,40 +357,105 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
             f", {ev['eval_bpb']:.4f} bits/byte" if "eval_bpb" in ev else "") + f" ({rec['eval_s']:.1f}s)"
         (bar.write if bar is not None else log)(msg)
         throughput.update(step, 0)  # evaluation time is not training throughput
-        mark[:] = [prefetch.wait_s, time.perf_counter(), step]
+        mark[:] = [total_wait(), time.perf_counter(), step]
 
-    step = start - 1
+    def save(state, at: int):
+        saver.save(at, state, stepper, data_position=at + counters["offset"], skipped_steps=counters["skipped"],
+                   rollbacks=counters["rollbacks"])
+
+    streak = [0]  # consecutive non-finite steps
+
+    def settle(item) -> bool:
+        """Count a step whose loss or gradient was not finite; True once more than max_bad_steps in a row."""
+        s, m = item
+        if bool(jax.device_get(m["finite"])):
+            streak[0] = 0
+            return False
+        streak[0] += 1
+        counters["skipped"] += 1
+        loss, gnorm = (float(v) for v in jax.device_get((m["loss"], m["grad_norm"])))
+        (bar.write if bar is not None else log)(
+            f"warning: step {s + 1} (data position {s + counters['offset']}): loss {loss}, grad norm {gnorm}; "
+            f"skipped ({streak[0]} in a row, {counters['skipped']} in all)")
+        return streak[0] > cfg.train.max_bad_steps
+
+    diverged = ""
+    pending = None  # (step, metrics) of a step to log: fetched one step late
+    unsettled = None  # (step, metrics) whose finiteness is read one step late
+    step = start
     t_loop = time.perf_counter()
     try:
-        for step in range(start, steps):
+        while step < steps:
             state, metrics = stepper.train(state, prefetch.get(step))
+            over = settle(unsettled) if unsettled is not None else False  # while this step runs
+            unsettled = (step, metrics)
+            last = step + 1 == steps
+            save_now = bool(saver and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)
+            if not over and (save_now or last or stop.requested):
+                over, unsettled = settle(unsettled), None
+            if over:
+                bad_to = step + counters["offset"]  # the newest data position already used
+                latest = saver.manager.latest_step() if saver else None
+                if cfg.train.on_bad_steps == "rollback" and latest is not None \
+                        and counters["rollbacks"] < cfg.train.max_rollbacks:
+                    saver.wait()
+                    pending = unsettled = state = None
+                    prefetch.close()
+                    waited[0] += prefetch.wait_s
+                    step, state, _, _ = ckpt.restore_latest(run_dir, stepper.restore_target(), log)
+                    state = stepper.adopt(state)
+                    first_skipped = step + counters["offset"]
+                    counters["offset"] = bad_to + 1 - step
+                    counters["rollbacks"] += 1
+                    streak[0] = 0
+                    writer.truncate(step)
+                    result.history = [r for r in result.history if r["step"] < step]
+                    log(f"rollback {counters['rollbacks']}/{cfg.train.max_rollbacks}: back to the checkpoint at "
+                        f"step {step}, skipping data positions {first_skipped}..{bad_to}")
+                    prefetch = open_prefetch(step)
+                    throughput.update(step - 1, 0)
+                    mark[:] = [total_wait(), time.perf_counter(), step - 1]
+                    if bar is not None:
+                        bar.reset(total=steps)
+                        bar.update(step)
+                    continue
+                diverged = (f"stopping at step {step + 1}: more than train.max_bad_steps="
+                            f"{cfg.train.max_bad_steps} steps in a row had a non-finite loss or gradient"
+                            + (f" after {counters['rollbacks']} rollbacks" if counters["rollbacks"] else "")
+                            + "; the last checkpoint holds the state before them. Lower optim.lr, raise "
+                            "optim.warmup_steps, or set train.on_bad_steps=rollback to skip the batches")
+                step += 1
+                break
             if pending is not None:
                 flush(pending)
                 pending = None
-            if (step + 1) % log_every == 0 or step == 0 or step + 1 == steps:
+            if (step + 1) % log_every == 0 or step == 0 or last:
                 pending = (step, metrics)
             if bar is not None:
                 bar.update(1)
-            last = step + 1 == steps
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
                 if pending is not None:
                     flush(pending)
                     pending = None
-                run_eval(step)
-            if saver and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and not last:
-                saver.save(step + 1, state, stepper)
+                run_eval(state, step)
+            if save_now and not last:
+                save(state, step + 1)
+            step += 1
             if stop.requested:
                 break
         if pending is not None:
             flush(pending)
-        result.steps = step + 1
-        if stop.requested:
+        result.steps = step
+        if stop.requested and not diverged:
             result.stopped_by_signal = True
-            log(f"stopping after step {step + 1} on a signal")
-        else:
-            run_eval(step)
-        if saver:
-            saver.save(step + 1, state, stepper)
+            log(f"stopping after step {step} on a signal")
+        elif not diverged:
+            run_eval(state, step - 1)
+        if saver and not diverged:
+            save(state, step)
+            saver.wait()
+            if stop.requested:
+                log(f"checkpoint {step} committed {time.perf_counter() - stop.at:.1f}s after the signal")
     finally:
         prefetch.close()
         if bar is not None:
@@ -313,6 +466,10 @@ def run(cfg: Config, *, devices=None, restart: bool = False, handle_signals: boo
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     loop_s = time.perf_counter() - t_loop
+    if diverged:
+        raise DivergedError(diverged)
     log(f"done: {result.steps} steps in {time.perf_counter() - t_start:.1f}s (training loop {loop_s:.1f}s, of which "
-        f"{prefetch.wait_s:.2f}s waiting for input); run directory {run_dir}")
+        f"{total_wait():.2f}s waiting for input" + (f", {saver.blocked_s:.2f}s starting checkpoints" if saver else "")
+        + (f"; {counters['skipped']} steps skipped as non-finite" if counters["skipped"] else "")
+        + f"); run directory {run_dir}")
     return result
