@@ -263,6 +263,8 @@ def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = Fals
         if jax.process_index() == 0:
             for s in damaged:
                 log(f"moved damaged checkpoint {s} to {ckpt.quarantine(run_dir, s)}")
+        if damaged and saver:
+            saver.manager.reload()  # forget the moved steps, so they can be written again
         state = stepper.adopt(state)
         if meta.get("tokenizer_sha256") not in (None, "", data.tokenizer.sha256):
             raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer run '{run_dir}' was "
@@ -389,6 +391,9 @@ def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = Fals
             state, metrics = stepper.train(state, prefetch.get(step))
             over = settle(unsettled) if unsettled is not None else False  # while this step runs
             unsettled = (step, metrics)
+            if pending is not None and not over:
+                flush(pending)
+                pending = None
             last = step + 1 == steps
             save_now = bool(saver and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)
             if not over and (save_now or last or stop.requested):
@@ -422,13 +427,10 @@ def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = Fals
                 diverged = (f"stopping at step {step + 1}: more than train.max_bad_steps="
                             f"{cfg.train.max_bad_steps} steps in a row had a non-finite loss or gradient"
                             + (f" after {counters['rollbacks']} rollbacks" if counters["rollbacks"] else "")
-                            + "; the last checkpoint holds the state before them. Lower optim.lr, raise "
+                            + "; no checkpoint holds a non-finite value. Lower optim.lr, raise "
                             "optim.warmup_steps, or set train.on_bad_steps=rollback to skip the batches")
                 step += 1
                 break
-            if pending is not None:
-                flush(pending)
-                pending = None
             if (step + 1) % log_every == 0 or step == 0 or last:
                 pending = (step, metrics)
             if bar is not None:

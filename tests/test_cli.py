@@ -79,11 +79,18 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path, small_corpus):
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
+    sent = time.perf_counter()
     _, err = proc.communicate(timeout=60)
+    exit_s = time.perf_counter() - sent
     assert proc.returncode == 75, err
+    # documented: the process exits within one step plus one checkpoint write, far under a 30 s grace period
+    assert exit_s < 30, exit_s
     steps = os.listdir(run_dir / "checkpoints")
     assert len(steps) == 1 and 3 <= int(steps[0]) < 100000
     stopped = int(steps[0])
+    assert f"stopping after step {stopped} on a signal" in err and f"checkpoint {stopped} committed" in err
+    assert max(r["step"] for r in read_metrics(str(run_dir)) if "loss" in r) == stopped - 1
+    print(f"SIGTERM to exit: {exit_s:.2f}s; " + err.strip().splitlines()[-2])
     # the same command resumes from the step it stopped at
     assert main(["train", f"data.source={small_corpus}", f"run.dir={run_dir}", f"train.steps={stopped + 2}",
                  "train.log_every=1"] + TINY_CLI) == 0
