@@ -79,24 +79,24 @@ def _remove_meta(step_dir):
     shutil.rmtree(os.path.join(step_dir, "meta"))
 
 
-@pytest.mark.parametrize("damage", [_truncate_metadata, _flip_array_bytes, _remove_meta],
-                         ids=["truncated", "flipped", "missing"])
-def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, small_corpus, capsys, damage):
+def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, small_corpus, capsys):
     straight = tmp_path / "straight"
     assert main(_args(small_corpus, straight, 12)) == 0
     expected = _losses(straight)
-    run_dir = tmp_path / "r"
-    assert main(_args(small_corpus, run_dir, 10)) == 0
-    damage(str(run_dir / "checkpoints" / "10"))
-    capsys.readouterr()
-    assert main(_args(small_corpus, run_dir, 12)) == 0
-    err = capsys.readouterr().err
-    assert f"warning: skipping damaged checkpoint {run_dir / 'checkpoints' / '10'}" in err
-    assert "from its checkpoint at step 5" in err
-    assert os.listdir(run_dir / "damaged_checkpoints")[0].startswith("10-")  # kept, moved aside
-    got = _losses(run_dir)
-    assert got == expected  # steps 5..11 replayed: bitwise the uninterrupted run
-    assert sorted(map(int, os.listdir(run_dir / "checkpoints"))) == [5, 10, 12]
+    pristine = tmp_path / "pristine"
+    assert main(_args(small_corpus, pristine, 10)) == 0
+    for damage in (_truncate_metadata, _flip_array_bytes, _remove_meta):
+        run_dir = tmp_path / damage.__name__
+        shutil.copytree(pristine, run_dir)
+        damage(str(run_dir / "checkpoints" / "10"))
+        capsys.readouterr()
+        assert main(_args(small_corpus, run_dir, 12)) == 0
+        err = capsys.readouterr().err
+        assert f"warning: skipping damaged checkpoint {run_dir / 'checkpoints' / '10'}" in err, damage
+        assert "from its checkpoint at step 5" in err
+        assert os.listdir(run_dir / "damaged_checkpoints")[0].startswith("10-")  # kept, moved aside
+        assert _losses(run_dir) == expected  # steps 5..11 replayed: bitwise the uninterrupted run
+        assert sorted(map(int, os.listdir(run_dir / "checkpoints"))) == [5, 10, 12]
 
 
 def test_every_truncated_file_is_detected_or_harmless(tmp_path, small_corpus):
@@ -237,3 +237,18 @@ def test_init_from_takes_params_with_a_fresh_optimizer(tmp_path, small_corpus, c
     assert "has a different model: model.d_model (32 -> 64)" in capsys.readouterr().err
     assert main(_args(small_corpus, tmp_path / "none", 1, f"checkpoint.init_from={tmp_path}")) == 2
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_pmap_backend_checkpoints_resumes_and_skips_nan(tmp_path, small_corpus):
+    pmap = ("mesh.backend=pmap", "checkpoint.every=4")
+    straight = tmp_path / "straight"
+    run(_cfg(small_corpus, straight, 8, *pmap), inject_nan={2}, log=print)
+    expected = _losses(straight)
+    train = [r for r in read_metrics(str(straight)) if "loss" in r]
+    assert train[-1]["skipped_steps"] == 1 and np.isnan(train[2]["grad_norm"])
+    resumed = tmp_path / "resumed"
+    run(_cfg(small_corpus, resumed, 4, *pmap), inject_nan={2}, log=print)
+    run(_cfg(small_corpus, resumed, 8, *pmap), inject_nan={2}, log=print)
+    assert _losses(resumed) == expected
+    state, meta = _restore(resumed, 8)
+    assert int(state.step) == 8 and meta["skipped_steps"] == 1
