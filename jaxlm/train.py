@@ -254,41 +254,47 @@ def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = Fals
         data.tokenizer.save(tok_path)
     saver = ckpt.Saver(run_dir, cfg, data.tokenizer.proto) if cfg.checkpoint.enabled else None  # fails if unwritable
 
-    model, tx, schedule = build(cfg, vocab)
-    stepper = Stepper(cfg, model, tx, schedule, mesh)
-    counters = {"offset": 0, "skipped": 0, "rollbacks": 0}  # data position = step + offset
-    if done:
-        t0 = time.perf_counter()
-        start, state, meta, damaged = ckpt.restore_latest(run_dir, stepper.restore_target(), log)
-        if jax.process_index() == 0:
-            for s in damaged:
-                log(f"moved damaged checkpoint {s} to {ckpt.quarantine(run_dir, s)}")
-        if damaged and saver:
-            saver.manager.reload()  # forget the moved steps, so they can be written again
-        state = stepper.adopt(state)
-        if meta.get("tokenizer_sha256") not in (None, "", data.tokenizer.sha256):
-            raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer run '{run_dir}' was "
-                              f"trained with; drop data.tokenizer to use the run's own")
-        counters.update(offset=meta.get("data_position", start) - start, skipped=meta.get("skipped_steps", 0),
-                        rollbacks=meta.get("rollbacks", 0))
-        truncate_metrics(run_dir, start)
-        log(f"resuming {run_dir} from its checkpoint at step {start} (restored in {time.perf_counter() - t0:.1f}s)")
-    else:
-        start = 0
-        state = stepper.init_state(cfg.train.seed)
-        if init:
+    try:  # close the checkpoint manager if anything before the loop fails
+        model, tx, schedule = build(cfg, vocab)
+        stepper = Stepper(cfg, model, tx, schedule, mesh)
+        counters = {"offset": 0, "skipped": 0, "rollbacks": 0}  # data position = step + offset
+        if done:
             t0 = time.perf_counter()
-            params, _, from_step = ckpt.restore_params(cfg.checkpoint.init_from, stepper.restore_target().params, log)
-            state = stepper.with_params(state, params)
-            log(f"initialised params from {init.run_dir} step {from_step} (fresh optimizer, step 0; "
-                f"{time.perf_counter() - t0:.1f}s)")
-    B, T = cfg.train.batch_size, cfg.train.seq_len
-    poison = frozenset(int(p) for p in inject_nan)
-    batch_keys = (("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segment_ids else ())
-                  + (("poison",) if poison else ()))
-    compile_s = stepper.compile(state, {k: (B, T) for k in batch_keys})
-    fpt = _plan(cfg, stepper, state, vocab, mesh, compile_s, log)
-    peak = peak_flops(devices[0], cfg.run.peak_tflops)
+            start, state, meta, damaged = ckpt.restore_latest(run_dir, stepper.restore_target(), log)
+            if jax.process_index() == 0:
+                for s in damaged:
+                    log(f"moved damaged checkpoint {s} to {ckpt.quarantine(run_dir, s)}")
+            if damaged and saver:
+                saver.manager.reload()  # forget the moved steps, so they can be written again
+            state = stepper.adopt(state)
+            if meta.get("tokenizer_sha256") not in (None, "", data.tokenizer.sha256):
+                raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer run '{run_dir}' was "
+                                  f"trained with; drop data.tokenizer to use the run's own")
+            counters.update(offset=meta.get("data_position", start) - start, skipped=meta.get("skipped_steps", 0),
+                            rollbacks=meta.get("rollbacks", 0))
+            truncate_metrics(run_dir, start)
+            log(f"resuming {run_dir} from its checkpoint at step {start} (restored in {time.perf_counter() - t0:.1f}s)")
+        else:
+            start = 0
+            state = stepper.init_state(cfg.train.seed)
+            if init:
+                t0 = time.perf_counter()
+                params, _, from_step = ckpt.restore_params(cfg.checkpoint.init_from, stepper.restore_target().params, log)
+                state = stepper.with_params(state, params)
+                log(f"initialised params from {init.run_dir} step {from_step} (fresh optimizer, step 0; "
+                    f"{time.perf_counter() - t0:.1f}s)")
+        B, T = cfg.train.batch_size, cfg.train.seq_len
+        poison = frozenset(int(p) for p in inject_nan)
+        batch_keys = (("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segment_ids else ())
+                      + (("poison",) if poison else ()))
+        compile_s = stepper.compile(state, {k: (B, T) for k in batch_keys})
+        fpt = _plan(cfg, stepper, state, vocab, mesh, compile_s, log)
+        peak = peak_flops(devices[0], cfg.run.peak_tflops)
+
+    except BaseException:
+        if saver:
+            saver.close()
+        raise
 
     loader = TrainBatches(data.train_streams, B, T, cfg.train.seed, jax.process_index(), jax.process_count(),
                           data.weights, _eos(cfg, data))
