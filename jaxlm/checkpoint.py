@@ -134,8 +134,10 @@ class Saver:
         if self.manager.latest_step() == step:
             return
         t0 = time.perf_counter()
-        if stepper.backend == "pmap":  # one copy of the replicated state
-            state = jax.tree.map(lambda x: x[0], state)
+        if stepper.backend == "pmap":  # one copy of the replicated state, on the host
+            # (device 0's buffers copied directly: slicing with x[0] dispatches device work that
+            # can interleave with the next pmap step and stall its collectives on a CPU)
+            state = jax.tree.map(lambda x: jax.device_get(x.addressable_shards[0].data)[0], state)
         summary = summarize(state)
         bad = non_finite(summary)
         if bad:

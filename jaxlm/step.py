@@ -112,10 +112,8 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: 
         zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
         (grads, sum_nll), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
     if "poison" in batch:  # test hook: NaN gradients for the batches the loader marks
-        poisoned = jnp.any(batch["poison"] > 0)
-        if axis_name:
-            poisoned = jax.lax.psum(poisoned.astype(jnp.int32), axis_name) > 0
-        grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
+        # (pmap: every device's rows are marked, and the psum below would spread one NaN anyway)
+        grads = jax.tree.map(lambda g: jnp.where(jnp.any(batch["poison"] > 0), jnp.nan, g), grads)
     if axis_name:
         grads = jax.lax.psum(grads, axis_name)
         sum_nll = jax.lax.psum(sum_nll, axis_name)
@@ -184,8 +182,8 @@ class Stepper:
 
     def restore_target(self):
         """The abstract state a checkpoint is restored into: this run's shardings (jit), one copy (pmap)."""
-        if self.backend == "pmap":
-            one = sharding.replicated(self.mesh)
+        if self.backend == "pmap":  # every device holds a whole copy: read it onto the first, then adopt()
+            one = jax.sharding.SingleDeviceSharding(self.devices[0])
             shapes = jax.eval_shape(self._pmap_init(), jax.random.key(0))
             return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), shapes)
         return self.abstract_state()

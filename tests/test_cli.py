@@ -141,3 +141,14 @@ def test_bad_input_writes_no_run_directory(tmp_path, small_corpus, capsys, bad):
     err = capsys.readouterr().err
     assert ("no files match" in err) if "source" in bad else ("does not match the tokenizer" in err)
     assert not run_dir.exists()
+
+
+def test_diverging_run_exits_3(tmp_path, small_corpus, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["train", f"data.source={small_corpus}", f"run.dir={run_dir}", "train.steps=30", "train.log_every=1",
+                 "eval.every=0", "checkpoint.every=2", "optim.lr=1e30", "optim.schedule=constant",
+                 "optim.warmup_steps=0", "optim.grad_clip=0", "train.max_bad_steps=2"] + TINY_CLI)
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "jaxlm: stopping at step" in err and "more than train.max_bad_steps=2 steps in a row" in err
+    assert "skipped (3 in a row" in err
