@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -90,10 +91,15 @@ def main(argv=None) -> int:
                 extra = ([f"checkpoint.every={args.every}", "checkpoint.keep=2"] if kind == "every"
                          else ["checkpoint.enabled=false"])
                 run_dir = os.path.join(d, f"{kind}{r}")
-                result = run(load_config(None, base + extra + [f"run.dir={run_dir}"]), log=lambda m: None)
+                lines = []
+                result = run(load_config(None, base + extra + [f"run.dir={run_dir}"]), log=lines.append)
                 t = mean_step_time(result.history, tokens, skip=args.every)
                 times[kind].append(t)
-                print(f"round {r + 1} {kind:>5}: mean step {t * 1000:.1f} ms", flush=True)
+                done = next(x for x in lines if x.startswith("done:"))
+                loop = float(done.split("training loop ")[1].split("s")[0])
+                blocked = (f"; the loop spent {float(re.search(r'([0-9.]+)s starting checkpoints', done).group(1)):.2f}s of "
+                           f"{loop:.1f}s inside save()" if kind == "every" else "")
+                print(f"round {r + 1} {kind:>5}: mean step {t * 1000:.1f} ms{blocked}", flush=True)
     a, b = min(times["every"]), min(times["none"])  # noise here only ever slows a run down
     slowdown = a / b - 1
     print(f"checkpoint every {args.every} steps: best of {args.rounds} mean step times {a * 1000:.1f} ms vs {b * 1000:.1f} ms "
