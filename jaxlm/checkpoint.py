@@ -244,12 +244,12 @@ def resolve(path: str) -> tuple[str, int | None]:
     raise CheckpointError(f"'{path}' is neither a run directory with checkpoints nor <run>/checkpoints/<step>")
 
 
-def restore_params(path: str, target_params, log=print) -> tuple[object, dict, int]:
-    """(params, meta, step) of another run's checkpoint, read straight into `target_params`' shardings.
+def restore_params(run_dir: str, step: int | None, target_params, log=print) -> tuple[object, dict, int]:
+    """(params, meta, step) of another run's checkpoint `step` (None: its newest usable one), read
+    straight into `target_params`' shardings (see `resolve` for turning a path into these).
 
     Only the parameters are read (Orbax partial restore), never the optimizer state.
     """
-    run_dir, step = resolve(path)
     candidates = [step] if step is not None else list(reversed(steps(run_dir)))
     if not candidates:
         raise CheckpointError(f"run directory '{run_dir}' has no checkpoint to initialise from")

@@ -279,7 +279,8 @@ def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = Fals
             state = stepper.init_state(cfg.train.seed)
             if init:
                 t0 = time.perf_counter()
-                params, _, from_step = ckpt.restore_params(cfg.checkpoint.init_from, stepper.restore_target().params, log)
+                params, _, from_step = ckpt.restore_params(init.run_dir, init.step, stepper.restore_target().params,
+                                                                log)
                 state = stepper.with_params(state, params)
                 log(f"initialised params from {init.run_dir} step {from_step} (fresh optimizer, step 0; "
                     f"{time.perf_counter() - t0:.1f}s)")
