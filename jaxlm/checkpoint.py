@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from jaxlm.config import Config, to_yaml
 from jaxlm.errors import CheckpointError
+from jaxlm.step import first_copy
 
 FORMAT_VERSION = 1
 
@@ -135,9 +136,7 @@ class Saver:
             return
         t0 = time.perf_counter()
         if stepper.backend == "pmap":  # one copy of the replicated state, on the host
-            # (device 0's buffers copied directly: slicing with x[0] dispatches device work that
-            # can interleave with the next pmap step and stall its collectives on a CPU)
-            state = jax.tree.map(lambda x: jax.device_get(x.addressable_shards[0].data)[0], state)
+            state = jax.device_get(jax.tree.map(first_copy, state))
         summary = summarize(state)
         bad = non_finite(summary)
         if bad:

@@ -238,19 +238,31 @@ class Stepper:
         if self._train is None:  # compile on first use for the shapes given
             self.compile(state, {k: v.shape for k, v in batch.items()})
         state, metrics = self._train(state, batch)
-        if self.backend == "pmap":
-            metrics = jax.tree.map(lambda x: x[0], metrics)
+        if self.backend == "pmap":  # every device holds the same metrics: keep device 0's shard
+            metrics = jax.tree.map(first_copy, metrics)
         return state, metrics
 
     def evaluate(self, state, batch):
-        if self.backend == "pmap":
-            out = self._eval(state.params, batch)
-            return jax.tree.map(lambda x: x.sum(0), out)
+        if self.backend == "pmap":  # per-device sums [devices], added up on the host (see first_copy)
+            return self._eval(state.params, batch)
         with sharding.activate(self.mesh):
             return self._eval(state.params, batch)
 
     def params(self, state):
         """Parameters as one logical copy (pmap keeps one per device)."""
         if self.backend == "pmap":
-            return jax.tree.map(lambda x: x[0], state.params)
+            return jax.tree.map(first_copy, state.params)
         return state.params
+
+
+def first_copy(x):
+    """Device 0's copy of a pmap input or output (stacked over devices), as a one-device array.
+
+    Never `x[0]`: on a pmap output that is a program over every device, and two such
+    programs in flight at once (say, a slice of step N's metrics and step N+1) can start in
+    a different order on different devices, so their collectives wait on each other. On a
+    CPU that stalls until XLA's rendezvous gives up and aborts the process.
+    """
+    if isinstance(x, np.ndarray):  # the host copy adopt() makes
+        return x[0]
+    return x.addressable_shards[0].data.reshape(x.shape[1:])

@@ -177,8 +177,8 @@ def evaluate(stepper: Stepper, state, data: Data, cfg: Config) -> dict[str, floa
             for b in eval_batches(data.valid_tokens, bs, cfg.train.seq_len, cfg.eval.max_batches, pi, pc,
                                   _eos(cfg, data))]
     for s in jax.device_get(sums):
-        total_nll += float(s["sum_nll"])
-        total_count += float(s["count"])
+        total_nll += float(np.sum(s["sum_nll"]))  # pmap: one sum per device
+        total_count += float(np.sum(s["count"]))
     loss = total_nll / total_count
     out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": int(total_count)}
     if not cfg.eval.max_batches:  # bytes are only known for the whole split

@@ -238,3 +238,20 @@ def test_init_from_takes_params_with_a_fresh_optimizer(tmp_path, small_corpus, c
     assert main(_args(small_corpus, tmp_path / "none", 1, f"checkpoint.init_from={tmp_path}")) == 2
     assert "neither a run directory" in capsys.readouterr().err
 
+
+
+def test_pmap_backend_checkpoints_resumes_and_skips_nan(tmp_path, small_corpus):
+    # eval every 2 steps: the pmap evaluation and the one-step-late metrics run between steps
+    pmap = ("mesh.backend=pmap", "checkpoint.every=4", "eval.every=2")
+    straight = tmp_path / "straight"
+    run(_cfg(small_corpus, straight, 8, *pmap), inject_nan={2}, log=print)
+    expected = _losses(straight)
+    train = [r for r in read_metrics(str(straight)) if "loss" in r]
+    assert train[-1]["skipped_steps"] == 1 and np.isnan(train[2]["grad_norm"])
+    assert len([r for r in read_metrics(str(straight)) if "eval_loss" in r]) == 4
+    resumed = tmp_path / "resumed"
+    run(_cfg(small_corpus, resumed, 4, *pmap), inject_nan={2}, log=print)
+    run(_cfg(small_corpus, resumed, 8, *pmap), inject_nan={2}, log=print)
+    assert _losses(resumed) == expected
+    state, meta = _restore(resumed, 8)
+    assert int(state.step) == 8 and meta["skipped_steps"] == 1
