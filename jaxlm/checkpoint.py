@@ -219,6 +219,15 @@ def quarantine(run_dir: str, step: int) -> str:
     return dest
 
 
+def read_meta(run_dir: str, step: int) -> dict:
+    """The `meta` item of checkpoint `step` (its config, step, data position, checksums)."""
+    try:
+        return _restore(checkpoint_dir(run_dir), step, meta=ocp.args.JsonRestore()).meta
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {step} of {run_dir} has no readable meta: "
+                              f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
 def read_tokenizer(run_dir: str, step: int) -> bytes:
     """The sentencepiece model stored in checkpoint `step`, checked against its sha256."""
     try:

@@ -32,6 +32,16 @@ def _train(args) -> int:
     return EXIT_PREEMPTED if result.stopped_by_signal else EXIT_OK
 
 
+def _eval(args) -> int:
+    from jaxlm.evaluate import evaluate, table
+
+    results = evaluate(args.path, data=args.data, split=args.split, seq_len=args.context, stride=args.stride,
+                       all_checkpoints=args.all_checkpoints, ci_unit=args.ci_unit, ci_block=args.ci_block,
+                       overrides=args.overrides)
+    print(table(results))
+    return EXIT_OK
+
+
 def _data(args) -> int:
     from jaxlm.config import load_config
     from jaxlm.train import prepare_data
@@ -86,6 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="require a checkpoint to continue from (fail instead of starting a new run); "
                            "without either flag a run directory with checkpoints is resumed")
     train.set_defaults(func=_train)
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint",
+                        description="Score every token of a split exactly once with a checkpoint's params and "
+                                    "tokenizer; print a table and write JSON into <run>/eval/.",
+                        epilog="Overrides set the mesh and batch, e.g. mesh.data=2 mesh.fsdp=2 mesh.tensor=2 "
+                               "eval.batch_size=16 (default: all devices on the data axis, the run's batch).")
+    ev.add_argument("path", help="run directory (its newest usable checkpoint) or <run>/checkpoints/<step>")
+    ev.add_argument("overrides", nargs="*", help="dotted key=value overrides (mesh.*, eval.batch_size, data.*)")
+    ev.add_argument("--data", help="source to evaluate (tfds:NAME, text:GLOB, jsonl:GLOB); default: the run's "
+                                   "own validation split")
+    ev.add_argument("--split", help="split: a TFDS split name, or train / validation of the run's own data")
+    ev.add_argument("--all-checkpoints", action="store_true", help="evaluate every checkpoint of the run")
+    ev.add_argument("--context", type=int, default=0, help="window length in tokens (default: train.seq_len)")
+    ev.add_argument("--stride", type=int, default=0,
+                    help="sliding windows: start one every STRIDE tokens and score only its last STRIDE "
+                         "targets, so each has at least context-stride+1 tokens of context (default: context, "
+                         "no overlap)")
+    ev.add_argument("--ci-unit", default="auto", choices=("auto", "documents", "blocks"),
+                    help="units of the 95%% confidence interval (auto: documents when there are at least 30)")
+    ev.add_argument("--ci-block", type=int, default=0, help="targets per block for --ci-unit blocks "
+                                                             "(default: the context length)")
+    ev.set_defaults(func=_eval)
     data = sub.add_parser("data", help="tokenize the data of a config into the token cache",
                           description="Train or load the tokenizer and build the token cache of every split "
                                       "of the config's data, as `jaxlm train` would, without training.")

@@ -250,9 +250,18 @@ def _parse_overrides(overrides: list[str]):
         raise ConfigError(f"could not parse overrides {overrides}: {e}") from None
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- model preset <- YAML file <- dotted overrides, then the static checks."""
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                text: str | None = None) -> Config:
+    """Defaults <- model preset <- YAML file <- dotted overrides, then the static checks.
+
+    `text`: YAML in place of the file (e.g. the config stored in a checkpoint).
+    """
     layers = []
+    if text is not None:
+        try:
+            layers.append((OmegaConf.create(text), "the stored config"))
+        except Exception as e:
+            raise ConfigError(f"could not parse the stored config: {e}") from None
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file '{path}' does not exist")

@@ -72,15 +72,20 @@ def create_state(model: Decoder, tx, mesh, seed: int, seq_len: int):
     return state, shardings
 
 
-def token_sums(params, batch: dict, model: Decoder):
-    """(sum of NLL, sum of log-partition squared, number of scored tokens) over a batch."""
+def token_losses(params, batch: dict, model: Decoder):
+    """(NLL, log-partition, mask) of every target of a batch, each [B, T] float32."""
     logits_BTV = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
                              batch.get("segment_ids")).astype(jnp.float32)
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
     mask_BT = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones_like(logz_BT)
-    return (jnp.sum((logz_BT - target_logit_BT) * mask_BT), jnp.sum(jnp.square(logz_BT) * mask_BT),
-            jnp.sum(mask_BT))
+    return logz_BT - target_logit_BT, logz_BT, mask_BT
+
+
+def token_sums(params, batch: dict, model: Decoder):
+    """(sum of NLL, sum of log-partition squared, number of scored tokens) over a batch."""
+    nll_BT, logz_BT, mask_BT = token_losses(params, batch, model)
+    return jnp.sum(nll_BT * mask_BT), jnp.sum(jnp.square(logz_BT) * mask_BT), jnp.sum(mask_BT)
 
 
 def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: Callable,

@@ -6,7 +6,7 @@ of T+1 tokens at a random offset in that source's EOS-joined stream. It does not
 how many processes or devices there are, or on where the run started; each process
 materialises only its own rows. With segment ids, each row also carries the document
 each token belongs to and its position within that document, so attention stays inside
-documents. Validation windows tile the validation stream so every token is scored once.
+documents. Evaluation windows tile the stream (or slide over it) so every token is scored once.
 `Prefetch` computes batches ahead on a background thread and measures the time the
 training loop waits for them.
 """
@@ -82,31 +82,73 @@ class TrainBatches:
         return add_segments(batch, self.eos_id) if self.eos_id is not None else batch
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int = 0,
-                 process_index: int = 0, process_count: int = 1, eos_id: int | None = None):
-    """Yield this process's rows of fixed validation batches covering every target once.
+class Windows:
+    """Windows of `seq_len` tokens over a token stream that score every target exactly once.
 
-    Window i holds tokens [i*T, i*T+T]; the last window and the last batch are padded,
-    with mask 0 on padding, so nothing is dropped and nothing is scored twice.
+    Target p (1 <= p < len(tokens)) is token p, predicted from the tokens before it. Window
+    w reads tokens [start_w, start_w + seq_len] and scores the targets p with
+    lo_w < p <= start_w + seq_len. Windows start every `stride` tokens: the first scores
+    its whole length, each later one only its last `stride` targets, so every target past
+    the first window has at least seq_len - stride tokens of context. stride = seq_len
+    (the default) tiles the stream with no overlap.
     """
-    n_targets = len(tokens) - 1
-    if n_targets < 1:
-        raise DataError("the validation text is empty after tokenisation")
-    n_windows = -(-n_targets // seq_len)
-    n_batches = -(-n_windows // batch_size)
+
+    def __init__(self, n_tokens: int, seq_len: int, stride: int | None = None):
+        self.n_targets = n_tokens - 1
+        if self.n_targets < 1:
+            raise DataError("the evaluation text is empty after tokenisation")
+        stride = stride or seq_len
+        if not 1 <= stride <= seq_len:
+            raise DataError(f"stride {stride} must be between 1 and the context length {seq_len}")
+        self.seq_len, self.stride = seq_len, stride
+        self.count = 1 + -(-max(self.n_targets - seq_len, 0) // stride)
+        self.starts = np.arange(self.count, dtype=np.int64) * stride
+        self.lo = np.where(self.starts > 0, self.starts + seq_len - stride, 0)
+
+    @property
+    def min_context(self) -> int:
+        """Tokens of context every target past the first window has at least."""
+        return self.seq_len - self.stride + 1
+
+    def positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(target position [rows, T], scored [rows, T]) of window ids; ids past the end score nothing."""
+        real = ids < self.count
+        w = np.minimum(ids, self.count - 1)
+        pos = self.starts[w, None] + np.arange(1, self.seq_len + 1)
+        scored = (pos > self.lo[w, None]) & (pos <= self.n_targets) & real[:, None]
+        return pos, scored
+
+
+def window_batches(tokens: np.ndarray, batch_size: int, seq_len: int, stride: int | None = None,
+                   max_batches: int = 0, process_index: int = 0, process_count: int = 1,
+                   eos_id: int | None = None):
+    """Yield (window ids of the global batch, this process's rows of it) covering every target once.
+
+    The last batch is filled with repeats of the last window whose mask is 0, so every
+    batch has the same shape and padding is never scored. See `Windows`.
+    """
+    win = Windows(len(tokens), seq_len, stride)
+    n_batches = -(-win.count // batch_size)
     if max_batches:
         n_batches = min(n_batches, max_batches)
     rows = batch_size // process_count
-    padded = np.zeros(n_windows * seq_len + 1, np.int32)
-    padded[:len(tokens)] = tokens
+    padded = np.zeros(int(win.starts[-1]) + seq_len + 1, np.int32)
+    padded[:len(tokens)] = tokens[:len(padded)]
     for b in range(n_batches):
-        ids = np.arange(b * batch_size, (b + 1) * batch_size)[process_index * rows:(process_index + 1) * rows]
-        starts = np.minimum(ids, n_windows - 1) * seq_len
-        window = padded[starts[:, None] + np.arange(seq_len + 1)]
-        pos = starts[:, None] + np.arange(1, seq_len + 1)
-        mask = (pos <= n_targets) & (ids < n_windows)[:, None]
-        batch = {"inputs": window[:, :-1], "targets": window[:, 1:], "mask": mask.astype(np.int32)}
-        yield add_segments(batch, eos_id) if eos_id is not None else batch
+        ids = np.arange(b * batch_size, (b + 1) * batch_size)
+        mine = ids[process_index * rows:(process_index + 1) * rows]
+        pos, scored = win.positions(mine)
+        window = padded[(pos[:, :1] - 1) + np.arange(seq_len + 1)]
+        batch = {"inputs": window[:, :-1], "targets": window[:, 1:], "mask": scored.astype(np.int32)}
+        yield ids, (add_segments(batch, eos_id) if eos_id is not None else batch)
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int = 0,
+                 process_index: int = 0, process_count: int = 1, eos_id: int | None = None):
+    """This process's rows of the validation batches: windows tiling the stream (see `Windows`)."""
+    for _, batch in window_batches(tokens, batch_size, seq_len, None, max_batches, process_index,
+                                   process_count, eos_id):
+        yield batch
 
 
 class Prefetch:

@@ -1,0 +1,284 @@
+"""Evaluation harness: loss, perplexity and bits per byte of a checkpoint, with error bars.
+
+`evaluate(path, ...)` restores a checkpoint's params onto a mesh, tokenizes a split with
+the checkpoint's own tokenizer (through the token cache), scores every target token of
+the split exactly once (`loader.Windows`: tiled windows, or sliding ones with a stride)
+and returns one result dict per checkpoint:
+
+- loss in nats per scored token, perplexity exp(loss);
+- bits per byte: the summed NLL in bits over the UTF-8 bytes of the evaluated documents,
+  so runs with different tokenizers compare on the same footing;
+- a 95% confidence interval of the loss over units (documents, or fixed-size blocks of
+  consecutive targets when there are too few documents): a ratio estimator's standard
+  error, 1.96 sigma. The bits-per-byte interval is the loss interval scaled by
+  tokens / bytes / ln 2.
+
+The split is the documents joined into one stream with EOS before each one, as in
+training, so the scored targets are every token plus the EOS that ends each document but
+the last. Per-token NLLs come back to the host and are added in float64; the same
+checkpoint gives the same numbers on any mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jaxlm import checkpoint as ckpt
+from jaxlm import sharding
+from jaxlm.config import Config, check_vocab, load_config
+from jaxlm.data import cache
+from jaxlm.data.loader import Windows, window_batches
+from jaxlm.data.sources import parse_source
+from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.errors import CheckpointError, ConfigError, DataError
+from jaxlm.step import Stepper, build, token_losses
+
+Z95 = 1.959964  # two-sided 95% normal quantile
+MIN_DOCUMENTS = 30  # fewer documents than this: the interval is over blocks of targets
+
+
+@dataclasses.dataclass
+class Split:
+    label: str  # what was evaluated, for tables and file names
+    tokens: np.ndarray  # EOS-joined token stream
+    bytes: int  # UTF-8 bytes of its documents
+    documents: int
+
+
+def load_split(cfg: Config, tok: Tokenizer, data: str | None = None, split: str | None = None,
+               log=print) -> Split:
+    """The token stream to evaluate: the run's own validation (or train) split, or `data`.
+
+    `data` is a source spec (tfds:NAME, text:GLOB, jsonl:GLOB); `split` names a TFDS split,
+    or `train` / `validation` of the run's own data.
+    """
+    if data is None:
+        split = split or "validation"
+        if split not in ("validation", "train"):
+            raise DataError(f"--split {split}: the run's own data has the splits validation and train; pass "
+                            "--data SOURCE for another one")
+        train_parts, _, valid_parts = cache.parts(cfg.data)
+        role = "valid" if split == "validation" else "train"
+        parts = valid_parts if role == "valid" else train_parts
+        label = f"{split} of {cfg.data.source}" if role == "train" or not cfg.data.valid_source \
+            else f"validation {cfg.data.valid_source}"
+    else:
+        spec = parse_source(data)
+        if split and spec.kind != "tfds":
+            raise DataError(f"--split applies to TFDS sources and the run's own data, not to {data}")
+        if split and spec.split:
+            raise DataError(f"--data {data} already names a split; drop --split {split}")
+        source = f"tfds:{spec.target}:{split}" if split else data
+        parts, role, label = [cache.Part(cfg.data, source, "valid")], "valid", source
+    got = [cache.tokens(cfg.data, tok, p, role, log) for p in parts]
+    stream = got[0][0] if len(got) == 1 else np.concatenate([t for t, _ in got])
+    return Split(label, stream, sum(m["bytes"] for _, m in got), sum(m["documents"] for _, m in got))
+
+
+def ratio_interval(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float] | None:
+    """95% interval of sum(sums) / sum(counts) over units (delta method); None with fewer than 2 units."""
+    n = len(sums)
+    if n < 2:
+        return None
+    r = sums.sum() / counts.sum()
+    se = math.sqrt(n / (n - 1) * float(np.sum(np.square(sums - r * counts)))) / counts.sum()
+    return float(r - Z95 * se), float(r + Z95 * se)
+
+
+def units(tokens: np.ndarray, eos_id: int, unit: str, block: int) -> tuple[np.ndarray, str]:
+    """(unit id of every target 1..n-1, description). A target belongs to the document it ends or is in."""
+    n_docs = int(np.sum(tokens == eos_id))
+    if unit == "auto":
+        unit = "documents" if n_docs >= MIN_DOCUMENTS else "blocks"
+    if unit == "documents":
+        return np.cumsum(tokens == eos_id)[:-1], f"{n_docs} documents"
+    if unit != "blocks":
+        raise ConfigError(f"--ci-unit {unit}: choose auto, documents or blocks")
+    ids = np.arange(len(tokens) - 1) // block
+    return ids, f"{int(ids[-1]) + 1} blocks of {block} tokens"
+
+
+def summarize(nll: np.ndarray, split: Split, eos_id: int, unit: str = "auto", block: int = 1024) -> dict:
+    """Totals and intervals from the NLL of every target (nll[p] for target p; nll[0] unused)."""
+    per_target = nll[1:]
+    n = len(per_target)
+    total = float(per_target.sum())
+    loss = total / n
+    ids, described = units(split.tokens, eos_id, unit, block)
+    counts = np.bincount(ids).astype(np.float64)
+    sums = np.bincount(ids, weights=per_target)[counts > 0]
+    counts = counts[counts > 0]
+    ci = ratio_interval(sums, counts)
+    per_byte = n / split.bytes / math.log(2) if split.bytes else float("nan")
+    out = {"tokens": n, "bytes": split.bytes, "documents": split.documents, "loss": loss,
+           "ppl": math.exp(min(loss, 700.0)), "bpb": loss * per_byte, "ci_unit": described}
+    if ci is not None:
+        out.update(loss_ci95=list(ci), ppl_ci95=[math.exp(min(v, 700.0)) for v in ci],
+                   bpb_ci95=[v * per_byte for v in ci])
+    return out
+
+
+class Scorer:
+    """The jit-compiled per-token NLL of a model on a mesh, and the loop that scores a whole stream."""
+
+    def __init__(self, model, mesh, param_shardings):
+        self.mesh = mesh
+        bsh = sharding.batch_sharding(mesh)
+
+        def nll(params, batch):
+            nll_BT, _, mask_BT = token_losses(params, batch, model)
+            return nll_BT * mask_BT
+
+        # replicated output: every process gets every row, so the host can place each target
+        self._fn = jax.jit(nll, in_shardings=(param_shardings, bsh), out_shardings=sharding.replicated(mesh))
+
+    def score(self, params, tokens: np.ndarray, seq_len: int, stride: int | None, batch_size: int,
+              eos_id: int | None = None, log=None) -> np.ndarray:
+        """float64 NLL of every target p of `tokens` at index p (index 0 is 0); each scored exactly once."""
+        win = Windows(len(tokens), seq_len, stride)
+        nll = np.zeros(len(tokens), np.float64)
+        seen = np.zeros(len(tokens), np.int32)
+        n_batches = -(-win.count // batch_size)
+        pending = []
+        t0 = last = time.perf_counter()
+
+        def drain(keep: int):
+            while len(pending) > keep:
+                ids, out = pending.pop(0)
+                pos, scored = win.positions(ids)
+                np.add.at(nll, pos[scored], np.asarray(jax.device_get(out), np.float64)[scored])
+                np.add.at(seen, pos[scored], 1)
+
+        batches = window_batches(tokens, batch_size, seq_len, stride, 0, jax.process_index(), jax.process_count(),
+                                 eos_id)
+        with sharding.activate(self.mesh):
+            for b, (ids, local) in enumerate(batches):
+                pending.append((ids, self._fn(params, sharding.shard_batch(local, self.mesh, batch_size))))
+                drain(2)  # keep two batches in flight
+                if log and time.perf_counter() - last > 10:
+                    last = time.perf_counter()
+                    log(f"  batch {b + 1}/{n_batches} ({(b + 1) / n_batches:.0%}, {last - t0:.0f}s)")
+            drain(0)
+        if seen[0] or np.any(seen[1:] != 1):
+            raise AssertionError(f"evaluation windows scored {int(np.sum(seen[1:] != 1))} targets other than once")
+        return nll
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80] or "data"
+
+
+def eval_config(stored_yaml: str, overrides: list[str]) -> Config:
+    """The checkpoint's config on this machine's devices: mesh reset, then the user's overrides."""
+    user = dict(o.split("=", 1) for o in overrides if "=" in o)
+    stored = load_config(text=stored_yaml)
+    batch = user.get("eval.batch_size") or stored.eval.batch_size or stored.train.batch_size
+    base = ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.backend=jit", "train.grad_accum=1",
+            f"train.batch_size={batch}", f"eval.batch_size={batch}"]
+    return load_config(text=stored_yaml, overrides=base + list(overrides))
+
+
+def evaluate(path: str, *, data: str | None = None, split: str | None = None, seq_len: int = 0,
+             stride: int = 0, all_checkpoints: bool = False, ci_unit: str = "auto", ci_block: int = 0,
+             overrides: list[str] | tuple[str, ...] = (), devices=None, write: bool = True,
+             log=None) -> list[dict]:
+    """Evaluate the checkpoint at `path` (a run directory: its newest usable one, or every one
+    with `all_checkpoints`; or <run>/checkpoints/<step>). Returns one result dict per checkpoint
+    and, with `write`, stores each as JSON under <run>/eval/.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    run_dir, step = ckpt.resolve(path)
+    available = ckpt.steps(run_dir)
+    if not available:
+        raise CheckpointError(f"{ckpt.checkpoint_dir(run_dir)} holds no committed checkpoint to evaluate")
+    if step is not None and step not in available:
+        raise CheckpointError(f"{path}: no committed checkpoint {step}; the run has {available}")
+    if all_checkpoints and step is not None:
+        raise ConfigError("--all-checkpoints takes a run directory, not one checkpoint")
+    todo = available if all_checkpoints else [step if step is not None else available[-1]]
+
+    meta = ckpt.read_meta(run_dir, todo[-1])
+    cfg = eval_config(meta["config"], list(overrides))
+    T = seq_len or cfg.train.seq_len
+    if T > cfg.model.max_seq_len:
+        raise ConfigError(f"context length {T} is longer than the model's max_seq_len {cfg.model.max_seq_len}")
+    tok = Tokenizer(ckpt.read_tokenizer(run_dir, todo[-1]))
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = sharding.make_mesh(cfg, devices)
+    vocab = check_vocab(cfg, tok.vocab_size, mesh.shape["tensor"])
+    model, tx, schedule = build(cfg, vocab)
+    target = Stepper(cfg, model, tx, schedule, mesh).abstract_state().params
+    evaluated = load_split(cfg, tok, data, split, log)
+    eos = tok.eos_id if cfg.data.segment_ids else None
+    scorer = Scorer(model, mesh, jax.tree.map(lambda x: x.sharding, target))
+    B = cfg.eval.batch_size
+    block = ci_block or T
+    shape = {k: int(v) for k, v in mesh.shape.items()}
+    results = []
+    for s in todo:
+        t0 = time.perf_counter()
+        try:
+            params, _, s = ckpt.restore_params(run_dir, s, target, log)
+        except CheckpointError as e:
+            if not all_checkpoints:
+                raise
+            log(f"warning: skipping checkpoint {s}: {e}")
+            continue
+        t1 = time.perf_counter()
+        nll = scorer.score(params, evaluated.tokens, T, stride or None, B, eos, log)
+        dt = time.perf_counter() - t1
+        win = Windows(len(evaluated.tokens), T, stride or None)
+        res = {"run_dir": run_dir, "step": s, "data": evaluated.label, "context": T, "stride": win.stride,
+               "min_context": win.min_context, "windows": win.count, "batch_size": B, "mesh": shape,
+               **summarize(nll, evaluated, tok.eos_id, ci_unit, block),
+               "restore_s": t1 - t0, "eval_s": dt, "tokens_per_s": (len(evaluated.tokens) - 1) / dt,
+               "tokenizer_sha256": tok.sha256, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        del params
+        results.append(res)
+        if write and jax.process_index() == 0:
+            _write(run_dir, res, f"step{s}")
+        log(f"checkpoint {s}: loss {res['loss']:.4f}, {res['bpb']:.4f} bits/byte over {res['tokens']:,} tokens "
+            f"({dt:.1f}s)")
+    if not results:
+        raise CheckpointError(f"no checkpoint of {run_dir} could be evaluated")
+    if write and all_checkpoints and jax.process_index() == 0:
+        _write(run_dir, {"data": evaluated.label, "results": results}, "all")
+    return results
+
+
+def _write(run_dir: str, record: dict, name: str) -> str:
+    """<run>/eval/<name>-<data>[-ctxT-strideS].json, written to a temporary file and renamed."""
+    r = record if "context" in record else record["results"][0]
+    suffix = f"-ctx{r['context']}-stride{r['stride']}" if r["stride"] != r["context"] else ""
+    out_dir = os.path.join(run_dir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}-{_slug(record['data'])}{suffix}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def table(results: list[dict]) -> str:
+    """A plain-text table of results, one line per checkpoint."""
+    head = f"{'step':>8} {'tokens':>10} {'bytes':>11} {'loss':>8} {'loss 95% CI':>19} {'ppl':>10} {'bits/byte':>9} " \
+           f"{'bpb 95% CI':>17}"
+    lines = [head]
+    for r in results:
+        lci = "{:.4f}..{:.4f}".format(*r["loss_ci95"]) if "loss_ci95" in r else "-"
+        bci = "{:.4f}..{:.4f}".format(*r["bpb_ci95"]) if "bpb_ci95" in r else "-"
+        lines.append(f"{r['step']:>8} {r['tokens']:>10,} {r['bytes']:>11,} {r['loss']:>8.4f} {lci:>19} "
+                     f"{r['ppl']:>10.3f} {r['bpb']:>9.4f} {bci:>17}")
+    first = results[0]
+    lines.append(f"data: {first['data']}; context {first['context']}, stride {first['stride']}; "
+                 f"95% CI over {first['ci_unit']}; mesh {first['mesh']}")
+    return "\n".join(lines)
