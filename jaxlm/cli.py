@@ -42,6 +42,46 @@ def _eval(args) -> int:
     return EXIT_OK
 
 
+def _generate(args) -> int:
+    import time
+
+    from jaxlm.errors import ConfigError
+    from jaxlm.generate import Sampling, encode_prompt, load, stream_printer
+
+    texts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise ConfigError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
+    if not texts:
+        raise ConfigError("give a prompt with --prompt TEXT or --prompt-file FILE (--prompt '' samples from scratch)")
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--num-samples and --max-new-tokens must be at least 1")
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    m = load(args.path, args.overrides, log=log)
+    rows = [t for t in texts for _ in range(args.num_samples)]
+    prompts = [encode_prompt(m.tokenizer, t) for t in rows]
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    streaming = len(rows) == 1
+    if streaming:
+        sys.stdout.write(rows[0])
+    t0 = time.perf_counter()
+    out = m.generator.generate(m.params, prompts, args.max_new_tokens, sampling, args.seed, m.tokenizer.eos_id,
+                               stream_printer(m.tokenizer) if streaming else None)
+    dt = time.perf_counter() - t0
+    if streaming:
+        print()
+    else:
+        for i, (text, ids) in enumerate(zip(rows, out)):
+            print(f"=== prompt {i // args.num_samples + 1}, sample {i % args.num_samples + 1} ===")
+            print(text + m.tokenizer.decode(ids))
+    n = sum(map(len, out))
+    log(f"{n} tokens in {dt:.2f}s ({n / dt:,.0f} tokens/s, {len(rows)} sequences, prefill and compile included)")
+    return EXIT_OK
+
+
 def _data(args) -> int:
     from jaxlm.config import load_config
     from jaxlm.train import prepare_data
@@ -117,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ci-block", type=int, default=0, help="targets per block for --ci-unit blocks "
                                                              "(default: the context length)")
     ev.set_defaults(func=_eval)
+    gen = sub.add_parser("generate", help="sample text from a checkpoint",
+                         description="Sample continuations of prompts with a KV cache; a single sequence "
+                                     "streams to the terminal. Each prompt starts a document (EOS in front).")
+    gen.add_argument("path", help="run directory (its newest checkpoint) or <run>/checkpoints/<step>")
+    gen.add_argument("overrides", nargs="*", help="dotted key=value overrides (mesh.*; default one device)")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch of prompts)")
+    gen.add_argument("--prompt-file", help="a file with one prompt per line")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per sequence")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    gen.set_defaults(func=_generate)
     data = sub.add_parser("data", help="tokenize the data of a config into the token cache",
                           description="Train or load the tokenizer and build the token cache of every split "
                                       "of the config's data, as `jaxlm train` would, without training.")

@@ -187,6 +187,41 @@ def eval_config(stored_yaml: str, overrides: list[str]) -> Config:
     return load_config(text=stored_yaml, overrides=base + list(overrides))
 
 
+@dataclasses.dataclass
+class Opened:
+    """A run's checkpoints, ready to restore onto this machine's mesh."""
+
+    run_dir: str
+    steps: list[int]  # the checkpoints asked for
+    cfg: Config
+    tokenizer: Tokenizer
+    mesh: object
+    model: object
+    target: object  # abstract params in the mesh's shardings
+
+
+def open_checkpoints(path: str, overrides: list[str] | tuple[str, ...] = (), devices=None,
+                     all_checkpoints: bool = False) -> Opened:
+    """Resolve `path` (a run directory: its newest checkpoint, or all of them; or
+    <run>/checkpoints/<step>), read the config and tokenizer stored in the checkpoint, and
+    build the model and the restore target on a mesh of `devices` (see `eval_config`)."""
+    run_dir, step = ckpt.resolve(path)
+    available = ckpt.steps(run_dir)
+    if not available:
+        raise CheckpointError(f"{ckpt.checkpoint_dir(run_dir)} holds no committed checkpoint")
+    if step is not None and step not in available:
+        raise CheckpointError(f"{path}: no committed checkpoint {step}; the run has {available}")
+    if all_checkpoints and step is not None:
+        raise ConfigError("--all-checkpoints takes a run directory, not one checkpoint")
+    todo = available if all_checkpoints else [step if step is not None else available[-1]]
+    cfg = eval_config(ckpt.read_meta(run_dir, todo[-1])["config"], list(overrides))
+    tok = Tokenizer(ckpt.read_tokenizer(run_dir, todo[-1]))
+    mesh = sharding.make_mesh(cfg, list(jax.devices() if devices is None else devices))
+    model, tx, schedule = build(cfg, check_vocab(cfg, tok.vocab_size, mesh.shape["tensor"]))
+    target = Stepper(cfg, model, tx, schedule, mesh).abstract_state().params
+    return Opened(run_dir, todo, cfg, tok, mesh, model, target)
+
+
 def evaluate(path: str, *, data: str | None = None, split: str | None = None, seq_len: int = 0,
              stride: int = 0, all_checkpoints: bool = False, ci_unit: str = "auto", ci_block: int = 0,
              overrides: list[str] | tuple[str, ...] = (), devices=None, write: bool = True,
@@ -196,27 +231,12 @@ def evaluate(path: str, *, data: str | None = None, split: str | None = None, se
     and, with `write`, stores each as JSON under <run>/eval/.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    run_dir, step = ckpt.resolve(path)
-    available = ckpt.steps(run_dir)
-    if not available:
-        raise CheckpointError(f"{ckpt.checkpoint_dir(run_dir)} holds no committed checkpoint to evaluate")
-    if step is not None and step not in available:
-        raise CheckpointError(f"{path}: no committed checkpoint {step}; the run has {available}")
-    if all_checkpoints and step is not None:
-        raise ConfigError("--all-checkpoints takes a run directory, not one checkpoint")
-    todo = available if all_checkpoints else [step if step is not None else available[-1]]
-
-    meta = ckpt.read_meta(run_dir, todo[-1])
-    cfg = eval_config(meta["config"], list(overrides))
+    o = open_checkpoints(path, overrides, devices, all_checkpoints)
+    run_dir, todo, cfg, tok, mesh, model, target = (o.run_dir, o.steps, o.cfg, o.tokenizer, o.mesh, o.model,
+                                                    o.target)
     T = seq_len or cfg.train.seq_len
     if T > cfg.model.max_seq_len:
         raise ConfigError(f"context length {T} is longer than the model's max_seq_len {cfg.model.max_seq_len}")
-    tok = Tokenizer(ckpt.read_tokenizer(run_dir, todo[-1]))
-    devices = list(jax.devices() if devices is None else devices)
-    mesh = sharding.make_mesh(cfg, devices)
-    vocab = check_vocab(cfg, tok.vocab_size, mesh.shape["tensor"])
-    model, tx, schedule = build(cfg, vocab)
-    target = Stepper(cfg, model, tx, schedule, mesh).abstract_state().params
     evaluated = load_split(cfg, tok, data, split, log)
     eos = tok.eos_id if cfg.data.segment_ids else None
     scorer = Scorer(model, mesh, jax.tree.map(lambda x: x.sharding, target))

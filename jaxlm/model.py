@@ -94,7 +94,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None):
+        """kv: this layer's cache (k_BSKH, v_BSKH) or None; slots: (first slot written, valid_BS)."""
         c = self.cfg
         D, N, K, H = c.d_model, c.n_heads, c.kv_heads, c.head_dim
         linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c))
@@ -107,12 +108,23 @@ class Attention(nn.Module):
         q_BTNH = _constrain(q_BTNH, ("batch", "length", "act_heads", "head_dim"))
         k_BTKH = _constrain(k_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
         v_BTKH = _constrain(v_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
+        out_std = c.init_std / (2 * c.n_layers) ** 0.5
+        out = linear((N, H, D), ("heads", "head_dim", "embed"), out_std, n_in=2, name="o")
+        if kv is not None:  # decoding: write this call's keys and values into the cache, attend over it
+            index, valid_BS = slots
+            k_BSKH = jax.lax.dynamic_update_slice_in_dim(kv[0], k_BTKH.astype(kv[0].dtype), index, axis=1)
+            v_BSKH = jax.lax.dynamic_update_slice_in_dim(kv[1], v_BTKH.astype(kv[1].dtype), index, axis=1)
+            query_slot_T = index + jnp.arange(x_BTD.shape[1])
+            causal_TS = jnp.arange(k_BSKH.shape[1])[None, :] <= query_slot_T[:, None]
+            mask = causal_TS[None, None] & valid_BS[:, None, None, :]
+            out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype),
+                                                    v_BSKH.astype(q_BTNH.dtype), mask=mask)
+            return out(out_BTNH), (k_BSKH, v_BSKH)
         mask = None
         if segment_ids_BT is not None:  # packed documents do not attend to each other
             mask = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
         out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True)
-        out_std = c.init_std / (2 * c.n_layers) ** 0.5
-        return linear((N, H, D), ("heads", "head_dim", "embed"), out_std, n_in=2, name="o")(out_BTNH)
+        return out(out_BTNH), None
 
 
 class Mlp(nn.Module):
@@ -137,12 +149,14 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None):
         c = self.cfg
-        x_BTD = x_BTD + Attention(c, name="attn")(Norm(c, name="attn_norm")(x_BTD), positions_BT, segment_ids_BT)
+        h_BTD, kv = Attention(c, name="attn")(Norm(c, name="attn_norm")(x_BTD), positions_BT, segment_ids_BT,
+                                              kv, slots)
+        x_BTD = x_BTD + h_BTD
         x_BTD = x_BTD + Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD))
         x_BTD = _constrain(x_BTD, ("batch", "length", "act_embed"))
-        return x_BTD, None  # (carry, output) so the block can be scanned
+        return x_BTD, kv  # (carry, output) so the block can be scanned; kv: the updated cache or None
 
 
 _POLICIES = {
@@ -153,13 +167,18 @@ _POLICIES = {
 
 
 class Decoder(nn.Module):
-    """tokens_BT -> logits_BTV. `vocab_size` is resolved (tokenizer size, maybe padded)."""
+    """tokens_BT -> logits_BTV. `vocab_size` is resolved (tokenizer size, maybe padded).
+
+    With `cache` (see `init_cache`) it is a decode step: the keys and values of tokens_BT
+    are written into cache slots index .. index+T-1, attention covers the valid slots up to
+    each query's own, and it returns (logits_BTV, updated cache).
+    """
 
     cfg: ModelConfig
     vocab_size: int
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
         c = self.cfg
         dt = compute_dtype(c)
         if positions_BT is None:
@@ -180,14 +199,22 @@ class Decoder(nn.Module):
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        kv = slots = None
+        if cache is not None:
+            kv, slots = (cache["k"], cache["v"]), (cache["index"], cache["valid"])
         if c.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BTD, _ = stack(c, name="blocks")(x_BTD, positions_BT, segment_ids_BT)
+            x_BTD, kv = stack(c, name="blocks")(x_BTD, positions_BT, segment_ids_BT, kv, slots)
         else:
+            layers = []
             for i in range(c.n_layers):
-                x_BTD, _ = block(c, name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT)
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x_BTD, layer_kv = block(c, name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, layer_kv, slots)
+                layers.append(layer_kv)
+            if kv is not None:
+                kv = tuple(jnp.stack([lk[j] for lk in layers]) for j in (0, 1))
 
         x_BTD = Norm(c, name="final_norm")(x_BTD)
         if c.tied:
@@ -195,4 +222,15 @@ class Decoder(nn.Module):
         else:
             logits_BTV = Linear((c.d_model, self.vocab_size), ("embed", "vocab"), c.init_std, use_bias=False,
                                 dtype=dt, name="head")(x_BTD)
-        return _constrain(logits_BTV, ("batch", "length", "act_vocab"))
+        logits_BTV = _constrain(logits_BTV, ("batch", "length", "act_vocab"))
+        if cache is None:
+            return logits_BTV
+        return logits_BTV, {**cache, "k": kv[0], "v": kv[1], "index": cache["index"] + tokens_BT.shape[1]}
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, valid_BS) -> dict:
+    """An empty KV cache of `length` slots: k, v [layers, B, S, kv_heads, head_dim], the slot
+    the next call writes (index), and which slots hold real tokens (valid_BS: False for padding)."""
+    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, compute_dtype(cfg)), "v": jnp.zeros(shape, compute_dtype(cfg)),
+            "index": jnp.zeros((), jnp.int32), "valid": valid_BS}

@@ -59,3 +59,25 @@ def small_corpus(tmp_path):
         p.write_text("\n".join(lines) + "\n", encoding="utf-8")
         paths.append(p)
     return "text:" + str(tmp_path / "doc*.txt")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny gpt2 run with checkpoints at steps 12 and 24 and a validation pass at the end."""
+    root = tmp_path_factory.mktemp("eval")
+    import random
+
+    rng = random.Random(1)
+    words = "the king queen lord lady good night day love death sword crown heart mind fair".split()
+    for i in range(6):
+        (root / f"doc{i}.txt").write_text(
+            "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "." for _ in range(300))
+            + "\n", encoding="utf-8")
+    run_dir = root / "run"
+    from jaxlm.cli import main
+    from test_cli import TINY_CLI
+
+    assert main(["train", f"data.source=text:{root}/doc*.txt", f"run.dir={run_dir}", "train.steps=24",
+                 "eval.every=0", "checkpoint.every=12", "optim.lr=3e-3", "optim.warmup_steps=0",
+                 "optim.schedule=constant", "run.tensorboard=false"] + TINY_CLI) == 0
+    return root, run_dir

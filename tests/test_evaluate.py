@@ -16,26 +16,6 @@ from jaxlm.errors import CheckpointError, DataError
 from jaxlm.evaluate import evaluate, ratio_interval
 from jaxlm.metrics import read_metrics
 
-from test_cli import TINY_CLI
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny gpt2 run with checkpoints at steps 12 and 24 and a validation pass at the end."""
-    root = tmp_path_factory.mktemp("eval")
-    import random
-
-    rng = random.Random(1)
-    words = "the king queen lord lady good night day love death sword crown heart mind fair".split()
-    for i in range(6):
-        (root / f"doc{i}.txt").write_text(
-            "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "." for _ in range(300))
-            + "\n", encoding="utf-8")
-    run_dir = root / "run"
-    assert main(["train", f"data.source=text:{root}/doc*.txt", f"run.dir={run_dir}", "train.steps=24",
-                 "eval.every=0", "checkpoint.every=12", "optim.lr=3e-3", "optim.warmup_steps=0",
-                 "optim.schedule=constant", "run.tensorboard=false"] + TINY_CLI) == 0
-    return root, run_dir
 
 
 def test_windows_score_every_target_once_with_the_promised_context():
@@ -96,8 +76,8 @@ def _abstract(run_dir):
     return Stepper(cfg, model, tx, schedule, mesh).abstract_state()
 
 
-def test_equal_logits_score_perplexity_v_and_log2v_bits_per_token(trained, tmp_path):
-    root, run_dir = trained
+def test_equal_logits_score_perplexity_v_and_log2v_bits_per_token(trained_run, tmp_path):
+    root, run_dir = trained_run
     text = "First line of a small text.\nSecond line, with more words in it.\n" * 20
     src = tmp_path / "small.txt"
     src.write_text(text, encoding="utf-8")
@@ -129,8 +109,8 @@ def test_equal_logits_score_perplexity_v_and_log2v_bits_per_token(trained, tmp_p
     assert r["windows"] == -(-n_tokens // 32)
 
 
-def test_same_loss_on_one_device_and_on_meshes_with_a_partial_last_batch(trained):
-    root, run_dir = trained
+def test_same_loss_on_one_device_and_on_meshes_with_a_partial_last_batch(trained_run):
+    root, run_dir = trained_run
     windows = evaluate(str(run_dir), devices=jax.devices()[:1], overrides=["eval.batch_size=1"],
                        write=False)[0]["windows"]
     odd = next(b for b in (3, 5, 7, 11) if windows % b)
@@ -143,8 +123,8 @@ def test_same_loss_on_one_device_and_on_meshes_with_a_partial_last_batch(trained
         assert r["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
-def test_matches_the_training_loops_validation_and_writes_json(trained, capsys):
-    root, run_dir = trained
+def test_matches_the_training_loops_validation_and_writes_json(trained_run, capsys):
+    root, run_dir = trained_run
     final = [r for r in read_metrics(str(run_dir)) if "eval_loss" in r][-1]
     assert main(["eval", str(run_dir)]) == 0
     out = capsys.readouterr().out
@@ -157,16 +137,16 @@ def test_matches_the_training_loops_validation_and_writes_json(trained, capsys):
     assert r["loss_ci95"][0] < r["loss"] < r["loss_ci95"][1]
 
 
-def test_sliding_window_scores_the_same_tokens_with_more_context(trained):
-    root, run_dir = trained
+def test_sliding_window_scores_the_same_tokens_with_more_context(trained_run):
+    root, run_dir = trained_run
     tiled = evaluate(str(run_dir), write=False)[0]
     slid = evaluate(str(run_dir), stride=8, write=False)[0]
     assert slid["tokens"] == tiled["tokens"] and slid["min_context"] == 25
     assert slid["loss"] < tiled["loss"]  # more context per token, a trained model does better
 
 
-def test_all_checkpoints_writes_one_table(trained, capsys):
-    root, run_dir = trained
+def test_all_checkpoints_writes_one_table(trained_run, capsys):
+    root, run_dir = trained_run
     assert main(["eval", str(run_dir), "--all-checkpoints"]) == 0
     out = capsys.readouterr().out
     assert len([line for line in out.splitlines() if line.split()[:1] in (["12"], ["24"])]) == 2
@@ -175,8 +155,8 @@ def test_all_checkpoints_writes_one_table(trained, capsys):
     assert table["results"][1]["loss"] < table["results"][0]["loss"]
 
 
-def test_bad_input_gives_clear_errors(trained, tmp_path, capsys):
-    root, run_dir = trained
+def test_bad_input_gives_clear_errors(trained_run, tmp_path, capsys):
+    root, run_dir = trained_run
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")
     with pytest.raises(DataError, match="holds no text"):
