@@ -82,6 +82,17 @@ def _generate(args) -> int:
     return EXIT_OK
 
 
+def _plot(args) -> int:
+    import os
+
+    from jaxlm.plot import plot
+
+    out = args.out or (os.path.join(args.runs[0], "plots") if len(args.runs) == 1 else "plots")
+    for path in plot(args.runs, out):
+        print(path)
+    return EXIT_OK
+
+
 def _data(args) -> int:
     from jaxlm.config import load_config
     from jaxlm.train import prepare_data
@@ -171,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     gen.set_defaults(func=_generate)
+    pl = sub.add_parser("plot", help="plot loss and bits per byte of runs",
+                        description="Draw train and validation loss (loss.png) and validation bits per byte "
+                                    "(bpb.png) against steps, tokens and training FLOPs, every run on one figure.")
+    pl.add_argument("runs", nargs="+", help="run directories")
+    pl.add_argument("--out", help="output directory (default: <run>/plots for one run, ./plots for several)")
+    pl.set_defaults(func=_plot)
     data = sub.add_parser("data", help="tokenize the data of a config into the token cache",
                           description="Train or load the tokenizer and build the token cache of every split "
                                       "of the config's data, as `jaxlm train` would, without training.")

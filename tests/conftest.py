@@ -45,39 +45,50 @@ def shakespeare_text_source():
     return "text:" + str(shared_data("tinyshakespeare/input.txt"))
 
 
+def write_corpus(directory, seed: int = 0) -> str:
+    """Six synthetic documents of 300 short lines written to `directory`; returns the text: source."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the king queen lord lady good night day love death sword crown heart mind fair".split()
+    for i in range(6):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "." for _ in range(300)]
+        (directory / f"doc{i}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "text:" + str(directory / "doc*.txt")
+
+
 @pytest.fixture
 def small_corpus(tmp_path):
     """A few synthetic documents written to disk, so tests need no shared data."""
-    import random
-
-    rng = random.Random(0)
-    words = "the king queen lord lady good night day love death sword crown heart mind fair".split()
-    paths = []
-    for i in range(6):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "." for _ in range(300)]
-        p = tmp_path / f"doc{i}.txt"
-        p.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        paths.append(p)
-    return "text:" + str(tmp_path / "doc*.txt")
+    return write_corpus(tmp_path)
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A tiny gpt2 run with checkpoints at steps 12 and 24 and a validation pass at the end."""
     root = tmp_path_factory.mktemp("eval")
-    import random
-
-    rng = random.Random(1)
-    words = "the king queen lord lady good night day love death sword crown heart mind fair".split()
-    for i in range(6):
-        (root / f"doc{i}.txt").write_text(
-            "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "." for _ in range(300))
-            + "\n", encoding="utf-8")
+    source = write_corpus(root, seed=1)
     run_dir = root / "run"
     from jaxlm.cli import main
     from test_cli import TINY_CLI
 
-    assert main(["train", f"data.source=text:{root}/doc*.txt", f"run.dir={run_dir}", "train.steps=24",
+    assert main(["train", f"data.source={source}", f"run.dir={run_dir}", "train.steps=24",
                  "eval.every=0", "checkpoint.every=12", "optim.lr=3e-3", "optim.warmup_steps=0",
                  "optim.schedule=constant", "run.tensorboard=false"] + TINY_CLI) == 0
     return root, run_dir
+
+
+def run_abstract_state(run_dir):
+    """The abstract train state of a run directory's model on one device (a restore target)."""
+    import jax
+    import sentencepiece as spm
+
+    from jaxlm.config import load_config
+    from jaxlm.sharding import make_mesh
+    from jaxlm.step import Stepper, build
+
+    cfg = load_config(str(run_dir / "config.yaml"), ["mesh.data=1"])
+    vocab = spm.SentencePieceProcessor(model_file=str(run_dir / "tokenizer.model")).vocab_size()
+    mesh = make_mesh(cfg, jax.devices()[:1])
+    model, tx, schedule = build(cfg, vocab)
+    return Stepper(cfg, model, tx, schedule, mesh).abstract_state()

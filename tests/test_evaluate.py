@@ -16,6 +16,8 @@ from jaxlm.errors import CheckpointError, DataError
 from jaxlm.evaluate import evaluate, ratio_interval
 from jaxlm.metrics import read_metrics
 
+from conftest import run_abstract_state
+
 
 
 def test_windows_score_every_target_once_with_the_promised_context():
@@ -57,23 +59,11 @@ def test_ratio_interval_matches_a_direct_computation():
 
 def _zero_logits(run_dir, step):
     """Rewrite checkpoint `step` with a zero embedding table: every logit of the tied head is 0."""
-    state, meta = ckpt.restore(str(run_dir), step, _abstract(run_dir))
+    state, meta = ckpt.restore(str(run_dir), step, run_abstract_state(run_dir))
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: np.zeros_like(x) if jax.tree_util.keystr(p) in ("['embed']['embedding']", "['head']['kernel']")
         else np.asarray(x), state.params)
     return state.replace(params=params), meta
-
-
-def _abstract(run_dir):
-    from jaxlm.config import load_config
-    from jaxlm.sharding import make_mesh
-    from jaxlm.step import Stepper, build
-
-    cfg = load_config(str(run_dir / "config.yaml"), ["mesh.data=1"])
-    vocab = spm.SentencePieceProcessor(model_file=str(run_dir / "tokenizer.model")).vocab_size()
-    mesh = make_mesh(cfg, jax.devices()[:1])
-    model, tx, schedule = build(cfg, vocab)
-    return Stepper(cfg, model, tx, schedule, mesh).abstract_state()
 
 
 def test_equal_logits_score_perplexity_v_and_log2v_bits_per_token(trained_run, tmp_path):
