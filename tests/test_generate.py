@@ -13,14 +13,19 @@ from jaxlm.model import Decoder
 from jaxlm.sharding import make_mesh
 
 
+@pytest.fixture(scope="module")
+def loaded(trained_run):
+    """The tiny trained run's newest checkpoint, restored once for every test here."""
+    return load(str(trained_run[1]), devices=jax.devices()[:1])
+
+
 def _prompts(eos):
     rng = np.random.default_rng(0)
     return [[eos], [eos] + rng.integers(3, 300, 4).tolist(), [eos] + rng.integers(3, 300, 11).tolist()]
 
 
-def test_cached_greedy_decode_of_a_checkpoint_equals_full_forward_decoding(trained_run):
-    root, run_dir = trained_run
-    m = load(str(run_dir), devices=jax.devices()[:1])
+def test_cached_greedy_decode_of_a_checkpoint_equals_full_forward_decoding(loaded):
+    m = loaded
     prompts = _prompts(m.tokenizer.eos_id)
     got = m.generator.generate(m.params, prompts, 24, Sampling(temperature=0))
     for p, g in zip(prompts, got):
@@ -45,13 +50,12 @@ def test_cached_greedy_decode_equals_full_forward_decoding(family, scan):
         assert g == recompute_greedy(model, params, p, 30)
 
 
-def test_generation_stops_each_row_at_eos(trained_run):
-    root, run_dir = trained_run
-    m = load(str(run_dir), devices=jax.devices()[:1])
+def test_generation_stops_each_row_at_eos(loaded):
+    m = loaded
     prompts = _prompts(m.tokenizer.eos_id)
-    free = m.generator.generate(m.params, prompts, 16, Sampling(temperature=0))
+    free = m.generator.generate(m.params, prompts, 24, Sampling(temperature=0))
     stop = free[2][5]  # a token row 2 produces: used as the end-of-text id
-    got = m.generator.generate(m.params, prompts, 16, Sampling(temperature=0), eos_id=stop)
+    got = m.generator.generate(m.params, prompts, 24, Sampling(temperature=0), eos_id=stop)
     for f, g in zip(free, got):
         assert g == (f[:f.index(stop)] if stop in f else f)
     assert len(got[2]) <= 5
@@ -71,22 +75,21 @@ def test_sampling_filters_and_seeds():
     assert (np.asarray(sample(logits, key, Sampling(1.0, top_p=1e-6))) == 0).all()
 
 
-def test_same_seed_same_samples(trained_run):
-    root, run_dir = trained_run
-    m = load(str(run_dir), devices=jax.devices()[:1])
+def test_same_seed_same_samples(loaded):
+    m = loaded
     prompts = _prompts(m.tokenizer.eos_id)
-    a = m.generator.generate(m.params, prompts, 12, Sampling(1.0), seed=3)
-    b = m.generator.generate(m.params, prompts, 12, Sampling(1.0), seed=3)
-    c = m.generator.generate(m.params, prompts, 12, Sampling(1.0), seed=4)
+    a = m.generator.generate(m.params, prompts, 24, Sampling(1.0), seed=3)
+    b = m.generator.generate(m.params, prompts, 24, Sampling(1.0), seed=3)
+    c = m.generator.generate(m.params, prompts, 24, Sampling(1.0), seed=4)
     assert a == b and a != c
 
 
-def test_cli_generate_streams_and_refuses_bad_input(trained_run, capsys):
+def test_cli_generate_streams_and_refuses_bad_input(trained_run, loaded, capsys):
     root, run_dir = trained_run
     assert main(["generate", str(run_dir), "--prompt", "the king", "--max-new-tokens", "10",
                  "--temperature", "0"]) == 0
     out = capsys.readouterr().out
-    m = load(str(run_dir), devices=jax.devices()[:1])
+    m = loaded
     expected = m.generator.generate(m.params, [encode_prompt(m.tokenizer, "the king")], 10, Sampling(0),
                                     eos_id=m.tokenizer.eos_id)[0]
     assert out == "the king" + m.tokenizer.decode(expected) + "\n"

@@ -11,6 +11,7 @@ import pytest
 
 from jaxlm.config import load_config
 from jaxlm.data.sources import read_tfds
+from jaxlm.evaluate import evaluate
 from jaxlm.metrics import read_metrics
 from jaxlm.train import run
 
@@ -37,6 +38,19 @@ def test_quickstart_reaches_2_25_bits_per_byte(tmp_path):
     assert last["step"] == cfg.train.steps - 1
     assert math.isclose(last["eval_bpb"], last["eval_loss"] * last["eval_tokens"] / n_bytes / math.log(2),
                         rel_tol=1e-9)
+
+    # `jaxlm eval` of the final checkpoint: the training loop's validation number, then WikiText-2
+    own, = evaluate(cfg.run.path, write=False, log=print)
+    assert own["step"] == cfg.train.steps and own["tokens"] == last["eval_tokens"] and own["bytes"] == n_bytes
+    assert math.isclose(own["loss"], last["eval_loss"], rel_tol=1e-6)
+    wiki_path = shared_data("wikitext-2-raw/wiki.test.raw")
+    wiki, = evaluate(cfg.run.path, data=f"text:{wiki_path}", log=print)
+    assert wiki["bytes"] == 1_290_590 and wiki["documents"] == 1
+    print(f"quickstart on WikiText-2 raw test: {wiki['bpb']:.4f} bits/byte "
+          f"(95% CI {wiki['bpb_ci95'][0]:.4f}..{wiki['bpb_ci95'][1]:.4f} over {wiki['ci_unit']}), "
+          f"{wiki['tokens']:,} tokens in {wiki['eval_s']:.1f}s; Tiny Shakespeare validation {own['bpb']:.4f}")
+    # out of domain: worse than on its own validation, better than a uniform guess over the vocabulary
+    assert own["bpb"] < wiki["bpb"] < math.log2(cfg.data.tokenizer_vocab) * wiki["tokens"] / wiki["bytes"]
 
     # input wait, as logged: the share of each logging interval spent waiting for a batch
     train = [r for r in read_metrics(cfg.run.path) if "loss" in r and r["step"] > 0]
