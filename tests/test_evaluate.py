@@ -110,6 +110,8 @@ def test_same_loss_on_one_device_and_on_meshes_with_a_partial_last_batch(trained
         r = evaluate(str(run_dir), overrides=mesh + [f"eval.batch_size={batch}"], write=False)[0]
         assert r["windows"] % batch != 0
         assert r["tokens"] == one["tokens"]
+        print(f"mesh {r['mesh']} batch {batch} ({r['windows']} windows): loss {r['loss']!r}; one device, batch "
+              f"{odd}: {one['loss']!r}; relative difference {abs(r['loss'] / one['loss'] - 1):.2e}")
         assert r["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
