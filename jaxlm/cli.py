@@ -93,6 +93,22 @@ def _plot(args) -> int:
     return EXIT_OK
 
 
+def _export(args) -> int:
+    from jaxlm.export import export
+
+    export(args.path, args.out, args.format, int(args.max_shard_gb * 1e9), args.force,
+           log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    return EXIT_OK
+
+
+def _import(args) -> int:
+    from jaxlm.export import import_hf
+
+    import_hf(args.dir, args.out, args.tokenizer, args.overrides, args.force,
+              log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    return EXIT_OK
+
+
 def _data(args) -> int:
     from jaxlm.config import load_config
     from jaxlm.train import prepare_data
@@ -188,6 +204,30 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("runs", nargs="+", help="run directories")
     pl.add_argument("--out", help="output directory (default: <run>/plots for one run, ./plots for several)")
     pl.set_defaults(func=_plot)
+    ex = sub.add_parser("export", help="export a checkpoint (Hugging Face or plain safetensors)",
+                        description="hf: config.json, model.safetensors (sharded with an index above --max-shard-gb), "
+                                    "generation_config.json and the tokenizer, loadable with transformers' "
+                                    "AutoModelForCausalLM / AutoTokenizer (llama -> LlamaForCausalLM, gpt2 -> "
+                                    "GPT2LMHeadModel). safetensors: the params under flat dotted names, with the "
+                                    "config, step and tokenizer hash in the file's metadata.")
+    ex.add_argument("path", help="run directory (its newest checkpoint) or <run>/checkpoints/<step>")
+    ex.add_argument("--format", default="hf", choices=("hf", "safetensors"))
+    ex.add_argument("--out", required=True, help="output directory (new or empty)")
+    ex.add_argument("--max-shard-gb", type=float, default=2.0, help="largest weight file before sharding")
+    ex.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    ex.set_defaults(func=_export)
+    imp = sub.add_parser("import", help="import a Hugging Face checkpoint").add_subparsers(dest="source",
+                                                                                          required=True)
+    imp_hf = imp.add_parser("hf", help="a local Llama or GPT-2 checkpoint directory",
+                            description="Read config.json and the safetensors weights of a local Llama or GPT-2 "
+                                        "checkpoint into a jaxlm run directory (config.yaml, tokenizer.model, "
+                                        "checkpoints/0) usable by eval, generate and checkpoint.init_from.")
+    imp_hf.add_argument("dir", help="directory written by save_pretrained")
+    imp_hf.add_argument("overrides", nargs="*", help="dotted key=value overrides (e.g. model.scan_layers=true)")
+    imp_hf.add_argument("--out", required=True, help="run directory to create")
+    imp_hf.add_argument("--tokenizer", help="sentencepiece .model (default: DIR/tokenizer.model)")
+    imp_hf.add_argument("--force", action="store_true", help="replace a non-empty run directory")
+    imp_hf.set_defaults(func=_import)
     data = sub.add_parser("data", help="tokenize the data of a config into the token cache",
                           description="Train or load the tokenizer and build the token cache of every split "
                                       "of the config's data, as `jaxlm train` would, without training.")

@@ -67,8 +67,9 @@ def sample(logits_BV, key, s: Sampling):
 class Generator:
     """Compiled prefill and decode step of one model; `generate` runs the loop."""
 
-    def __init__(self, model: Decoder, cfg: ModelConfig, mesh):
-        self.model, self.cfg, self.mesh = model, cfg, mesh
+    def __init__(self, model: Decoder, cfg: ModelConfig, mesh, n_tokens: int | None = None):
+        """n_tokens: the tokenizer's vocabulary; ids past it (vocabulary padding) are never sampled."""
+        self.model, self.cfg, self.mesh, self.n_tokens = model, cfg, mesh, n_tokens
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=3)
         self._step = jax.jit(self._step_fn, static_argnums=6, donate_argnums=1)
 
@@ -77,6 +78,8 @@ class Generator:
         return logits_BPV[:, -1], cache
 
     def _step_fn(self, params, cache, logits_BV, key, t, pad_B, s: Sampling):
+        if self.n_tokens is not None and self.n_tokens < logits_BV.shape[-1]:
+            logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < self.n_tokens, logits_BV, -jnp.inf)
         token_B = sample(logits_BV, jax.random.fold_in(key, t), s)
         positions_B1 = (cache["index"] - pad_B)[:, None]
         logits_B1V, cache = self.model.apply({"params": params}, token_B[:, None], positions_B1, None, cache)
@@ -164,7 +167,7 @@ def load(path: str, overrides: list[str] | tuple[str, ...] = (), devices=None, l
     t0 = time.perf_counter()
     params, _, step = ckpt.restore_params(o.run_dir, o.steps[0], o.target, log)
     log(f"restored {o.run_dir} step {step} in {time.perf_counter() - t0:.1f}s")
-    return Loaded(o.run_dir, step, o.model, params, o.tokenizer, Generator(o.model, o.cfg.model, o.mesh))
+    return Loaded(o.run_dir, step, o.model, params, o.tokenizer, Generator(o.model, o.cfg.model, o.mesh, o.tokenizer.vocab_size))
 
 
 def encode_prompt(tok: Tokenizer, text: str) -> list[int]:

@@ -32,8 +32,7 @@ def test_cached_greedy_decode_of_a_checkpoint_equals_full_forward_decoding(loade
         assert g == recompute_greedy(m.model, m.params, p, 24)
 
 
-@pytest.mark.parametrize("family,scan", [("gpt2", False), ("gpt2", True), ("llama", False), ("llama", True)],
-                         ids=["gpt2", "gpt2-scanned", "llama-gqa", "llama-gqa-scanned"])
+@pytest.mark.parametrize("family,scan", [("gpt2", True), ("llama", False)], ids=["gpt2-scanned", "llama-gqa"])
 def test_cached_greedy_decode_equals_full_forward_decoding(family, scan):
     """Prompts of 1, 5 and 12 tokens in one batch; random weights large enough to give varied text."""
     heads = ["model.n_kv_heads=2"] if family == "llama" else []

@@ -1,0 +1,434 @@
+"""Hugging Face export and import, and plain safetensors export.
+
+Names and layouts (jaxlm kernels are [in, out] with heads as their own axes; torch
+Linear weights are [out, in]; GPT-2's Conv1D weights are [in, out]):
+
+llama -> LlamaForCausalLM
+    embed.embedding [V, D]              model.embed_tokens.weight [V, D]
+    attn.q.kernel [D, N, H]             model.layers.i.self_attn.q_proj.weight [N*H, D]  (k, v alike)
+    attn.o.kernel [N, H, D]             model.layers.i.self_attn.o_proj.weight [D, N*H]
+    mlp.{gate,up}.kernel [D, F]         model.layers.i.mlp.{gate,up}_proj.weight [F, D]
+    mlp.down.kernel [F, D]              model.layers.i.mlp.down_proj.weight [D, F]
+    attn_norm / mlp_norm / final_norm   input_layernorm / post_attention_layernorm / model.norm
+    head.kernel [D, V] (untied)         lm_head.weight [V, D]
+  RoPE: both use the rotate-half layout with the same frequencies, so q and k need no
+  permutation.
+
+gpt2 -> GPT2LMHeadModel
+    embed.embedding / pos_embed         transformer.wte.weight / transformer.wpe.weight
+    attn.{q,k,v}.kernel [D, N, H]       transformer.h.i.attn.c_attn.weight [D, 3D] (q | k | v)
+    attn.o.kernel [N, H, D]             transformer.h.i.attn.c_proj.weight [D, D]
+    mlp.up / mlp.down                   transformer.h.i.mlp.c_fc / c_proj (weight [in, out])
+    attn_norm / mlp_norm / final_norm   ln_1 / ln_2 / transformer.ln_f
+  GPT-2 always has biases: a jaxlm model without them exports zeros (the same function).
+
+A model the target cannot represent (GPT-2 with grouped-query attention) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from jaxlm.config import ModelConfig, load_config, to_yaml
+from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.errors import ConfigError, JaxlmError
+
+DEFAULT_SHARD_BYTES = 2 * 10**9
+
+
+class ExportError(JaxlmError):
+    """A checkpoint that cannot be exported or imported as asked."""
+
+
+# -- layer access (scanned or unrolled) ----------------------------------------------------------
+
+def _np(tree):
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(tree))
+
+
+def layer_params(params, cfg: ModelConfig) -> list[dict]:
+    """One dict per block, whether the model scans its layers (a leading layer axis) or not."""
+    if cfg.scan_layers:
+        stacked = params["blocks"]
+        return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(cfg.n_layers)]
+    return [params[f"block_{i}"] for i in range(cfg.n_layers)]
+
+
+def _norm(p: dict) -> dict:
+    return next(iter(p.values()))  # {"LayerNorm_0": {...}} or {"RMSNorm_0": {...}}
+
+
+# -- jaxlm -> Hugging Face ----------------------------------------------------------------------
+
+def check_exportable(cfg: ModelConfig) -> None:
+    if cfg.family == "gpt2" and cfg.kv_heads != cfg.n_heads:
+        raise ExportError(f"GPT2LMHeadModel has no grouped-query attention; this model has "
+                          f"n_kv_heads={cfg.kv_heads} < n_heads={cfg.n_heads} (export it as a llama family model "
+                          "instead, or use --format safetensors)")
+    if cfg.family not in ("gpt2", "llama"):
+        raise ExportError(f"no Hugging Face mapping for model.family={cfg.family}")
+
+
+def to_hf(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """HF state dict (name -> float32 array) of jaxlm params."""
+    check_exportable(cfg)
+    p = _np(params)
+    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
+    out: dict[str, np.ndarray] = {}
+    if cfg.family == "llama":
+        out["model.embed_tokens.weight"] = p["embed"]["embedding"]
+        for i, b in enumerate(layer_params(p, cfg)):
+            pre = f"model.layers.{i}."
+            a, m = b["attn"], b["mlp"]
+            for name, heads in (("q", N), ("k", K), ("v", K)):
+                out[pre + f"self_attn.{name}_proj.weight"] = a[name]["kernel"].reshape(D, heads * H).T
+                if cfg.use_bias:
+                    out[pre + f"self_attn.{name}_proj.bias"] = a[name]["bias"].reshape(heads * H)
+            out[pre + "self_attn.o_proj.weight"] = a["o"]["kernel"].reshape(N * H, D).T
+            for name in ("gate", "up", "down"):
+                out[pre + f"mlp.{name}_proj.weight"] = m[name]["kernel"].T
+            if cfg.use_bias:
+                out[pre + "self_attn.o_proj.bias"] = a["o"]["bias"]
+                for name in ("gate", "up", "down"):
+                    out[pre + f"mlp.{name}_proj.bias"] = m[name]["bias"]
+            out[pre + "input_layernorm.weight"] = _norm(b["attn_norm"])["scale"]
+            out[pre + "post_attention_layernorm.weight"] = _norm(b["mlp_norm"])["scale"]
+        out["model.norm.weight"] = _norm(p["final_norm"])["scale"]
+        if not cfg.tied:
+            out["lm_head.weight"] = p["head"]["kernel"].T
+    else:
+        def bias(layer, shape):
+            return layer["bias"].reshape(shape) if "bias" in layer else np.zeros(shape, np.float32)
+
+        def ln(norm, prefix):
+            n = _norm(norm)
+            out[prefix + ".weight"] = n["scale"]
+            out[prefix + ".bias"] = bias(n, (D,))
+
+        out["transformer.wte.weight"] = p["embed"]["embedding"]
+        out["transformer.wpe.weight"] = p["pos_embed"]
+        for i, b in enumerate(layer_params(p, cfg)):
+            pre = f"transformer.h.{i}."
+            a, m = b["attn"], b["mlp"]
+            ln(b["attn_norm"], pre + "ln_1")
+            out[pre + "attn.c_attn.weight"] = np.concatenate([a[n]["kernel"].reshape(D, N * H) for n in "qkv"], 1)
+            out[pre + "attn.c_attn.bias"] = np.concatenate([bias(a[n], (N * H,)) for n in "qkv"])
+            out[pre + "attn.c_proj.weight"] = a["o"]["kernel"].reshape(N * H, D)
+            out[pre + "attn.c_proj.bias"] = bias(a["o"], (D,))
+            ln(b["mlp_norm"], pre + "ln_2")
+            out[pre + "mlp.c_fc.weight"] = m["up"]["kernel"]
+            out[pre + "mlp.c_fc.bias"] = bias(m["up"], (F,))
+            out[pre + "mlp.c_proj.weight"] = m["down"]["kernel"]
+            out[pre + "mlp.c_proj.bias"] = bias(m["down"], (D,))
+        ln(p["final_norm"], "transformer.ln_f")
+        if not cfg.tied:
+            out["lm_head.weight"] = p["head"]["kernel"].T
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def hf_config(cfg: ModelConfig, vocab: int, tok: Tokenizer | None) -> dict:
+    ids = {}
+    if tok is not None:
+        ids = {"bos_token_id": tok.sp.bos_id(), "eos_token_id": tok.eos_id, "pad_token_id": tok.sp.pad_id()}
+    if cfg.family == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+                "hidden_size": cfg.d_model, "intermediate_size": cfg.ff_dim, "num_hidden_layers": cfg.n_layers,
+                "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+                "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+                "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias, "tie_word_embeddings": cfg.tied,
+                "attention_dropout": 0.0, "initializer_range": cfg.init_std, "torch_dtype": "float32",
+                "dtype": "float32", **ids}
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
+            "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.ff_dim,
+            "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "scale_attn_weights": True, "tie_word_embeddings": cfg.tied, "initializer_range": cfg.init_std,
+            "torch_dtype": "float32", "dtype": "float32", **ids}
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      metadata: dict[str, str] | None = None) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors plus model.safetensors.index.json above
+    `max_shard_bytes`. Tensors keep their order; a tensor larger than a shard gets a shard of its own."""
+    from safetensors.numpy import save_file
+
+    meta = {"format": "pt", **(metadata or {})}
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, x in tensors.items():
+        if shards[-1] and size + x.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = x
+        size += x.nbytes
+    if len(shards) == 1:
+        path = os.path.join(out_dir, "model.safetensors")
+        save_file(shards[0], path, metadata=meta)
+        return [path]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, name), metadata=meta)
+        names.append(os.path.join(out_dir, name))
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))}, "weight_map": weight_map}
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+    return names
+
+
+def read_safetensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata of the first file) of model.safetensors or a sharded set with its index."""
+    from safetensors import safe_open
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ExportError(f"'{directory}' has no model.safetensors or model.safetensors.index.json "
+                          "(save the model with save_pretrained(..., safe_serialization=True))")
+    tensors, meta = {}, None
+    for name in files:
+        with safe_open(os.path.join(directory, name), framework="numpy") as f:
+            meta = meta if meta is not None else (f.metadata() or {})
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    return tensors, meta or {}
+
+
+def _json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _fresh_dir(out_dir: str, force: bool) -> str:
+    """`out_dir` as a new empty directory (a non-empty one needs force)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        if not force:
+            raise ConfigError(f"'{out_dir}' exists and is not empty; pass --force to replace it")
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    return out_dir
+
+
+def export(path: str, out_dir: str, fmt: str = "hf", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+           force: bool = False, log=print) -> dict:
+    """Export the checkpoint at `path` (run directory: its newest; or <run>/checkpoints/<step>)."""
+    from jaxlm import checkpoint as ckpt
+    from jaxlm.evaluate import open_checkpoints
+    from jaxlm.hf_tokenizer import write_hf_tokenizer
+
+    if fmt not in ("hf", "safetensors"):
+        raise ConfigError(f"--format {fmt}: choose hf or safetensors")
+    o = open_checkpoints(path, ["eval.batch_size=1", "mesh.data=1"], jax.devices()[:1])
+    if fmt == "hf":
+        check_exportable(o.cfg.model)
+    t0 = time.perf_counter()
+    params, meta, step = ckpt.restore_params(o.run_dir, o.steps[0], o.target, log)
+    vocab = int(np.shape(params["embed"]["embedding"])[0])
+    out_dir = _fresh_dir(out_dir, force)
+    info = {"run_dir": o.run_dir, "step": step, "tokenizer_sha256": o.tokenizer.sha256, "config": meta["config"]}
+    if fmt == "safetensors":
+        flat = {".".join(str(getattr(k, "key", k)) for k in path_): np.asarray(x, np.float32)
+                for path_, x in jax.tree_util.tree_leaves_with_path(_np(params))}
+        files = write_safetensors(flat, out_dir, max_shard_bytes, {"jaxlm": json.dumps(info)})
+    else:
+        cfg = o.cfg.model
+        files = write_safetensors(to_hf(params, cfg), out_dir, max_shard_bytes,
+                                  {"jaxlm_step": str(step), "jaxlm_tokenizer_sha256": o.tokenizer.sha256})
+        _json(os.path.join(out_dir, "config.json"), hf_config(cfg, vocab, o.tokenizer))
+        _json(os.path.join(out_dir, "generation_config.json"),
+              {"bos_token_id": o.tokenizer.sp.bos_id(), "eos_token_id": o.tokenizer.eos_id,
+               "pad_token_id": o.tokenizer.sp.pad_id(), "max_length": cfg.max_seq_len})
+        write_hf_tokenizer(o.tokenizer, out_dir, cfg.max_seq_len)
+        _json(os.path.join(out_dir, "jaxlm_export.json"), info)
+    log(f"exported step {step} of {o.run_dir} as {fmt} to {out_dir} ({len(files)} weight file"
+        f"{'s' if len(files) > 1 else ''}, {time.perf_counter() - t0:.1f}s)")
+    return {"out_dir": out_dir, "files": files, "step": step}
+
+
+# -- Hugging Face -> jaxlm ----------------------------------------------------------------------
+
+def model_config_from_hf(hf: dict) -> list[str]:
+    """jaxlm model.* overrides for a Hugging Face config.json (llama or gpt2)."""
+    kind = hf.get("model_type")
+    if kind == "llama":
+        D, N = hf["hidden_size"], hf["num_attention_heads"]
+        if hf.get("head_dim", D // N) != D // N:
+            raise ExportError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads={D // N}; "
+                              "jaxlm derives the head size from the width")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ExportError(f"hidden_act={hf['hidden_act']}: jaxlm's llama MLP is SwiGLU (silu)")
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling:
+            raise ExportError(f"rope scaling {scaling} is not supported")
+        if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+            raise ExportError("attention_bias and mlp_bias differ; jaxlm has one model.bias for both")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        return ["model.family=llama", f"model.d_model={D}", f"model.n_layers={hf['num_hidden_layers']}",
+                f"model.n_heads={N}", f"model.n_kv_heads={hf.get('num_key_value_heads') or N}",
+                f"model.d_ff={hf['intermediate_size']}", f"model.max_seq_len={hf['max_position_embeddings']}",
+                f"model.norm_eps={hf.get('rms_norm_eps', 1e-6)}", f"model.rope_theta={theta}",
+                f"model.bias={str(bool(hf.get('attention_bias', False))).lower()}",
+                f"model.tie_embeddings={str(bool(hf.get('tie_word_embeddings', False))).lower()}"]
+    if kind == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ExportError(f"activation_function={act}: jaxlm's gpt2 MLP uses the tanh GELU (gelu_new)")
+        for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(key):
+                raise ExportError(f"{key}=true is not supported")
+        D = hf["n_embd"]
+        return ["model.family=gpt2", f"model.d_model={D}", f"model.n_layers={hf['n_layer']}",
+                f"model.n_heads={hf['n_head']}", f"model.d_ff={hf.get('n_inner') or 4 * D}",
+                f"model.max_seq_len={hf['n_positions']}", f"model.norm_eps={hf.get('layer_norm_epsilon', 1e-5)}",
+                "model.bias=true", f"model.tie_embeddings={str(bool(hf.get('tie_word_embeddings', True))).lower()}"]
+    raise ExportError(f"model_type={kind!r}: jaxlm imports llama and gpt2 checkpoints")
+
+
+def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, target) -> dict:
+    """jaxlm params (numpy, shaped like `target`) from a HF state dict; names the tensor that is missing,
+    unexpected or of the wrong shape."""
+    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    used: set[str] = set()
+
+    def get(name: str, shape: tuple) -> np.ndarray:
+        if name not in tensors:
+            raise ExportError(f"tensor '{name}' is missing from the checkpoint")
+        x = np.asarray(tensors[name], np.float32)
+        if x.shape != tuple(shape):
+            raise ExportError(f"tensor '{name}' has shape {tuple(x.shape)}, expected {tuple(shape)} from config.json")
+        used.add(name)
+        return x
+
+    V = target["embed"]["embedding"].shape[0]
+    F = cfg.ff_dim
+    layers = []
+    if cfg.family == "llama":
+        params = {"embed": {"embedding": get("model.embed_tokens.weight", (V, D))},
+                  "final_norm": {"RMSNorm_0": {"scale": get("model.norm.weight", (D,))}}}
+        for i in range(cfg.n_layers):
+            pre = f"model.layers.{i}."
+            attn = {}
+            for name, heads in (("q", N), ("k", K), ("v", K)):
+                attn[name] = {"kernel": get(pre + f"self_attn.{name}_proj.weight", (heads * H, D)).T.reshape(D, heads, H)}
+                if cfg.use_bias:
+                    attn[name]["bias"] = get(pre + f"self_attn.{name}_proj.bias", (heads * H,)).reshape(heads, H)
+            attn["o"] = {"kernel": get(pre + "self_attn.o_proj.weight", (D, N * H)).T.reshape(N, H, D)}
+            mlp = {n: {"kernel": get(pre + f"mlp.{n}_proj.weight", (D, F) if n == "down" else (F, D)).T}
+                   for n in ("gate", "up", "down")}
+            if cfg.use_bias:
+                attn["o"]["bias"] = get(pre + "self_attn.o_proj.bias", (D,))
+                for n in ("gate", "up", "down"):
+                    mlp[n]["bias"] = get(pre + f"mlp.{n}_proj.bias", (D,) if n == "down" else (F,))
+            layers.append({"attn": attn, "mlp": mlp,
+                           "attn_norm": {"RMSNorm_0": {"scale": get(pre + "input_layernorm.weight", (D,))}},
+                           "mlp_norm": {"RMSNorm_0": {"scale": get(pre + "post_attention_layernorm.weight", (D,))}}})
+        if not cfg.tied:
+            params["head"] = {"kernel": get("lm_head.weight", (V, D)).T}
+    else:
+        def ln(prefix):
+            return {"LayerNorm_0": {"scale": get(prefix + ".weight", (D,)), "bias": get(prefix + ".bias", (D,))}}
+
+        params = {"embed": {"embedding": get("transformer.wte.weight", (V, D))},
+                  "pos_embed": get("transformer.wpe.weight", (cfg.max_seq_len, D)),
+                  "final_norm": ln("transformer.ln_f")}
+        for i in range(cfg.n_layers):
+            pre = f"transformer.h.{i}."
+            w = get(pre + "attn.c_attn.weight", (D, 3 * N * H))
+            bqkv = get(pre + "attn.c_attn.bias", (3 * N * H,))
+            attn = {n: {"kernel": w[:, j * N * H:(j + 1) * N * H].reshape(D, N, H),
+                        "bias": bqkv[j * N * H:(j + 1) * N * H].reshape(N, H)} for j, n in enumerate("qkv")}
+            attn["o"] = {"kernel": get(pre + "attn.c_proj.weight", (N * H, D)).reshape(N, H, D),
+                         "bias": get(pre + "attn.c_proj.bias", (D,))}
+            mlp = {"up": {"kernel": get(pre + "mlp.c_fc.weight", (D, F)), "bias": get(pre + "mlp.c_fc.bias", (F,))},
+                   "down": {"kernel": get(pre + "mlp.c_proj.weight", (F, D)),
+                            "bias": get(pre + "mlp.c_proj.bias", (D,))}}
+            layers.append({"attn": attn, "mlp": mlp, "attn_norm": ln(pre + "ln_1"), "mlp_norm": ln(pre + "ln_2")})
+        if not cfg.tied:
+            params["head"] = {"kernel": get("lm_head.weight", (V, D)).T}
+    if cfg.scan_layers:
+        params["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    else:
+        params.update({f"block_{i}": layer for i, layer in enumerate(layers)})
+    ignorable = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")  # buffers older versions saved
+    extra = [k for k in tensors if k not in used and not k.endswith(ignorable)
+             and not (k == "lm_head.weight" and cfg.tied)]
+    if extra:
+        raise ExportError(f"unexpected tensor '{extra[0]}' ({len(extra)} in all) for this config.json")
+    want = jax.tree_util.tree_structure(target)
+    got = jax.tree_util.tree_structure(params)
+    if want != got:
+        raise ExportError(f"imported parameter tree does not match the model: {got} vs {want}")
+    return jax.tree.map(lambda x: np.ascontiguousarray(x, np.float32), params)
+
+
+def import_hf(hf_dir: str, run_dir: str, tokenizer: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+              force: bool = False, log=print) -> str:
+    """Write a jaxlm run directory (config.yaml, tokenizer.model, checkpoints/0) from a local HF checkpoint
+    directory; usable by eval, generate and checkpoint.init_from."""
+    from jaxlm import checkpoint as ckpt
+    from jaxlm.config import check_vocab
+    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.sharding import make_mesh
+    from jaxlm.step import Stepper, build
+
+    cfg_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ExportError(f"'{hf_dir}' has no config.json: not a Hugging Face checkpoint directory")
+    with open(cfg_path, encoding="utf-8") as f:
+        hf = json.load(f)
+    model_keys = model_config_from_hf(hf)
+    tok_path = tokenizer or os.path.join(hf_dir, "tokenizer.model")
+    if not os.path.isfile(tok_path):
+        raise ExportError(f"no sentencepiece tokenizer: '{tok_path}' does not exist (pass --tokenizer PATH; jaxlm "
+                          "needs the .model file its token ids come from)")
+    tok = load_tokenizer(tok_path)
+    V = int(hf["vocab_size"])
+    run_dir = _fresh_dir(run_dir, force)
+    base = [f"run.dir={run_dir}", f"model.vocab_size={V if V != tok.vocab_size else 0}", "model.scan_layers=false",
+            "mesh.data=1", "train.steps=1", "train.batch_size=1", "eval.batch_size=1",
+            f"train.seq_len={min(256, model_keys_value(model_keys, 'model.max_seq_len'))}"]
+    cfg = load_config(None, base + model_keys + list(overrides))
+    vocab = check_vocab(cfg, tok.vocab_size)
+    if vocab != V:
+        raise ExportError(f"config.json vocab_size={V} does not fit the tokenizer's {tok.vocab_size} tokens")
+    mesh = make_mesh(cfg, jax.devices()[:1])
+    model, tx, schedule = build(cfg, vocab)
+    stepper = Stepper(cfg, model, tx, schedule, mesh)
+    abstract = stepper.abstract_state()
+    tensors, _ = read_safetensors(hf_dir)
+    params = from_hf(tensors, cfg.model, abstract.params)
+    state = stepper.init_state(cfg.train.seed)
+    state = state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract.params)))
+    with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(to_yaml(cfg))
+    tok.save(os.path.join(run_dir, "tokenizer.model"))
+    saver = ckpt.Saver(run_dir, cfg, tok.proto)
+    try:
+        saver.save(0, state, stepper, data_position=0)
+    finally:
+        saver.close()
+    log(f"imported {hf.get('architectures', [hf.get('model_type')])[0]} from {hf_dir} into {run_dir} "
+        f"({sum(x.size for x in jax.tree.leaves(params)):,} parameters)")
+    return run_dir
+
+
+def model_keys_value(keys: list[str], name: str) -> int:
+    return int(next(k.split("=", 1)[1] for k in keys if k.startswith(name + "=")))
+

@@ -1,0 +1,90 @@
+"""A Hugging Face fast tokenizer (tokenizer.json) that encodes exactly like a jaxlm sentencepiece model.
+
+jaxlm's tokenizers are sentencepiece BPE models with an identity normalizer, no dummy
+prefix and byte fallback. transformers' own Llama conversion assumes Llama's settings
+(a prepended "▁", its own pre-tokenizer in recent versions), so the export builds the
+fast tokenizer directly with the `tokenizers` library:
+
+- model: BPE over the sentencepiece vocabulary (same ids), byte fallback for characters
+  outside it. Merges are every split of a vocabulary piece into two vocabulary pieces,
+  ranked by the merged piece's score: sentencepiece's BPE encoder repeatedly merges the
+  adjacent pair whose merged piece scores highest, leftmost first, which is what a BPE
+  with that merge ranking does.
+- normalizer: spaces become "▁" (sentencepiece's whitespace escaping); nothing else.
+- no pre-tokenizer (sentencepiece encodes the whole normalized string).
+- decoder: "▁" back to spaces, byte pieces back to bytes.
+- control pieces (<pad>, <s>, </s>) and <unk> are special tokens that literal text never
+  produces (`split_special_tokens`), as in sentencepiece.
+
+`tokenizer_config.json` names `PreTrainedTokenizerFast`, which loads tokenizer.json as is,
+whatever the model type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from jaxlm.data.tokenizer import Tokenizer
+
+# sentencepiece ModelProto.SentencePiece.Type
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
+
+
+def _proto(tok: Tokenizer):
+    from sentencepiece import sentencepiece_model_pb2
+
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(tok.proto)
+    return m
+
+
+def build(tok: Tokenizer):
+    """The `tokenizers.Tokenizer` equivalent of `tok`."""
+    from tokenizers import AddedToken, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer as FastTokenizer
+
+    m = _proto(tok)
+    if m.trainer_spec.model_type != 2:  # BPE
+        raise ValueError("only sentencepiece BPE tokenizers can be exported as a Hugging Face fast tokenizer")
+    if m.normalizer_spec.add_dummy_prefix or m.normalizer_spec.name not in ("identity", ""):
+        raise ValueError("only tokenizers with the identity normalizer and no dummy prefix are supported")
+    pieces = list(m.pieces)
+    vocab = {p.piece: i for i, p in enumerate(pieces)}
+    mergeable = {p.piece for p in pieces if p.type in (_NORMAL, _USER_DEFINED)}
+    ranked = []
+    for i, p in enumerate(pieces):
+        if p.type != _NORMAL or len(p.piece) < 2:
+            continue
+        splits = [(p.piece[:k], p.piece[k:]) for k in range(1, len(p.piece))]
+        splits = [(a, b) for a, b in splits if a in mergeable and b in mergeable]
+        splits.sort(key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))
+        ranked.extend((-p.score, i, a, b) for a, b in splits)
+    ranked.sort(key=lambda r: (r[0], r[1]))
+    merges = [(a, b) for _, _, a, b in ranked]
+    unk = next(p.piece for p in pieces if p.type == _UNKNOWN)
+    fast = FastTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True,
+                                    ignore_merges=False))
+    fast.normalizer = normalizers.Replace(" ", "▁")
+    fast.pre_tokenizer = None
+    fast.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    fast.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    fast.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
+                             for p in pieces if p.type in (_CONTROL, _UNKNOWN)])
+    return fast
+
+
+def write_hf_tokenizer(tok: Tokenizer, out_dir: str, max_len: int) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model into `out_dir`."""
+    build(tok).save(os.path.join(out_dir, "tokenizer.json"))
+    sp = tok.sp
+    special = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
+               "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(sp.pad_id())}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": False,
+              "add_eos_token": False, "split_special_tokens": True, "clean_up_tokenization_spaces": False,
+              "model_max_length": max_len}
+    for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    tok.save(os.path.join(out_dir, "tokenizer.model"))

@@ -1,0 +1,170 @@
+"""Hugging Face export and import, checked against transformers (torch, CPU, float32)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import torch  # the `test` extra installs torch==2.13.0 (CPU) and transformers
+import transformers
+
+from jaxlm.cli import main
+from jaxlm.config import load_config
+from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.export import ExportError, from_hf, read_safetensors, to_hf
+from jaxlm.generate import Sampling, encode_prompt, load
+
+from test_cli import TINY_CLI
+
+PROMPTS = ["the king", "good night, sweet lady", "  love and  death\nthe crown", "fair 1234 naïve 🙂"]
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory):
+    """A tiny llama run with grouped-query attention (4 heads, 2 kv heads), untied head."""
+    from conftest import write_corpus
+
+    root = tmp_path_factory.mktemp("llama")
+    source = write_corpus(root, seed=2)
+    run_dir = root / "run"
+    assert main(["train", f"data.source={source}", f"run.dir={run_dir}", "train.steps=16", "eval.every=0",
+                 "model.family=llama", "model.n_kv_heads=2", "optim.lr=3e-3", "optim.warmup_steps=0",
+                 "optim.schedule=constant", "run.tensorboard=false"] + TINY_CLI) == 0
+    return run_dir
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def _hf_greedy(model, ids, n, eos):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, attention_mask=torch.ones(
+            1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    return out[:out.index(eos)] if eos in out else out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_train_export_transformers_round_trip(family, trained_run, llama_run, tmp_path, capsys):
+    run_dir = trained_run[1] if family == "gpt2" else llama_run
+    out = tmp_path / "hf"
+    shard = ["--max-shard-gb", "0.00005"] if family == "llama" else []  # 50 kB shards: exercise the index
+    assert main(["export", str(run_dir), "--format", "hf", "--out", str(out)] + shard) == 0
+    assert (out / ("model.safetensors.index.json" if shard else "model.safetensors")).is_file()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "tokenizer.model"):
+        assert (out / name).is_file(), name
+
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True,
+                                                                    dtype=torch.float32)
+    assert type(model).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[family]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    model.eval()
+
+    m = load(str(run_dir), devices=jax.devices()[:1])
+    if family == "llama":
+        assert m.model.cfg.kv_heads < m.model.cfg.n_heads
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    for text in PROMPTS + ["<s> literal </s>", "\t\ttabs\n\n", "▁"]:
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == m.tokenizer.encode([text])[0], text
+
+    prompts = [encode_prompt(m.tokenizer, t) for t in PROMPTS]
+    n = min(map(len, prompts))
+    batch = np.array([p[:n] for p in prompts], np.int32)
+    ours = np.asarray(m.model.apply({"params": m.params}, jnp.asarray(batch)))
+    theirs = _hf_logits(model, batch)
+    err = float(np.max(np.abs(ours - theirs)))
+    print(f"{family}: max abs logit error {err:.2e} over {batch.shape}")
+    assert err <= 1e-4
+
+    eos = m.tokenizer.eos_id
+    ours_greedy = m.generator.generate(m.params, prompts, 32, Sampling(temperature=0), eos_id=eos)
+    for p, g in zip(prompts, ours_greedy):
+        assert _hf_greedy(model, p, 32, eos) == g
+    assert any(len(g) == 32 for g in ours_greedy)  # at least one went the full 32 tokens
+
+
+def _random_hf(family, tmp_path):
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.2)
+    else:
+        config = transformers.GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                         initializer_range=0.2)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    directory = tmp_path / f"hf-{family}"
+    model.save_pretrained(str(directory))
+    return model, directory
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_import_random_transformers_model_and_export_it_back_bit_for_bit(family, trained_run, tmp_path):
+    model, hf_dir = _random_hf(family, tmp_path)
+    tok = trained_run[1] / "tokenizer.model"
+    run_dir = tmp_path / "imported"
+    assert main(["import", "hf", str(hf_dir), "--out", str(run_dir), "--tokenizer", str(tok)]) == 0
+
+    m = load(str(run_dir), devices=jax.devices()[:1])
+    ids = np.random.default_rng(0).integers(0, 320, (3, 20)).astype(np.int32)
+    ours = np.asarray(m.model.apply({"params": m.params}, jnp.asarray(ids)))
+    err = float(np.max(np.abs(ours - _hf_logits(model, ids))))
+    print(f"imported {family}: max abs logit error {err:.2e}")
+    assert err <= 1e-4
+
+    out = tmp_path / "re-exported"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    original, _ = read_safetensors(str(hf_dir))
+    again, _ = read_safetensors(str(out))
+    assert sorted(again) == sorted(original)
+    for name, x in original.items():
+        assert again[name].dtype == x.dtype and np.array_equal(again[name], x), name
+
+    # eval and generate work on the imported run
+    assert main(["generate", str(run_dir), "--prompt", "the king", "--max-new-tokens", "4"]) == 0
+
+
+def test_safetensors_export_has_flat_names_and_metadata(trained_run, tmp_path):
+    run_dir = trained_run[1]
+    out = tmp_path / "st"
+    assert main(["export", str(run_dir), "--format", "safetensors", "--out", str(out)]) == 0
+    tensors, meta = read_safetensors(str(out))
+    info = json.loads(meta["jaxlm"])
+    assert info["step"] == 24 and info["tokenizer_sha256"] == load_tokenizer(str(run_dir / "tokenizer.model")).sha256
+    assert load_config(text=info["config"]).model.d_model == 32
+    m = load(str(run_dir), devices=jax.devices()[:1])
+    flat = {".".join(str(k.key) for k in path): np.asarray(x) for path, x in
+            jax.tree_util.tree_leaves_with_path(m.params)}
+    assert sorted(tensors) == sorted(flat) and "embed.embedding" in tensors
+    for k in flat:
+        assert np.array_equal(tensors[k], flat[k]), k
+
+
+def test_what_cannot_be_exported_or_imported_is_refused_by_name(trained_run, tmp_path, capsys):
+    gqa = load_config(None, ["model.family=gpt2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_model=32"]).model
+    with pytest.raises(ExportError, match="no grouped-query attention"):
+        to_hf({}, gqa)
+    m = load(str(trained_run[1]), devices=jax.devices()[:1])
+    tensors = to_hf(m.params, m.model.cfg)
+    target = m.params
+    missing = {k: v for k, v in tensors.items() if k != "transformer.h.1.mlp.c_fc.bias"}
+    with pytest.raises(ExportError, match="'transformer.h.1.mlp.c_fc.bias' is missing"):
+        from_hf(missing, m.model.cfg, target)
+    wrong = {**tensors, "transformer.h.0.attn.c_proj.weight": np.zeros((32, 31), np.float32)}
+    with pytest.raises(ExportError, match=r"'transformer.h.0.attn.c_proj.weight' has shape \(32, 31\)"):
+        from_hf(wrong, m.model.cfg, target)
+    extra = {**tensors, "transformer.h.9.ln_1.weight": np.zeros(32, np.float32)}
+    with pytest.raises(ExportError, match="unexpected tensor 'transformer.h.9.ln_1.weight'"):
+        from_hf(extra, m.model.cfg, target)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    assert main(["import", "hf", str(odd), "--out", str(tmp_path / "x"), "--tokenizer",
+                 str(trained_run[1] / "tokenizer.model")]) == 2
+    assert "model_type='mistral'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main(["export", str(trained_run[1]), "--out", str(tmp_path / "x2"), "--format", "onnx"])
