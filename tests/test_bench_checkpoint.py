@@ -15,7 +15,7 @@ TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "bench_checkpoint.
 def test_checkpoint_every_10_steps_costs_under_10_percent():
     source = "text:" + str(shared_data("tinyshakespeare/input.txt"))
     env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as the tool runs on its own
-    proc = subprocess.run([sys.executable, TOOL, "--source", source, "--rounds", "2", "--steps", "30"],
+    proc = subprocess.run([sys.executable, TOOL, "--source", source, "--rounds", "1", "--steps", "20"],
                           env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout
     print(out)
@@ -31,4 +31,4 @@ def test_checkpoint_every_10_steps_costs_under_10_percent():
         inside = float(line.split("the loop spent ")[1].split("s of")[0])
         loop = float(line.split("s of ")[1].split("s inside")[0])
         assert inside < 0.10 * loop, line
-    assert "inside save()" in out and "best of 2 mean step times" in out, out + proc.stderr[-2000:]
+    assert "inside save()" in out and "mean step times" in out, out + proc.stderr[-2000:]
