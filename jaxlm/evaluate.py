@@ -238,6 +238,7 @@ def evaluate(path: str, *, data: str | None = None, split: str | None = None, se
     if T > cfg.model.max_seq_len:
         raise ConfigError(f"context length {T} is longer than the model's max_seq_len {cfg.model.max_seq_len}")
     evaluated = load_split(cfg, tok, data, split, log)
+    win = Windows(len(evaluated.tokens), T, stride or None)  # the same windows for every checkpoint
     eos = tok.eos_id if cfg.data.segment_ids else None
     scorer = Scorer(model, mesh, jax.tree.map(lambda x: x.sharding, target))
     B = cfg.eval.batch_size
@@ -256,7 +257,6 @@ def evaluate(path: str, *, data: str | None = None, split: str | None = None, se
         t1 = time.perf_counter()
         nll = scorer.score(params, evaluated.tokens, T, stride or None, B, eos, log)
         dt = time.perf_counter() - t1
-        win = Windows(len(evaluated.tokens), T, stride or None)
         res = {"run_dir": run_dir, "step": s, "data": evaluated.label, "context": T, "stride": win.stride,
                "min_context": win.min_context, "windows": win.count, "batch_size": B, "mesh": shape,
                **summarize(nll, evaluated, tok.eos_id, ci_unit, block),
