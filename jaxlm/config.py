@@ -27,6 +27,7 @@ def _f(default: Any, help: str):
 FAMILIES = ("gpt2", "llama")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION = ("auto", "blocked", "xla")
 SCHEDULES = ("constant", "cosine", "linear", "wsd", "inverse_sqrt")
 BACKENDS = ("jit", "pmap")
 
@@ -50,6 +51,9 @@ class ModelConfig:
     dtype: str = _f("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
     remat: str = _f("none", "rematerialisation per block: none, full, dots, dots_no_batch")
     scan_layers: bool = _f(True, "stack blocks with nn.scan so compile time does not grow with depth")
+    attention: str = _f("auto", "training attention: blocked (causal query blocks, written-out backward pass), "
+                        "xla (jax.nn.dot_product_attention), auto = blocked on CPU, xla elsewhere")
+    attention_block: int = _f(64, "blocked attention: query block length (the sequence is cut into T/block blocks)")
 
     @property
     def head_dim(self) -> int:
@@ -130,6 +134,8 @@ class TrainConfig:
     batch_size: int = _f(32, "global batch in sequences")
     seq_len: int = _f(256, "tokens per sequence")
     grad_accum: int = _f(1, "microbatches per step (lax.scan inside the step)")
+    loss_chunk: int = _f(2_000_000, "training loss fused with the output head, computed in sequence chunks of at "
+                         "most this many logits per device (no [B, T, V] array is kept); 0 = plain logits")
     log_every: int = _f(10, "steps between metrics records")
     max_bad_steps: int = _f(5, "a step with a non-finite loss or gradient is skipped (params and optimizer state "
                             "unchanged); this many in a row are tolerated, one more triggers train.on_bad_steps")
@@ -340,6 +346,7 @@ def validate(cfg: Config) -> None:
     _choice("model.family", m.family, FAMILIES)
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.remat", m.remat, REMAT_POLICIES)
+    _choice("model.attention", m.attention, ATTENTION)
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _choice("mesh.backend", cfg.mesh.backend, BACKENDS)
     _choice("train.on_bad_steps", t.on_bad_steps, ("stop", "rollback"))

@@ -17,11 +17,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.attention import causal_attention, n_blocks
 from jaxlm.config import ModelConfig
 
 
 def compute_dtype(cfg: ModelConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def _blocked_attention(cfg: ModelConfig) -> bool:
+    """Whether training attention takes attention.causal_attention (see model.attention)."""
+    if cfg.attention == "auto":
+        return jax.default_backend() == "cpu"
+    return cfg.attention == "blocked"
 
 
 def _normal(std: float, names: tuple):
@@ -66,6 +74,57 @@ def rope(x_BTNH, positions_BT, theta: float):
     return out.astype(x_BTNH.dtype)
 
 
+_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+
+
+@jax.custom_vjp
+def gelu(x):
+    """GELU, tanh approximation (GPT-2's), whose backward pass keeps only the input.
+
+    Autodiff of the formula would keep x^3, the tanh and several products for the
+    backward pass, each as large as the MLP activation; this recomputes them instead.
+    """
+    x32 = x.astype(jnp.float32)
+    return (0.5 * x32 * (1.0 + jnp.tanh(_GELU_C * (x32 + 0.044715 * x32 * x32 * x32)))).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (x32 + 0.044715 * x32 * x32 * x32))
+    d = 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x32 * x32)
+    return ((g.astype(jnp.float32) * d).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@jax.custom_vjp
+def swiglu(gate, up):
+    """silu(gate) * up (Llama's MLP), whose backward pass keeps only the two inputs."""
+    g32 = gate.astype(jnp.float32)
+    return (g32 * jax.nn.sigmoid(g32) * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(saved, g):
+    gate, up = saved
+    g32, u32, d32 = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
+    sig = jax.nn.sigmoid(g32)
+    silu = g32 * sig
+    d_gate = d32 * u32 * sig * (1.0 + g32 * (1.0 - sig))
+    return d_gate.astype(gate.dtype), (d32 * silu).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class Linear(nn.Module):
     """x @ kernel (+ bias): the first `n_in` kernel dims contract with the last `n_in` dims of x.
 
@@ -80,13 +139,15 @@ class Linear(nn.Module):
     dtype: jnp.dtype
     n_in: int = 1
 
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", _normal(self.std, self.names), self.shape, jnp.float32)
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.n_in)
+    def setup(self):  # setup, not compact: the parent may read `kernel` without calling the layer
+        self.kernel = self.param("kernel", _normal(self.std, self.names), self.shape, jnp.float32)
         if self.use_bias:
-            bias = self.param("bias", _zeros(self.names[self.n_in:]), self.shape[self.n_in:], jnp.float32)
-            y = y + bias.astype(self.dtype)
+            self.bias = self.param("bias", _zeros(self.names[self.n_in:]), self.shape[self.n_in:], jnp.float32)
+
+    def __call__(self, x):
+        y = jnp.tensordot(x.astype(self.dtype), self.kernel.astype(self.dtype), axes=self.n_in)
+        if self.use_bias:
+            y = y + self.bias.astype(self.dtype)
         return y
 
 
@@ -120,10 +181,14 @@ class Attention(nn.Module):
             out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype),
                                                     v_BSKH.astype(q_BTNH.dtype), mask=mask)
             return out(out_BTNH), (k_BSKH, v_BSKH)
-        mask = None
-        if segment_ids_BT is not None:  # packed documents do not attend to each other
-            mask = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
-        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True)
+        if _blocked_attention(c):
+            out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT,
+                                        n_blocks(x_BTD.shape[1], c.attention_block))
+        else:
+            mask = None
+            if segment_ids_BT is not None:  # packed documents do not attend to each other
+                mask = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+            out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True)
         return out(out_BTNH), None
 
 
@@ -137,9 +202,9 @@ class Mlp(nn.Module):
         linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c))
         up = functools.partial(linear, (D, F), ("embed", "mlp"), c.init_std)
         if c.family == "llama":
-            h_BTF = nn.silu(up(name="gate")(x_BTD)) * up(name="up")(x_BTD)
+            h_BTF = swiglu(up(name="gate")(x_BTD), up(name="up")(x_BTD))
         else:
-            h_BTF = nn.gelu(up(name="up")(x_BTD), approximate=True)
+            h_BTF = gelu(up(name="up")(x_BTD))
         h_BTF = _constrain(h_BTF, ("batch", "length", "act_mlp"))
         out_std = c.init_std / (2 * c.n_layers) ** 0.5
         return linear((F, D), ("mlp", "embed"), out_std, name="down")(h_BTF)
@@ -172,13 +237,16 @@ class Decoder(nn.Module):
     With `cache` (see `init_cache`) it is a decode step: the keys and values of tokens_BT
     are written into cache slots index .. index+T-1, attention covers the valid slots up to
     each query's own, and it returns (logits_BTV, updated cache).
+
+    With `hidden=True` it returns (final hidden states x_BTD, head matrix) instead of
+    logits: the embedding table [V, D] when the head is tied, else the head kernel [D, V].
     """
 
     cfg: ModelConfig
     vocab_size: int
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, hidden=False):
         c = self.cfg
         dt = compute_dtype(c)
         if positions_BT is None:
@@ -217,11 +285,12 @@ class Decoder(nn.Module):
                 kv = tuple(jnp.stack([lk[j] for lk in layers]) for j in (0, 1))
 
         x_BTD = Norm(c, name="final_norm")(x_BTD)
-        if c.tied:
-            logits_BTV = embed.attend(x_BTD)
-        else:
-            logits_BTV = Linear((c.d_model, self.vocab_size), ("embed", "vocab"), c.init_std, use_bias=False,
-                                dtype=dt, name="head")(x_BTD)
+        if not c.tied:
+            head = Linear((c.d_model, self.vocab_size), ("embed", "vocab"), c.init_std, use_bias=False,
+                          dtype=dt, name="head")
+        if hidden:  # the loss applies the head itself (see loss.fused_loss)
+            return x_BTD, (embed.embedding if c.tied else head.kernel)
+        logits_BTV = embed.attend(x_BTD) if c.tied else head(x_BTD)
         logits_BTV = _constrain(logits_BTV, ("batch", "length", "act_vocab"))
         if cache is None:
             return logits_BTV

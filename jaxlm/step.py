@@ -24,7 +24,8 @@ import optax
 
 from jaxlm import sharding
 from jaxlm.config import Config
-from jaxlm.model import Decoder
+from jaxlm.loss import chunk_length, fused_loss
+from jaxlm.model import Decoder, compute_dtype
 from jaxlm.optim import make_optimizer
 
 
@@ -88,8 +89,33 @@ def token_sums(params, batch: dict, model: Decoder):
     return jnp.sum(nll_BT * mask_BT), jnp.sum(jnp.square(logz_BT) * mask_BT), jnp.sum(mask_BT)
 
 
+def train_loss(params, batch: dict, model: Decoder, count, z_loss: float, chunk: int):
+    """(sum of mask*(NLL + z_loss*logZ^2) / count, sum of mask*NLL / count) over a batch.
+
+    chunk > 0: `loss.fused_loss` walks the sequence in chunks of `chunk` positions and never
+    builds [B, T, V]; chunk == 0: the plain logits of `token_sums`.
+    """
+    if not chunk:
+        sum_nll, sum_z, _ = token_sums(params, batch, model)
+        return (sum_nll + z_loss * sum_z) / count, sum_nll / count
+    x_BTD, head = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                              batch.get("segment_ids"), hidden=True)
+    mask_BT = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(x_BTD.shape[:2], jnp.float32)
+    weight_BT = mask_BT / count
+    total, sum_nll, _ = fused_loss(x_BTD, head, batch["targets"], weight_BT, z_loss * weight_BT,
+                                   model.cfg.tied, chunk, compute_dtype(model.cfg))
+    return total, sum_nll
+
+
+def loss_chunk(cfg: Config, rows: int, vocab_size: int) -> int:
+    """Sequence positions per chunk of the fused loss for `rows` sequences per device (0 = off)."""
+    if not cfg.train.loss_chunk:
+        return 0
+    return chunk_length(cfg.train.seq_len, rows, vocab_size, cfg.train.loss_chunk)
+
+
 def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: Callable,
-               z_loss: float = 0.0, accum: int = 1, axis_name: str | None = None):
+               z_loss: float = 0.0, accum: int = 1, axis_name: str | None = None, chunk: int = 0):
     """One optimizer step over a global batch, accumulating `accum` microbatches with lax.scan."""
     mask_BT = batch.get("mask", jnp.ones(batch["targets"].shape, jnp.float32))
     count = jnp.sum(mask_BT.astype(jnp.float32))
@@ -97,12 +123,11 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: 
         count = jax.lax.psum(count, axis_name)
 
     def micro_loss(params, mb):
-        sum_nll, sum_z, _ = token_sums(params, mb, model)
-        return (sum_nll + z_loss * sum_z) / count, sum_nll
+        return train_loss(params, mb, model, count, z_loss, chunk)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
     if accum == 1:
-        grads, sum_nll = grad_fn(state.params, batch)
+        grads, loss = grad_fn(state.params, batch)
     else:
         # Microbatch a takes rows a, a+A, a+2A, ...: every device keeps its share of each
         # microbatch, so splitting the batch moves no data between devices.
@@ -110,21 +135,21 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: 
             return x_B.reshape((x_B.shape[0] // accum, accum) + x_B.shape[1:]).swapaxes(0, 1)
 
         def body(carry, mb):
-            g_sum, nll_sum = carry
-            g, nll = grad_fn(state.params, mb)
-            return (jax.tree.map(jnp.add, g_sum, g), nll_sum + nll), None
+            g_sum, loss_sum = carry
+            g, part = grad_fn(state.params, mb)
+            return (jax.tree.map(jnp.add, g_sum, g), loss_sum + part), None
 
         zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
-        (grads, sum_nll), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+        (grads, loss), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
     if "poison" in batch:  # test hook: NaN gradients for the batches the loader marks
         # (pmap: every device's rows are marked, and the psum below would spread one NaN anyway)
         grads = jax.tree.map(lambda g: jnp.where(jnp.any(batch["poison"] > 0), jnp.nan, g), grads)
     if axis_name:
         grads = jax.lax.psum(grads, axis_name)
-        sum_nll = jax.lax.psum(sum_nll, axis_name)
+        loss = jax.lax.psum(loss, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    loss, grad_norm = sum_nll / count, optax.tree.norm(grads)
+    grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient leaves params and optimizer state as they were; the step
     # counter still advances (it is the data position), and the host counts the skip.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -151,7 +176,9 @@ class Stepper:
     def __init__(self, cfg: Config, model: Decoder, tx, schedule, mesh):
         self.cfg, self.model, self.tx, self.mesh = cfg, model, tx, mesh
         self.backend = cfg.mesh.backend
-        kw = dict(model=model, tx=tx, schedule=schedule, z_loss=cfg.optim.z_loss, accum=cfg.train.grad_accum)
+        rows = cfg.train.batch_size // cfg.train.grad_accum // (mesh.shape["data"] * mesh.shape["fsdp"])
+        kw = dict(model=model, tx=tx, schedule=schedule, z_loss=cfg.optim.z_loss, accum=cfg.train.grad_accum,
+                  chunk=loss_chunk(cfg, max(rows, 1), model.vocab_size))
         if self.backend == "pmap":
             self.devices = list(mesh.devices.flat)
             self._train = jax.pmap(functools.partial(train_step, axis_name="batch", **kw), axis_name="batch",
