@@ -58,14 +58,17 @@ def _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, *, tied: bool, chunk:
     def body(dw, xs):
         x_BCD, t_BC, wt_BC, zw_BC = xs
         logits_BCV = _logits(x_BCD, w, tied, dtype)
-        logz_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-        target_logit_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+        max_BC = jax.lax.stop_gradient(jnp.max(logits_BCV, axis=-1))
+        exp_BCV = jnp.exp(logits_BCV - max_BC[..., None])  # the one exp per logit
+        sum_BC = jnp.sum(exp_BCV, axis=-1)
+        logz_BC = max_BC + jnp.log(sum_BC)
+        is_target_BCV = jnp.arange(logits_BCV.shape[-1]) == t_BC[..., None]
+        target_logit_BC = jnp.sum(jnp.where(is_target_BCV, logits_BCV, 0.0), axis=-1)
         nll_BC = logz_BC - target_logit_BC
         sums = jnp.stack([jnp.sum(wt_BC * nll_BC), jnp.sum(zw_BC * jnp.square(logz_BC))])
         # d/dlogits of wt*(logZ - z_t) + zw*logZ^2 = (wt + 2 zw logZ) softmax - wt onehot(t)
-        probs_BCV = jnp.exp(logits_BCV - logz_BC[..., None])
-        onehot_BCV = jax.nn.one_hot(t_BC, logits_BCV.shape[-1], dtype=jnp.float32)
-        dlogits_BCV = (wt_BC + 2.0 * zw_BC * logz_BC)[..., None] * probs_BCV - wt_BC[..., None] * onehot_BCV
+        coef_BC = (wt_BC + 2.0 * zw_BC * logz_BC) / sum_BC
+        dlogits_BCV = coef_BC[..., None] * exp_BCV - jnp.where(is_target_BCV, wt_BC[..., None], 0.0)
         dlogits_BCV = dlogits_BCV.astype(dtype)
         if tied:
             dx_BCD = jnp.einsum("bcv,vd->bcd", dlogits_BCV, w.astype(dtype))

@@ -147,14 +147,19 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: 
     if axis_name:
         grads = jax.lax.psum(grads, axis_name)
         loss = jax.lax.psum(loss, axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient leaves params and optimizer state as they were; the step
-    # counter still advances (it is the data position), and the host counts the skip.
+    # counter still advances (it is the data position), and the host counts the skip. A cond
+    # rather than a select over the state: the update stays one pass over the parameters.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     (params, opt_state), (state.params, state.opt_state))
+
+    def update(operands):
+        grads, opt_state, params = operands
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, lambda operands: (operands[2], operands[1]),
+                                     (grads, state.opt_state, state.params))
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": count,
                "finite": finite}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
