@@ -52,8 +52,9 @@ def _logits(x_BCD, w, tied: bool, dtype):
     return nn.with_logical_constraint(z, ("batch", "length", "act_vocab")).astype(jnp.float32)
 
 
-def _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, *, tied: bool, chunk: int, dtype):
-    """(loss, sum of weight*NLL, sum of z_weight*logZ^2), d loss/d x, d loss/d w."""
+def _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: int, dtype):
+    """((loss, sum of weight*NLL, sum of z_weight*logZ^2), (d loss/d x, d loss/d w)): the
+    custom VJP's forward rule."""
 
     def body(dw, xs):
         x_BCD, t_BC, wt_BC, zw_BC = xs
@@ -92,12 +93,7 @@ def fused_loss(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: 
     `tied`, else the head kernel [D, V]. The weights carry no gradient. Returns
     (loss, weighted NLL sum, weighted z sum); only `loss` may be differentiated.
     """
-    return _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied=tied, chunk=chunk, dtype=dtype)[0]
-
-
-def _fused_fwd(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied, chunk, dtype):
-    out, grads = _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied=tied, chunk=chunk, dtype=dtype)
-    return out, grads
+    return _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied, chunk, dtype)[0]
 
 
 def _fused_bwd(tied, chunk, dtype, grads, cotangents):
@@ -106,4 +102,4 @@ def _fused_bwd(tied, chunk, dtype, grads, cotangents):
     return (dx_BTD * g.astype(dx_BTD.dtype), dw * g.astype(dw.dtype), None, None, None)
 
 
-fused_loss.defvjp(_fused_fwd, _fused_bwd)
+fused_loss.defvjp(_forward, _fused_bwd)
