@@ -26,9 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def n_blocks(seq_len: int, block: int) -> int:
-    """Query blocks of at least `block` positions that divide `seq_len` (1 = no split)."""
-    n = max(seq_len // max(block, 1), 1)
+def n_blocks(seq_len: int, block: int = 0) -> int:
+    """Query blocks of at least `block` positions that divide `seq_len` (1 = no split).
+
+    block 0 picks a quarter of the sequence, at least 16 and at most 256 positions: four
+    blocks measured fastest on CPU for T = 128, 256 and 1024 (fewer waste masked work, more
+    make the products too small to run well)."""
+    if block <= 0:
+        block = min(max(seq_len // 4, 16), 256)
+    n = max(seq_len // block, 1)
     while seq_len % n:
         n -= 1
     return n

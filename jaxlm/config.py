@@ -53,7 +53,8 @@ class ModelConfig:
     scan_layers: bool = _f(True, "stack blocks with nn.scan so compile time does not grow with depth")
     attention: str = _f("auto", "training attention: blocked (causal query blocks, written-out backward pass), "
                         "xla (jax.nn.dot_product_attention), auto = blocked on CPU, xla elsewhere")
-    attention_block: int = _f(64, "blocked attention: query block length (the sequence is cut into T/block blocks)")
+    attention_block: int = _f(0, "blocked attention: query block length (the sequence is cut into T/block "
+                              "blocks); 0 = auto, a quarter of the sequence, at least 16 and at most 256")
 
     @property
     def head_dim(self) -> int:
@@ -330,7 +331,8 @@ def validate(cfg: Config) -> None:
         "eval.batch_size": cfg.eval.batch_size, "eval.max_batches": cfg.eval.max_batches,
         "checkpoint.every": cfg.checkpoint.every, "run.peak_tflops": cfg.run.peak_tflops,
         "checkpoint.keep_every": cfg.checkpoint.keep_every, "train.max_bad_steps": t.max_bad_steps,
-        "train.max_rollbacks": t.max_rollbacks,
+        "train.max_rollbacks": t.max_rollbacks, "model.attention_block": m.attention_block,
+        "train.loss_chunk": t.loss_chunk,
     }
     for key, v in non_negative.items():
         if v < 0:

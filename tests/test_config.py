@@ -60,7 +60,8 @@ def test_wrong_type():
 @pytest.mark.parametrize("override,key", [
     ("train.steps=0", "train.steps"), ("train.batch_size=-4", "train.batch_size"),
     ("model.n_layers=0", "model.n_layers"), ("model.d_model=-64", "model.d_model"),
-    ("train.seq_len=0", "train.seq_len"), ("optim.warmup_steps=-1", "optim.warmup_steps")])
+    ("train.seq_len=0", "train.seq_len"), ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("model.attention_block=-1", "model.attention_block"), ("train.loss_chunk=-5", "train.loss_chunk")])
 def test_negative_or_zero_sizes(override, key):
     assert key in error(override)
 

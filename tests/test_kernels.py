@@ -54,6 +54,7 @@ def test_blocked_attention_equals_dense(kv_heads, segments):
 def test_block_and_chunk_sizes():
     assert [n_blocks(256, b) for b in (64, 100, 256, 512)] == [4, 2, 1, 1]
     assert n_blocks(96, 64) == 1 and n_blocks(192, 64) == 3
+    assert [n_blocks(t) for t in (32, 64, 128, 256, 1024, 4096)] == [2, 4, 4, 4, 4, 16]
     assert chunk_length(256, 8, 8192, 2_000_000) == 16  # 8 x 16 x 8192 = 1,048,576 <= 2M < 8 x 32 x 8192
     assert chunk_length(100, 4, 1000, 10) == 1
 
