@@ -135,8 +135,9 @@ class TrainConfig:
     batch_size: int = _f(32, "global batch in sequences")
     seq_len: int = _f(256, "tokens per sequence")
     grad_accum: int = _f(1, "microbatches per step (lax.scan inside the step)")
-    loss_chunk: int = _f(2_000_000, "training loss fused with the output head, computed in sequence chunks of at "
-                         "most this many logits per device (no [B, T, V] array is kept); 0 = plain logits")
+    loss_chunk: int = _f(33_554_432, "logits per device above which the training loss is fused with the output "
+                         "head and computed in sequence chunks of at most this many logits (no [B, T, V] array "
+                         "is kept); at or below it, or 0, the plain logits")
     log_every: int = _f(10, "steps between metrics records")
     max_bad_steps: int = _f(5, "a step with a non-finite loss or gradient is skipped (params and optimizer state "
                             "unchanged); this many in a row are tolerated, one more triggers train.on_bad_steps")

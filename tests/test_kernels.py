@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from jaxlm.attention import causal_attention, n_blocks
+from jaxlm.config import load_config
 from jaxlm.loss import chunk_length
 from jaxlm.model import Decoder, gelu, swiglu
-from jaxlm.step import train_loss
+from jaxlm.step import loss_chunk, train_loss
 
 from conftest import tiny_config
 
@@ -57,6 +58,13 @@ def test_block_and_chunk_sizes():
     assert [n_blocks(t) for t in (32, 64, 128, 256, 1024, 4096)] == [2, 4, 4, 4, 4, 16]
     assert chunk_length(256, 8, 8192, 2_000_000) == 16  # 8 x 16 x 8192 = 1,048,576 <= 2M < 8 x 32 x 8192
     assert chunk_length(100, 4, 1000, 10) == 1
+
+
+def test_loss_is_fused_only_when_the_logits_exceed_the_budget():
+    cfg = load_config(None, ["train.seq_len=256"])  # default budget 2^25 logits per device
+    assert loss_chunk(cfg, 8, 8192) == 0  # 16.8M logits: plain
+    assert loss_chunk(cfg, 8, 32768) == 128  # 67M: two chunks of 8 x 128 x 32768 = 2^25
+    assert loss_chunk(load_config(None, ["train.seq_len=256", "train.loss_chunk=0"]), 64, 65536) == 0
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

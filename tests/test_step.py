@@ -58,7 +58,8 @@ def reference(family, accum, n_steps):
 
 def config(family, accum, mesh, backend="jit"):
     extra = ["model.family=llama", "model.n_kv_heads=8"] if family == "llama" else []
-    return tiny_config(*extra, "optim.eps=1e-6", f"train.grad_accum={accum}", f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}",
+    # loss_chunk: the fused, chunked loss (chunk length differs with the rows per device)
+    return tiny_config(*extra, "optim.eps=1e-6", "train.loss_chunk=4096", f"train.grad_accum={accum}", f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}",
                        f"mesh.tensor={mesh[2]}", f"mesh.backend={backend}")
 
 
