@@ -11,13 +11,14 @@ versions it was measured on.
   YNNPACK library, as matrix products already do; about 10% off the bench model's train
   step on a 2-core AVX-512 CPU.
 
-malloc (glibc, CPU backend only: JAX_PLATFORMS starts with cpu, or no GPU/TPU plugin is
-installed; JAXLM_MALLOC=0 turns it off, and any MALLOC_* or glibc.malloc setting of the
-user's own, or an LD_PRELOAD allocator, leaves it off). The CPU runtime allocates each execution's
-scratch buffer (hundreds of MB for a train step) with posix_memalign and frees it at the
-end. From a worker thread's arena glibc serves a block that large with a fresh mmap, so
-every step page-faults its whole scratch buffer in again (65k faults, ~0.13 s of a 0.5 s
-step at the quickstart size). jaxlm makes all threads share the main arena, serves large
+malloc (glibc, CPU backend with one CPU device only: JAX_PLATFORMS starts with cpu, or no
+GPU/TPU plugin is installed, and no forced host device count above 1, where several
+executions and their threads would contend for the one arena; JAXLM_MALLOC=0 turns it off, and any MALLOC_* or glibc.malloc setting of the
+user's own, or an LD_PRELOAD allocator, leaves it off). The CPU runtime allocates each
+execution's scratch buffer (hundreds of MB for a train step) with posix_memalign and
+frees it at the end. From a worker thread's arena glibc serves a block that large with a
+fresh mmap, so every step page-faults its whole scratch buffer in again (65k faults and
+about 0.1 s of a 0.5 s step at the quickstart size). jaxlm makes all threads share the main arena, serves large
 blocks from the heap rather than mmap, and never trims the heap, so the buffer of the
 previous step is reused. The cost: memory freed by the process stays mapped, at its peak.
 """
@@ -59,6 +60,15 @@ def _accelerator_installed() -> bool:
     return bool(importlib.metadata.entry_points(group="jax_plugins")) or importlib.util.find_spec("libtpu") is not None
 
 
+def _host_devices(environ) -> int:
+    """CPU devices this process will have (XLA_FLAGS' forced count or JAX_NUM_CPU_DEVICES)."""
+    n = 1
+    for f in environ.get("XLA_FLAGS", "").split():
+        if f.startswith("--xla_force_host_platform_device_count="):
+            n = int(f.split("=", 1)[1] or 1)
+    return max(n, int(environ.get("JAX_NUM_CPU_DEVICES", "") or 1))
+
+
 def malloc_tuned(environ) -> bool:
     """Whether jaxlm should set glibc's malloc parameters in a process with this environment:
     glibc, the CPU backend, and no malloc setting of the user's own."""
@@ -67,6 +77,8 @@ def malloc_tuned(environ) -> bool:
     if "glibc.malloc" in environ.get("GLIBC_TUNABLES", "") or not sys.platform.startswith("linux"):
         return False
     if platform.libc_ver()[0] != "glibc":
+        return False
+    if _host_devices(environ) > 1:  # several executions at once would contend for the one arena
         return False
     platforms = environ.get("JAX_PLATFORMS", "")
     if platforms:

@@ -21,7 +21,8 @@ def test_malloc_left_alone_when_user_configured_it_or_not_on_cpu():
     on_glibc = runtime.malloc_tuned(cpu)
     assert on_glibc == (sys.platform.startswith("linux") and runtime.platform.libc_ver()[0] == "glibc")
     for env in ({"JAXLM_MALLOC": "0"}, {"MALLOC_ARENA_MAX": "4"}, {"LD_PRELOAD": "libjemalloc.so"},
-                {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, {"JAX_PLATFORMS": "cuda,cpu"}):
+                {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, {"JAX_PLATFORMS": "cuda,cpu"},
+                {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, {"JAX_NUM_CPU_DEVICES": "2"}):
         assert not runtime.malloc_tuned({**cpu, **env}), env
 
 
@@ -45,6 +46,7 @@ print(sorted(faults[1:])[7])
 
 def _median_faults(**env) -> int:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "JAXLM_MALLOC"))}
+    base["XLA_FLAGS"] = ""  # one CPU device (the tests' eight would turn the tuning off)
     out = subprocess.run([sys.executable, "-c", _FAULTS], env={**base, **env}, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout.split()[-1])
