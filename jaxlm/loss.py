@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.dots import table_grad, weight_grad
+
 
 def chunk_length(seq_len: int, rows: int, vocab: int, budget: int) -> int:
     """The largest divisor of `seq_len` whose logits chunk [rows, C, V] has at most `budget`
@@ -73,10 +75,12 @@ def _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: in
         dlogits_BCV = dlogits_BCV.astype(dtype)
         if tied:
             dx_BCD = jnp.einsum("bcv,vd->bcd", dlogits_BCV, w.astype(dtype))
-            dw_chunk = jnp.einsum("bcv,bcd->vd", dlogits_BCV, x_BCD.astype(dtype))
         else:
             dx_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, w.astype(dtype))
-            dw_chunk = jnp.einsum("bcv,bcd->dv", dlogits_BCV, x_BCD.astype(dtype))
+        if tied:
+            dw_chunk = table_grad(x_BCD.astype(dtype), dlogits_BCV)
+        else:
+            dw_chunk = weight_grad(x_BCD.astype(dtype), dlogits_BCV, 1, 1)
         return dw + dw_chunk.astype(jnp.float32), (sums, dx_BCD.astype(x_BTD.dtype))
 
     xs = tuple(_chunks(a, chunk) for a in (x_BTD, targets_BT, weight_BT, z_weight_BT))

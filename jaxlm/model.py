@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxlm.attention import causal_attention, n_blocks
 from jaxlm.config import ModelConfig
+from jaxlm.dots import attend, contract
 
 
 def compute_dtype(cfg: ModelConfig):
@@ -129,7 +130,8 @@ class Linear(nn.Module):
     """x @ kernel (+ bias): the first `n_in` kernel dims contract with the last `n_in` dims of x.
 
     Written out (rather than nn.DenseGeneral) so every kernel is created with its full
-    multi-dimensional shape and logical names, e.g. (embed, heads, head_dim).
+    multi-dimensional shape and logical names, e.g. (embed, heads, head_dim). The product is
+    `dots.contract`, whose kernel gradient is computed in the layout that is fast on CPU.
     """
 
     shape: tuple[int, ...]
@@ -145,7 +147,7 @@ class Linear(nn.Module):
             self.bias = self.param("bias", _zeros(self.names[self.n_in:]), self.shape[self.n_in:], jnp.float32)
 
     def __call__(self, x):
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel.astype(self.dtype), axes=self.n_in)
+        y = contract(x.astype(self.dtype), self.kernel.astype(self.dtype), self.n_in)
         if self.use_bias:
             y = y + self.bias.astype(self.dtype)
         return y
@@ -290,7 +292,7 @@ class Decoder(nn.Module):
                           dtype=dt, name="head")
         if hidden:  # the loss applies the head itself (see loss.fused_loss)
             return x_BTD, (embed.embedding if c.tied else head.kernel)
-        logits_BTV = embed.attend(x_BTD) if c.tied else head(x_BTD)
+        logits_BTV = attend(x_BTD.astype(dt), embed.embedding.astype(dt)) if c.tied else head(x_BTD)
         logits_BTV = _constrain(logits_BTV, ("batch", "length", "act_vocab"))
         if cache is None:
             return logits_BTV

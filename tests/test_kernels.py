@@ -2,7 +2,8 @@
 
 Blocked causal attention against jax.nn.dot_product_attention, the fused chunked loss
 against plain logits, GELU and SwiGLU with their written-out backward passes against
-autodiff: outputs and gradients, float32, tolerances at float32 roundoff.
+autodiff, the products of `dots` against autodiff of the plain products: outputs and
+gradients, float32, tolerances at float32 roundoff.
 """
 
 import flax.linen as nn
@@ -13,6 +14,7 @@ import pytest
 
 from jaxlm.attention import causal_attention, n_blocks
 from jaxlm.config import load_config
+from jaxlm.dots import attend, contract, table_grad, weight_grad
 from jaxlm.loss import chunk_length
 from jaxlm.model import Decoder, gelu, swiglu
 from jaxlm.step import loss_chunk, train_loss
@@ -100,3 +102,34 @@ def test_gelu_and_swiglu_gradients_equal_autodiff():
     np.testing.assert_allclose(swiglu(x, u), nn.silu(x) * u, rtol=1e-6, atol=1e-6)
     _close(jax.grad(lambda a, b: jnp.sum(w * swiglu(a, b)), (0, 1))(x, u),
            jax.grad(lambda a, b: jnp.sum(w * nn.silu(a) * b), (0, 1))(x, u), 1e-5)
+
+
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_contract_and_attend_gradients_equal_autodiff(n_in):
+    r = np.random.default_rng(3)
+    x_shape, w_shape = ((2, 5, 6), (6, 3, 4)) if n_in == 1 else ((2, 5, 3, 4), (3, 4, 6))
+    x, w = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in (x_shape, w_shape))
+    dy = jnp.asarray(r.standard_normal(x_shape[:x.ndim - n_in] + w_shape[n_in:]), jnp.float32)
+    y, vjp = jax.vjp(lambda x, w: contract(x, w, n_in), x, w)
+    y_ref, vjp_ref = jax.vjp(lambda x, w: jnp.tensordot(x, w, axes=n_in), x, w)
+    _close(y, y_ref, 1e-6)
+    _close(vjp(dy), vjp_ref(dy), 1e-6)
+
+    table = jnp.asarray(r.standard_normal((7, 6)), jnp.float32)
+    h = jnp.asarray(r.standard_normal((2, 5, 6)), jnp.float32)
+    dz = jnp.asarray(r.standard_normal((2, 5, 7)), jnp.float32)
+    z, vjp = jax.vjp(attend, h, table)
+    z_ref, vjp_ref = jax.vjp(lambda h, t: h @ t.T, h, table)
+    _close(z, z_ref, 1e-6)
+    _close(vjp(dz), vjp_ref(dz), 1e-6)
+    _close(weight_grad(h, dz, 1, 1), jnp.einsum("btd,btv->dv", h, dz), 1e-6)
+    _close(table_grad(h, dz), jnp.einsum("btd,btv->vd", h, dz), 1e-6)
+
+
+def test_weight_gradient_keeps_the_transposed_input_as_its_own_array():
+    """The barrier that stops XLA folding x^T back into the product (the slow layout) is in
+    the backward pass of both products."""
+    x, w, t = jnp.ones((4, 6)), jnp.ones((6, 3)), jnp.ones((5, 6))
+    for f, args in ((lambda x, w: jnp.sum(contract(x, w, 1)), (x, w)), (lambda x, t: jnp.sum(attend(x, t)), (x, t))):
+        hlo = jax.jit(jax.grad(f, argnums=1)).lower(*args).as_text()
+        assert "optimization_barrier" in hlo
