@@ -16,6 +16,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.attention import causal_attention, n_blocks
 from jaxlm.config import ModelConfig
@@ -147,7 +148,7 @@ class Linear(nn.Module):
             self.bias = self.param("bias", _zeros(self.names[self.n_in:]), self.shape[self.n_in:], jnp.float32)
 
     def __call__(self, x):
-        y = contract(x.astype(self.dtype), self.kernel.astype(self.dtype), self.n_in)
+        y = checkpoint_name(contract(x.astype(self.dtype), self.kernel.astype(self.dtype), self.n_in), "linear")
         if self.use_bias:
             y = y + self.bias.astype(self.dtype)
         return y
@@ -226,10 +227,14 @@ class Block(nn.Module):
         return x_BTD, kv  # (carry, output) so the block can be scanned; kv: the updated cache or None
 
 
+# The linear layers' products are custom-VJP calls (dots.contract), which the dot policies
+# do not see; they are named "linear" and saved by name as well.
+_save_linear = jax.checkpoint_policies.save_only_these_names("linear")
 _POLICIES = {
     "full": None,  # save nothing, recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _save_linear),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _save_linear),
 }
 
 
