@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from jaxlm.config import load_config
 from jaxlm.model import Decoder, rope
@@ -51,6 +52,17 @@ def test_remat_policies_give_the_same_gradients(remat):
     g0, g1 = jax.grad(loss(model))(params), jax.grad(loss(model_r))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
 
+
+
+@pytest.mark.parametrize("remat,saved", [("dots", 6), ("dots_no_batch", 6), ("full", 0)])
+def test_dot_policies_save_the_linear_products(remat, saved, capsys):
+    """The linear layers' products are custom-VJP calls, invisible to the dot policies: they
+    must still be saved by name (q, k, v, o, gate, up per layer; down feeds only the residual)."""
+    cfg = tiny_config("model.family=llama", f"model.remat={remat}", "model.scan_layers=false")
+    model, params, tokens = init(cfg)
+    print_saved_residuals(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2), params)
+    named = [line for line in capsys.readouterr().out.splitlines() if "named 'linear'" in line]
+    assert len(named) == saved * cfg.model.n_layers, named
 
 def test_unscanned_layers_match_scanned():
     cfg = tiny_config()
