@@ -51,6 +51,7 @@ class ModelConfig:
     dtype: str = _f("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
     remat: str = _f("none", "rematerialisation per block: none, full, dots, dots_no_batch")
     scan_layers: bool = _f(True, "stack blocks with nn.scan so compile time does not grow with depth")
+    scan_unroll: int = _f(1, "blocks per scan iteration (scan_layers); 0 = all")
     attention: str = _f("auto", "training attention: blocked (causal query blocks, written-out backward pass), "
                         "xla (jax.nn.dot_product_attention), auto = blocked on CPU, xla elsewhere")
     attention_block: int = _f(0, "blocked attention: query block length (the sequence is cut into T/block "

@@ -50,18 +50,78 @@ def _constrain(x, names: tuple):
     return nn.with_logical_constraint(x, names)
 
 
+def _norm_stats(x32, rms: bool, eps: float):
+    """(mean, 1/sqrt(var + eps)) over the last axis, each [..., 1]; mean is 0 for RMSNorm."""
+    if rms:
+        return jnp.zeros_like(x32[..., :1]), jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
+    mean = jnp.mean(x32, -1, keepdims=True)
+    centred = x32 - mean
+    return mean, jax.lax.rsqrt(jnp.mean(centred * centred, -1, keepdims=True) + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def norm(x, scale, bias, rms: bool, eps: float):
+    """LayerNorm ((x - mean) / std * scale + bias), or RMSNorm (x / rms * scale) when `rms`,
+    over the last axis, in float32; bias may be None.
+
+    The backward pass keeps only x and the two per-row statistics: autodiff of the formula
+    kept x - mean, the normalised x and more, each as large as x, for every norm of every
+    layer (the next layer's product keeps the output anyway).
+    """
+    return _norm_fwd(x, scale, bias, rms, eps)[0]
+
+
+def _norm_fwd(x, scale, bias, rms, eps):
+    x32 = x.astype(jnp.float32)
+    mean, inv = _norm_stats(x32, rms, eps)
+    y = (x32 - mean) * inv * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype), (x, mean, inv, scale, bias)
+
+
+def _norm_bwd(rms, eps, saved, g):
+    x, mean, inv, scale, bias = saved
+    xhat = (x.astype(jnp.float32) - mean) * inv
+    g32 = g.astype(jnp.float32)
+    dxhat = g32 * scale.astype(jnp.float32)
+    proj = jnp.mean(dxhat * xhat, -1, keepdims=True)
+    centre = 0.0 if rms else jnp.mean(dxhat, -1, keepdims=True)
+    dx = inv * (dxhat - centre - xhat * proj)
+    lead = tuple(range(x.ndim - 1))
+    dscale = jnp.sum(g32 * xhat, lead).astype(scale.dtype)
+    dbias = None if bias is None else jnp.sum(g32, lead).astype(bias.dtype)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+class _NormParams(nn.Module):
+    """Parameters of a norm under Flax's own names (LayerNorm_0 / RMSNorm_0: scale, bias), so
+    checkpoints and exports are those of nn.LayerNorm / nn.RMSNorm."""
+
+    cfg: ModelConfig
+    rms: bool
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        c = self.cfg
+        D = x_BTD.shape[-1]
+        scale = self.param("scale", _ones(("norm",)), (D,), jnp.float32)
+        bias = None
+        if not self.rms and c.use_bias:
+            bias = self.param("bias", _zeros(("norm",)), (D,), jnp.float32)
+        return norm(x_BTD.astype(compute_dtype(c)), scale, bias, self.rms, c.norm_eps)
+
+
 class Norm(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BTD):
-        c = self.cfg
-        if c.family == "llama":
-            return nn.RMSNorm(epsilon=c.norm_eps, dtype=compute_dtype(c), param_dtype=jnp.float32,
-                              scale_init=_ones(("norm",)))(x_BTD)
-        return nn.LayerNorm(epsilon=c.norm_eps, use_bias=c.use_bias, dtype=compute_dtype(c),
-                            param_dtype=jnp.float32, scale_init=_ones(("norm",)),
-                            bias_init=_zeros(("norm",)))(x_BTD)
+        rms = self.cfg.family == "llama"
+        return _NormParams(self.cfg, rms, name="RMSNorm_0" if rms else "LayerNorm_0")(x_BTD)
 
 
 def rope(x_BTNH, positions_BT, theta: float):
@@ -280,7 +340,7 @@ class Decoder(nn.Module):
         if c.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+                            unroll=c.scan_unroll or c.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
             x_BTD, kv = stack(c, name="blocks")(x_BTD, positions_BT, segment_ids_BT, kv, slots)
         else:
             layers = []

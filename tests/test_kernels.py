@@ -16,15 +16,19 @@ from jaxlm.attention import causal_attention, n_blocks
 from jaxlm.config import load_config
 from jaxlm.dots import attend, contract, table_grad, weight_grad
 from jaxlm.loss import chunk_length
-from jaxlm.model import Decoder, gelu, swiglu
+from jaxlm.model import Decoder, gelu, norm, swiglu
 from jaxlm.step import loss_chunk, train_loss
 
 from conftest import tiny_config
 
 
 def _close(got, want, tol):
+    """Each leaf within tol of its own largest value, or of 1e-3 of the largest value of any
+    leaf when that is more: a gradient that is zero in exact arithmetic (a key bias: softmax
+    ignores a shift shared by all keys) is float32 roundoff of the others' size."""
+    floor = 1e-3 * max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(want))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        scale = float(jnp.max(jnp.abs(b))) + 1e-12
+        scale = max(float(jnp.max(jnp.abs(b))), floor) + 1e-12
         assert float(jnp.max(jnp.abs(a - b))) <= tol * scale, (float(jnp.max(jnp.abs(a - b))), scale)
 
 
@@ -102,6 +106,22 @@ def test_gelu_and_swiglu_gradients_equal_autodiff():
     np.testing.assert_allclose(swiglu(x, u), nn.silu(x) * u, rtol=1e-6, atol=1e-6)
     _close(jax.grad(lambda a, b: jnp.sum(w * swiglu(a, b)), (0, 1))(x, u),
            jax.grad(lambda a, b: jnp.sum(w * nn.silu(a) * b), (0, 1))(x, u), 1e-5)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_norm_equals_flax_norm_and_its_gradients(rms):
+    r = np.random.default_rng(4)
+    x, w = (jnp.asarray(r.standard_normal((3, 5, 16)) * 3 + 1, jnp.float32) for _ in range(2))
+    p = {"scale": jnp.asarray(r.standard_normal(16), jnp.float32)}
+    if not rms:
+        p["bias"] = jnp.asarray(r.standard_normal(16), jnp.float32)
+    ref = nn.RMSNorm(epsilon=1e-5) if rms else nn.LayerNorm(epsilon=1e-5)
+    want = lambda x, p: jnp.sum(w * ref.apply({"params": p}, x))
+    got = lambda x, p: jnp.sum(w * norm(x, p["scale"], p.get("bias"), rms, 1e-5))
+    np.testing.assert_allclose(norm(x, p["scale"], p.get("bias"), rms, 1e-5), ref.apply({"params": p}, x),
+                               rtol=1e-5, atol=1e-5)
+    _close(jax.grad(got, (0, 1))(x, p), jax.grad(want, (0, 1))(x, p), 1e-5)
+    assert jax.grad(got, (0, 1))(x, p)[1].keys() == p.keys()
 
 
 @pytest.mark.parametrize("n_in", [1, 2])
