@@ -51,7 +51,8 @@ class ModelConfig:
     dtype: str = _f("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
     remat: str = _f("none", "rematerialisation per block: none, full, dots, dots_no_batch")
     scan_layers: bool = _f(True, "stack blocks with nn.scan so compile time does not grow with depth")
-    scan_unroll: int = _f(1, "blocks per scan iteration (scan_layers); 0 = all")
+    scan_unroll: int = _f(1, "blocks per iteration of the layer scan; 0 = all: no loop, stacked "
+                          "parameters kept (compile time then grows with depth)")
     attention: str = _f("auto", "training attention: blocked (causal query blocks, written-out backward pass), "
                         "xla (jax.nn.dot_product_attention), auto = blocked on CPU, xla elsewhere")
     attention_block: int = _f(0, "blocked attention: query block length (the sequence is cut into T/block "
@@ -334,7 +335,7 @@ def validate(cfg: Config) -> None:
         "checkpoint.every": cfg.checkpoint.every, "run.peak_tflops": cfg.run.peak_tflops,
         "checkpoint.keep_every": cfg.checkpoint.keep_every, "train.max_bad_steps": t.max_bad_steps,
         "train.max_rollbacks": t.max_rollbacks, "model.attention_block": m.attention_block,
-        "train.loss_chunk": t.loss_chunk,
+        "train.loss_chunk": t.loss_chunk, "model.scan_unroll": m.scan_unroll,
     }
     for key, v in non_negative.items():
         if v < 0:

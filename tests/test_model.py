@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from jax.ad_checkpoint import print_saved_residuals
 
 from jaxlm.config import load_config
@@ -14,7 +15,6 @@ def init(cfg, vocab=256, T=16):
     model = Decoder(cfg.model, vocab)
     tokens = jax.random.randint(jax.random.key(1), (2, T), 0, vocab)
     params = jax.tree.map(lambda x: x, model.init(jax.random.key(0), tokens)["params"])
-    from flax import linen as nn
     return model, nn.unbox(params), tokens
 
 
@@ -74,6 +74,22 @@ def test_unscanned_layers_match_scanned():
         split[f"block_{i}"] = jax.tree.map(lambda x: x[i], blocks)
     np.testing.assert_allclose(model.apply({"params": params}, tokens),
                                unscanned.apply({"params": split}, tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_unrolled_scan_matches_scan():
+    """model.scan_unroll=0 writes every block out in one program but keeps the stacked
+    parameters: same parameter tree, same outputs and gradients as the while loop."""
+    cfg = tiny_config("model.n_layers=3")
+    model, params, tokens = init(cfg)
+    unrolled = Decoder(tiny_config("model.n_layers=3", "model.scan_unroll=0").model, 256)
+    assert jax.tree.structure(nn.unbox(unrolled.init(jax.random.key(0), tokens)["params"])) == jax.tree.structure(params)
+    loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2)))
+    (a, ga), (b, gb) = loss(model)(params), loss(unrolled)(params)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+    hlo = lambda m: jax.jit(lambda p: m.apply({"params": p}, tokens)).lower(params).as_text()
+    assert "while" in hlo(model) and "while" not in hlo(unrolled)
 
 
 def test_bfloat16_compute_keeps_float32_params():
