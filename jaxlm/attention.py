@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.dots import einsum, stash, unstash
+
 
 def n_blocks(seq_len: int, block: int = 0) -> int:
     """Query blocks of at least `block` positions that divide `seq_len` (1 = no split).
@@ -69,10 +71,10 @@ def _forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, blocks: int):
     for i in range(blocks):
         s = (i + 1) * c
         q_i = q[:, :, :, i * c:s]  # [B, K, G, C, H]
-        scores = jnp.einsum("bkgch,bksh->bkgcs", q_i, k[:, :, :s]).astype(jnp.float32) * scale
+        scores = einsum("bkgch,bksh->bkgcs", q_i, k[:, :, :s], jnp.float32) * scale
         scores = jnp.where(_mask(i, c, s, seg_BT), scores, -jnp.inf)
         p = jax.nn.softmax(scores, axis=-1)  # every row keeps at least its own position
-        out = jnp.einsum("bkgcs,bksh->bkgch", p.astype(v.dtype), v[:, :, :s])
+        out = einsum("bkgcs,bksh->bkgch", p.astype(v.dtype), v[:, :, :s])
         probs.append(p)
         outs.append(out)
     o = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H]
@@ -89,15 +91,15 @@ def causal_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, blocks: int):
 
 def _fwd(q_BTNH, k_BTKH, v_BTKH, seg_BT, blocks):
     o_BTNH, res = _forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, blocks)
-    return o_BTNH, (res, seg_BT)
+    return o_BTNH, stash((res, seg_BT))
 
 
 def _bwd(blocks, saved, do_BTNH):
-    (q, k, v, o, probs), seg_BT = saved
+    (q, k, v, o, probs), seg_BT = unstash(saved)
     b, kv, g, t, h = q.shape
     c = t // blocks
     scale = 1.0 / np.sqrt(h)
-    do = do_BTNH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    do = do_BTNH.astype(q.dtype).reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, K, G, T]
     dq_blocks = []
     dk = jnp.zeros(k.shape, jnp.float32)
@@ -105,13 +107,11 @@ def _bwd(blocks, saved, do_BTNH):
     for i, p in enumerate(probs):
         s = (i + 1) * c
         do_i = do[:, :, :, i * c:s]
-        dv = dv.at[:, :, :s].add(jnp.einsum("bkgcs,bkgch->bksh", p.astype(do.dtype), do_i,
-                                            preferred_element_type=jnp.float32))
-        dp = jnp.einsum("bkgch,bksh->bkgcs", do_i, v[:, :, :s]).astype(jnp.float32)
+        dv = dv.at[:, :, :s].add(einsum("bkgcs,bkgch->bksh", p.astype(do.dtype), do_i, jnp.float32))
+        dp = einsum("bkgch,bksh->bkgcs", do_i, v[:, :, :s], jnp.float32)
         ds = (p * (dp - delta[:, :, :, i * c:s, None]) * scale).astype(q.dtype)
-        dq_blocks.append(jnp.einsum("bkgcs,bksh->bkgch", ds, k[:, :, :s]))
-        dk = dk.at[:, :, :s].add(jnp.einsum("bkgcs,bkgch->bksh", ds, q[:, :, :, i * c:s],
-                                            preferred_element_type=jnp.float32))
+        dq_blocks.append(einsum("bkgcs,bksh->bkgch", ds, k[:, :, :s]))
+        dk = dk.at[:, :, :s].add(einsum("bkgcs,bkgch->bksh", ds, q[:, :, :, i * c:s], jnp.float32))
     dq = jnp.concatenate(dq_blocks, axis=3)
     dq_BTNH = dq.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h)
     dk_BTKH = dk.astype(k.dtype).transpose(0, 2, 1, 3)

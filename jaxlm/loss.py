@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.dots import table_grad, weight_grad
+from jaxlm.dots import einsum, table_grad, weight_grad
 
 
 def chunk_length(seq_len: int, rows: int, vocab: int, budget: int) -> int:
@@ -48,9 +48,9 @@ def _unchunks(x_NBC_):
 def _logits(x_BCD, w, tied: bool, dtype):
     """Chunk logits in float32, computed in `dtype` like the model's own head."""
     if tied:  # w: the embedding table [V, D]
-        z = jnp.einsum("bcd,vd->bcv", x_BCD.astype(dtype), w.astype(dtype))
+        z = einsum("bcd,vd->bcv", x_BCD.astype(dtype), w.astype(dtype))
     else:  # w: the head kernel [D, V]
-        z = jnp.einsum("bcd,dv->bcv", x_BCD.astype(dtype), w.astype(dtype))
+        z = einsum("bcd,dv->bcv", x_BCD.astype(dtype), w.astype(dtype))
     return nn.with_logical_constraint(z, ("batch", "length", "act_vocab")).astype(jnp.float32)
 
 
@@ -74,9 +74,9 @@ def _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: in
         dlogits_BCV = coef_BC[..., None] * exp_BCV - jnp.where(is_target_BCV, wt_BC[..., None], 0.0)
         dlogits_BCV = dlogits_BCV.astype(dtype)
         if tied:
-            dx_BCD = jnp.einsum("bcv,vd->bcd", dlogits_BCV, w.astype(dtype))
+            dx_BCD = einsum("bcv,vd->bcd", dlogits_BCV, w.astype(dtype))
         else:
-            dx_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, w.astype(dtype))
+            dx_BCD = einsum("bcv,dv->bcd", dlogits_BCV, w.astype(dtype))
         if tied:
             dw_chunk = table_grad(x_BCD.astype(dtype), dlogits_BCV)
         else:

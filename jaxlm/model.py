@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.attention import causal_attention, n_blocks
 from jaxlm.config import ModelConfig
-from jaxlm.dots import attend, contract
+from jaxlm.dots import attend, contract, stash, unstash
 
 
 def compute_dtype(cfg: ModelConfig):
@@ -77,11 +77,11 @@ def _norm_fwd(x, scale, bias, rms, eps):
     y = (x32 - mean) * inv * scale.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype), (x, mean, inv, scale, bias)
+    return y.astype(x.dtype), stash((x, mean, inv, scale, bias))
 
 
 def _norm_bwd(rms, eps, saved, g):
-    x, mean, inv, scale, bias = saved
+    x, mean, inv, scale, bias = unstash(saved)
     xhat = (x.astype(jnp.float32) - mean) * inv
     g32 = g.astype(jnp.float32)
     dxhat = g32 * scale.astype(jnp.float32)
@@ -151,10 +151,11 @@ def gelu(x):
 
 
 def _gelu_fwd(x):
-    return gelu(x), x
+    return gelu(x), stash(x)
 
 
-def _gelu_bwd(x, g):
+def _gelu_bwd(saved, g):
+    x = unstash(saved)
     x32 = x.astype(jnp.float32)
     t = jnp.tanh(_GELU_C * (x32 + 0.044715 * x32 * x32 * x32))
     d = 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x32 * x32)
@@ -172,11 +173,11 @@ def swiglu(gate, up):
 
 
 def _swiglu_fwd(gate, up):
-    return swiglu(gate, up), (gate, up)
+    return swiglu(gate, up), stash((gate, up))
 
 
 def _swiglu_bwd(saved, g):
-    gate, up = saved
+    gate, up = unstash(saved)
     g32, u32, d32 = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
     sig = jax.nn.sigmoid(g32)
     silu = g32 * sig
