@@ -6,8 +6,11 @@ autodiff, the products of `dots` against autodiff of the plain products: outputs
 gradients, float32, tolerances at float32 roundoff.
 """
 
+import re
+
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -153,3 +156,58 @@ def test_weight_gradient_keeps_the_transposed_input_as_its_own_array():
     for f, args in ((lambda x, w: jnp.sum(contract(x, w, 1)), (x, w)), (lambda x, t: jnp.sum(attend(x, t)), (x, t))):
         hlo = jax.jit(jax.grad(f, argnums=1)).lower(*args).as_text()
         assert "optimization_barrier" in hlo
+
+
+def _dot_operand_dtypes(hlo: str):
+    """(lhs, rhs, result) element types of every dot in compiled HLO text."""
+    types = {}
+    for m in re.finditer(r"%([\w.\-]+) = (\w+)\[", hlo):
+        types[m.group(1)] = m.group(2)
+    return [(types.get(a), types.get(b), out)
+            for out, a, b in re.findall(r"= (\w+)\[[^=]*? dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bfloat16_gradient_runs_every_product_on_bfloat16_operands(family):
+    """With model.dtype=bfloat16 every product of the compiled loss gradient takes bf16
+    operands and accumulates in float32 (XLA's CPU runtime runs that natively; a bf16 -> bf16
+    product, or one whose operand XLA sees transposed, is run on float32 copies)."""
+    cfg = tiny_config(f"model.family={family}", "model.dtype=bfloat16", "model.d_model=128",
+                      "model.n_heads=4", "model.n_kv_heads=0", "train.seq_len=64")
+    model = Decoder(cfg.model, 256)
+    tokens = jnp.zeros((4, 64), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+    batch = {"inputs": tokens, "targets": tokens}
+    grad = jax.jit(jax.grad(lambda p: train_loss(p, batch, model, 256.0, 0.0, 0)[0]))
+    dots = _dot_operand_dtypes(grad.lower(params).compile().as_text())
+    assert len(dots) >= 7 * cfg.model.n_layers, dots  # each block: 7 products forward, more backward
+    assert all(d == ("bf16", "bf16", "f32") for d in dots), dots
+
+
+def test_scanned_bfloat16_residuals_are_not_stacked_as_bfloat16():
+    """The layer scan stacks each block's residuals; the custom VJPs hand bf16 residuals over
+    as uint16, since XLA's CPU runtime would copy a whole bf16 stack to float32 and back for
+    every layer's slice. The gradient is unchanged by it."""
+    cfg = tiny_config("model.dtype=bfloat16", "model.n_layers=3")
+    model = Decoder(cfg.model, 256)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
+    params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+    loss = lambda p: jnp.mean(model.apply({"params": p}, tokens).astype(jnp.float32) ** 2)
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+
+    def scans(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from scans(sub)
+
+    stacked = [v.aval for eqn in scans(jaxpr.jaxpr) for v in eqn.outvars[eqn.params["num_carry"]:]
+               if v.aval.shape[:1] == (3,)]
+    assert any(a.dtype == jnp.uint16 for a in stacked), stacked
+    assert not any(a.dtype == jnp.bfloat16 for a in stacked), stacked
+    # stash / unstash round trip is exact
+    from jaxlm.dots import stash, unstash
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 7)), jnp.bfloat16)
+    back = unstash(stash((x, jnp.ones(3), None)))
+    assert back[0].dtype == jnp.bfloat16 and bool(jnp.all(back[0] == x)) and back[2] is None
