@@ -15,14 +15,17 @@ TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "bench_checkpoint.
 def test_checkpoint_every_10_steps_costs_under_10_percent():
     source = "text:" + str(shared_data("tinyshakespeare/input.txt"))
     env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as the tool runs on its own
-    proc = subprocess.run([sys.executable, TOOL, "--source", source, "--rounds", "1", "--steps", "20"],
+    # width 768 (~30M parameters, a ~350 MB train state): the tool's default model wrote its
+    # checkpoint in 0.27 s on a faster CPU, too quick for the comparison to mean anything
+    proc = subprocess.run([sys.executable, TOOL, "--source", source, "--rounds", "1", "--steps", "20",
+                           "model.d_model=768", "model.n_heads=12"],
                           env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout
     print(out)
     line = next(x for x in out.splitlines() if x.startswith("one checkpoint"))
     returned = float(line.split("returns after ")[1].split("s")[0])
     committed = float(line.split("committed after ")[1].split("s")[0])
-    assert committed >= 0.3  # a checkpoint big enough to matter (0.47 s with jaxlm's malloc setting)
+    assert committed >= 0.3  # a checkpoint big enough to matter
     assert returned < 0.6 * committed  # the loop gets control back long before the write is done
     # The time the loop waits inside save() is under 10% of the loop. The A/B step-time
     # comparison the tool prints is reported, not asserted: on a shared 2-core machine its
