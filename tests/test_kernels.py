@@ -17,7 +17,7 @@ import pytest
 
 from jaxlm.attention import causal_attention, n_blocks
 from jaxlm.config import load_config
-from jaxlm.dots import attend, contract, table_grad, weight_grad
+from jaxlm.dots import attend, contract, stash, table_grad, unstash, weight_grad
 from jaxlm.loss import chunk_length
 from jaxlm.model import Decoder, gelu, norm, swiglu
 from jaxlm.step import loss_chunk, train_loss
@@ -187,7 +187,7 @@ def test_bfloat16_gradient_runs_every_product_on_bfloat16_operands(family):
 def test_scanned_bfloat16_residuals_are_not_stacked_as_bfloat16():
     """The layer scan stacks each block's residuals; the custom VJPs hand bf16 residuals over
     as uint16, since XLA's CPU runtime would copy a whole bf16 stack to float32 and back for
-    every layer's slice. The gradient is unchanged by it."""
+    every layer's slice. The stash / unstash round trip is exact."""
     cfg = tiny_config("model.dtype=bfloat16", "model.n_layers=3")
     model = Decoder(cfg.model, 256)
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
@@ -206,8 +206,6 @@ def test_scanned_bfloat16_residuals_are_not_stacked_as_bfloat16():
                if v.aval.shape[:1] == (3,)]
     assert any(a.dtype == jnp.uint16 for a in stacked), stacked
     assert not any(a.dtype == jnp.bfloat16 for a in stacked), stacked
-    # stash / unstash round trip is exact
-    from jaxlm.dots import stash, unstash
     x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 7)), jnp.bfloat16)
     back = unstash(stash((x, jnp.ones(3), None)))
     assert back[0].dtype == jnp.bfloat16 and bool(jnp.all(back[0] == x)) and back[2] is None
