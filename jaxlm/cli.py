@@ -245,13 +245,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _is_override(token: str) -> bool:
+    """A dotted key=value override: has '=' after a non-empty key and does not start with '-'."""
+    return not token.startswith("-") and token.find("=") > 0
+
+
+def parse_args(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse a command line; key=value overrides may come before, between or after the options.
+
+    argparse fills the `overrides` positional only from the tokens right after the other
+    positionals (and parse_intermixed_args does not support subparsers), so overrides that
+    follow an option are left over by parse_known_args; they are appended to args.overrides
+    in command-line order. Any other leftover (an unknown option, a stray word, an override
+    to a subcommand that takes none) is argparse's usual "unrecognized arguments" error, exit 2.
+    An option's own value ("--prompt a=b") is consumed by the option and never becomes an override.
+    """
+    parser = parser or build_parser()
+    args, rest = parser.parse_known_args(argv)
+    takes_overrides = isinstance(getattr(args, "overrides", None), list)
+    bad = [t for t in rest if not (takes_overrides and _is_override(t))]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if rest:
+        args.overrides.extend(rest)
     if getattr(args, "config", None) and "=" in args.config:  # overrides only, no file
         args.overrides.insert(0, args.config)
         args.config = None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     try:
         return args.func(args)
     except JaxlmError as e:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from jaxlm.cli import main
+from jaxlm.cli import main, parse_args
 from jaxlm.metrics import read_metrics
 
 TINY_CLI = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64",
@@ -152,3 +152,80 @@ def test_diverging_run_exits_3(tmp_path, small_corpus, capsys):
     err = capsys.readouterr().err
     assert "jaxlm: stopping at step" in err and "more than train.max_bad_steps=2 steps in a row" in err
     assert "skipped (3 in a row" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "RUN", "mesh.data=2", "eval.batch_size=8", "--data", "text:x/*.txt", "--split", "validation"],
+    ["eval", "RUN", "mesh.data=2", "--data", "text:x/*.txt", "eval.batch_size=8", "--split", "validation"],
+    ["eval", "RUN", "--data", "text:x/*.txt", "--split", "validation", "mesh.data=2", "eval.batch_size=8"],
+    ["eval", "--data", "text:x/*.txt", "RUN", "mesh.data=2", "--split", "validation", "eval.batch_size=8"],
+])
+def test_eval_overrides_before_between_or_after_options(argv):
+    args = parse_args(argv)
+    assert args.path == "RUN" and args.data == "text:x/*.txt" and args.split == "validation"
+    assert args.overrides == ["mesh.data=2", "eval.batch_size=8"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "RUN", "mesh.data=1", "model.dtype=bfloat16", "--prompt", "hi", "--top-k", "5"],
+    ["generate", "RUN", "mesh.data=1", "--prompt", "hi", "model.dtype=bfloat16", "--top-k", "5"],
+    ["generate", "RUN", "--prompt", "hi", "--top-k", "5", "mesh.data=1", "model.dtype=bfloat16"],
+])
+def test_generate_overrides_before_between_or_after_options(argv):
+    args = parse_args(argv)
+    assert args.path == "RUN" and args.prompt == ["hi"] and args.top_k == 5
+    assert args.overrides == ["mesh.data=1", "model.dtype=bfloat16"]
+
+
+@pytest.mark.parametrize("argv, config", [
+    (["train", "exp.yaml", "optim.lr=1e-3", "--restart", "train.steps=5"], "exp.yaml"),
+    (["train", "--restart", "exp.yaml", "optim.lr=1e-3", "train.steps=5"], "exp.yaml"),
+    (["train", "exp.yaml", "--restart", "optim.lr=1e-3", "train.steps=5"], "exp.yaml"),
+    # no config file: the first override lands in the config positional and is moved back
+    (["train", "optim.lr=1e-3", "--restart", "train.steps=5"], None),
+    (["train", "--restart", "optim.lr=1e-3", "train.steps=5"], None),
+    (["train", "optim.lr=1e-3", "train.steps=5", "--restart"], None),
+])
+def test_train_overrides_anywhere_with_or_without_config(argv, config):
+    args = parse_args(argv)
+    assert args.config == config and args.restart and not args.resume
+    assert args.overrides == ["optim.lr=1e-3", "train.steps=5"]
+
+
+def test_overrides_after_options_of_nested_subcommands():
+    args = parse_args(["tokenizer", "train", "data.source=text:a/*.txt", "-o", "t.model", "data.tokenizer_vocab=300"])
+    assert args.config is None and args.output == "t.model"
+    assert args.overrides == ["data.source=text:a/*.txt", "data.tokenizer_vocab=300"]
+    args = parse_args(["import", "hf", "DIR", "--out", "R", "model.scan_layers=true", "--force"])
+    assert args.dir == "DIR" and args.out == "R" and args.force and args.overrides == ["model.scan_layers=true"]
+    args = parse_args(["data", "exp.yaml", "data.cache_dir=/tmp/c"])
+    assert args.config == "exp.yaml" and args.overrides == ["data.cache_dir=/tmp/c"]
+
+
+def test_override_after_an_option_reaches_the_config(capsys):
+    # the misspelt key comes after --restart: it is validated (exit 2, a suggestion), not rejected by argparse
+    assert main(["train", "run.progress=false", "--restart", "optim.lrr=1"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+def test_option_value_with_equals_sign_stays_with_the_option():
+    args = parse_args(["generate", "RUN", "--prompt", "a=b", "mesh.data=1", "--prompt=x=y", "--prompt-file", "p=q.txt"])
+    assert args.prompt == ["a=b", "x=y"] and args.prompt_file == "p=q.txt"
+    assert args.overrides == ["mesh.data=1"]
+    args = parse_args(["eval", "RUN", "--data", "text:dir/a=b/*.txt", "mesh.data=2"])
+    assert args.data == "text:dir/a=b/*.txt" and args.overrides == ["mesh.data=2"]
+
+
+@pytest.mark.parametrize("argv, bad", [
+    (["eval", "RUN", "--data", "X", "stray"], "stray"),
+    (["eval", "RUN", "--data", "X", "mesh.data=2", "--bogus=1"], "--bogus=1"),
+    (["train", "optim.lr=1", "--restart", "second.yaml"], "second.yaml"),
+    (["generate", "RUN", "--prompt", "hi", "=1"], "=1"),
+    (["plot", "RUN", "--out", "o", "mesh.data=2"], "mesh.data=2"),  # plot takes no overrides
+])
+def test_bad_leftover_is_still_an_argparse_error(argv, bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: jaxlm" in err and f"error: unrecognized arguments: {bad}" in err
