@@ -30,6 +30,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION = ("auto", "blocked", "xla")
 SCHEDULES = ("constant", "cosine", "linear", "wsd", "inverse_sqrt")
 BACKENDS = ("jit", "pmap")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,11 @@ class RunConfig:
     peak_tflops: float = _f(0.0, "per-device peak TFLOP/s for MFU; 0 = from the device kind")
     tensorboard: bool = _f(True, "write TensorBoard event files")
     progress: bool = _f(True, "show a progress bar")
+    wandb: bool = _f(False, "log to Weights & Biases from process 0: config, scalars, run summary; needs the "
+                     "wandb extra (pip install 'jaxlm[wandb]')")
+    wandb_project: str = _f("jaxlm", "W&B project")
+    wandb_entity: str = _f("", "W&B entity (user or team); empty = your default entity")
+    wandb_mode: str = _f("", "W&B mode: online, offline or disabled; empty = wandb's default / $WANDB_MODE")
 
     @property
     def path(self) -> str:
@@ -357,6 +363,8 @@ def validate(cfg: Config) -> None:
     _choice("train.on_bad_steps", t.on_bad_steps, ("stop", "rollback"))
     _choice("data.tokenizer_type", cfg.data.tokenizer_type, ("bpe", "unigram"))
     _choice("data.invalid_utf8", cfg.data.invalid_utf8, ("error", "replace"))
+    if cfg.run.wandb_mode:
+        _choice("run.wandb_mode", cfg.run.wandb_mode, WANDB_MODES)
     if m.d_model % m.n_heads:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
