@@ -9,7 +9,6 @@ mask, times 3 for forward + backward).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -38,41 +37,200 @@ def flops_per_token(m: ModelConfig, counts: dict[str, int], vocab: int, seq_len:
     return 6.0 * matmul + 6.0 * m.n_layers * seq_len * m.d_model
 
 
-# Dense peak TFLOP/s per device (bfloat16 for accelerators) from vendor data sheets.
+# Dense peak TFLOP/s per device from vendor data sheets: the bfloat16 number, used whatever
+# model.dtype is (the usual MFU convention for accelerators). CPUs are measured instead.
 _PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0, "tpu v4": 275.0,
                 "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6": 918.0}
 
+_CPU_PEAK_FILE = "cpu_peak.json"  # under $JAXLM_CACHE_DIR or ~/.cache/jaxlm
+_CPU_PEAK_VERSION = 1
+_cpu_peak_memo: dict[tuple[str, str], tuple[float, str]] = {}  # (path, key) -> (per-device FLOP/s, source)
 
-def peak_flops(device, override_tflops: float = 0.0) -> float | None:
-    """Peak FLOP/s of one device: the override, the data-sheet table, or on a CPU a measurement."""
+
+def peak_flops(device, override_tflops: float = 0.0, dtype: str = "float32") -> float | None:
+    """Peak FLOP/s of one device: the override, the data-sheet table, or on a CPU a measurement
+    for `dtype` (`peak_flops_info` also says which)."""
+    return peak_flops_info(device, override_tflops, dtype)[0]
+
+
+def peak_flops_info(device, override_tflops: float = 0.0, dtype: str = "float32") -> tuple[float | None, str]:
+    """(peak FLOP/s of one device or None, where that number comes from).
+
+    In order: `override_tflops` (run.peak_tflops); the data-sheet table by device kind (dense
+    bfloat16 whatever `dtype` is); on a CPU the matmul peak for `dtype` measured once per
+    machine and cached (`cpu_peak_flops`); else None.
+    """
     if override_tflops:
-        return override_tflops * 1e12
+        return override_tflops * 1e12, f"run.peak_tflops={override_tflops:g}"
     kind = getattr(device, "device_kind", "").lower()
     for name, tflops in _PEAK_TFLOPS.items():
         if name in kind:
-            return tflops * 1e12
-    if device.platform == "cpu":
-        return measured_matmul_flops(device)
-    return None
+            return tflops * 1e12, f"data sheet: {name} dense bfloat16"
+    if getattr(device, "platform", "") == "cpu":
+        return cpu_peak_flops(device, dtype)
+    return None, f"no data-sheet peak for device kind {kind!r}"
 
 
-@functools.lru_cache(maxsize=None)
-def measured_matmul_flops(device, n: int = 1024, seconds: float = 0.3) -> float:
-    """Best float32 matmul FLOP/s seen on `device` in ~`seconds`: a CPU's practical peak.
+def mfu_note(mfu: float, peak: float, source: str) -> str | None:
+    """A warning to log when `mfu` is above 100% (the `peak` it divides by, from `source` as
+    `peak_flops_info` gives it, is lower than the run's FLOP rate); None otherwise."""
+    if not mfu > 1.0:  # also None for NaN
+        return None
+    text = (f"mfu {mfu:.0%} is above 100%: the peak it is relative to, {peak / 1e12:.4g} TFLOP/s per device "
+            f"({source}), is below what this run reaches")
+    if "measured on this CPU" in source:
+        text += ", likely because the CPU was busy with other work while it was measured"
+        if ", cached at " in source:
+            text += "; delete that file to measure it again,"
+    return text + " or set run.peak_tflops (TFLOP/s per device) to override it"
 
-    CPUs have no data-sheet number that XLA can reach, so MFU on a CPU is relative to this.
+
+def cpu_peak_cache_path() -> str:
+    """<$JAXLM_CACHE_DIR or ~/.cache/jaxlm>/cpu_peak.json (the token cache's default root)."""
+    root = os.environ.get("JAXLM_CACHE_DIR") or os.path.join("~", ".cache", "jaxlm")
+    return os.path.join(os.path.abspath(os.path.expanduser(root)), _CPU_PEAK_FILE)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def cpu_peak_key(dtype: str, n_devices: int) -> str:
+    """What a cached CPU peak depends on: CPU model, usable CPUs, CPU devices, jax version,
+    XLA_FLAGS and the dtype."""
+    key = f"{_cpu_model()} | {usable_cpus()} cpus | {n_devices} devices | jax {jax.__version__} | {dtype}"
+    flags = " ".join(os.environ.get("XLA_FLAGS", "").split())
+    return key + (f" | XLA_FLAGS={flags}" if flags else "")
+
+
+def _read_cpu_peaks(path: str) -> dict:
+    """The cache file's entries; {} when it is missing, unreadable or not a version-1 cache."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    entries = data.get("entries") if isinstance(data, dict) and data.get("version") == _CPU_PEAK_VERSION else None
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    import tempfile
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cpu_peak.", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cpu_peak_flops(device, dtype: str = "float32") -> tuple[float, str]:
+    """(per-device peak FLOP/s of this machine's CPU for `dtype` matmuls, its source).
+
+    Measured once per machine with `measured_matmul_flops` (a few seconds) and cached in
+    `cpu_peak_cache_path()` under `cpu_peak_key`; later runs, and later calls in this
+    process, reuse the number. XLA's CPU devices of one process share one thread pool, so
+    the whole-machine rate is divided by their number. A missing, corrupt or unwritable
+    cache file only means measuring again. Delete the file to re-measure.
     """
     import jax.numpy as jnp
 
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
+    dtype = jnp.dtype(dtype).name
+    n_devices = max(1, len(jax.local_devices(backend="cpu")))
+    path, key = cpu_peak_cache_path(), cpu_peak_key(dtype, n_devices)
+    if (path, key) in _cpu_peak_memo:
+        return _cpu_peak_memo[(path, key)]
+    entry = _read_cpu_peaks(path).get(key)
+    flops = entry.get("machine_flops") if isinstance(entry, dict) else None
+    if isinstance(flops, (int, float)) and not isinstance(flops, bool) and math.isfinite(flops) and flops > 0:
+        source = f"{dtype} matmul peak measured on this CPU, cached at {path}"
+    else:
         t0 = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
+        flops = float(measured_matmul_flops(device, dtype))
+        entry = {"machine_flops": flops, "per_device_flops": flops / n_devices, "dtype": dtype,
+                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "measure_s": round(time.perf_counter() - t0, 2)}
+        try:
+            entries = _read_cpu_peaks(path)  # re-read: keep what other processes wrote meanwhile
+            entries[key] = entry
+            _write_json_atomic(path, {"version": _CPU_PEAK_VERSION, "entries": entries})
+            source = f"{dtype} matmul peak measured on this CPU at start-up, cached at {path}"
+        except OSError as e:
+            source = f"{dtype} matmul peak measured on this CPU at start-up (not cached: {path}: {e.strerror or e})"
+    result = (flops / n_devices, source)
+    _cpu_peak_memo[(path, key)] = result
+    return result
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
+        try:
+            with open(path, encoding="ascii") as f:
+                fields = f.read().split()
+            if path.endswith("cpu.max"):  # cgroup v2: "<quota> <period>" or "max <period>"
+                quota, period = fields[0], fields[1]
+            else:  # cgroup v1: quota in one file (-1: none), period in another
+                quota = fields[0]
+                with open(path.replace("quota", "period"), encoding="ascii") as f:
+                    period = f.read().split()[0]
+            if quota not in ("max", "-1"):
+                n = min(n, max(1, math.ceil(int(quota) / int(period))))
+        except (OSError, ValueError, IndexError):
+            pass
+    return max(1, n)
+
+
+def measured_matmul_flops(device, dtype: str = "float32", sizes: tuple[int, ...] = (512, 1024, 2048),
+                          seconds: float = 2.0) -> float:
+    """Whole-machine matmul FLOP/s on a CPU `device` for `dtype`: its practical peak.
+
+    CPUs have no data-sheet number that XLA can reach, so MFU on a CPU is relative to this.
+    For each n in `sizes`, for seconds / len(sizes) (at least 3 rounds), rounds of
+    back-to-back n x n products (at least 1 GFLOP a round; `dtype` operands accumulated in
+    float32 as jaxlm.dots does) are timed on the wall clock and in this process's CPU time.
+    A size's rate is the larger of the best round's wall-clock rate (throughput actually
+    reached) and the median round's FLOPs x `usable_cpus()` / CPU seconds (the rate had
+    XLA's threads had every usable CPU to themselves: other programs on the machine stretch
+    a round's wall time, much less its CPU time); the peak is the best size's. The earlier
+    form, the best single 1024^3 float32 product in 0.3 s of wall time, varied 2x between
+    runs on a shared machine. The CPU-time rate assumes XLA spreads these products over
+    every usable CPU (else it overstates the peak and MFU reads low); other busy threads of
+    this process make it understate the peak.
+    """
+    import jax.numpy as jnp
+
+    cpus = usable_cpus()
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    best = 0.0
+    for n in sizes:
+        a = jax.device_put(jnp.ones((n, n), dtype), device)
+        reps = max(1, math.ceil(1e9 / (2.0 * n**3)))
+        flops = reps * 2.0 * n**3
+        jax.block_until_ready([matmul(a, a) for _ in range(2)])  # compile and warm up
+        wall, cpu, t_end = [], [], time.perf_counter() + seconds / len(sizes)
+        while time.perf_counter() < t_end or len(wall) < 3:
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready([matmul(a, a) for _ in range(reps)])
+            wall.append(flops / max(time.perf_counter() - t0, 1e-9))
+            cpu.append(flops * cpus / max(time.process_time() - c0, 1e-6))
+        best = max(best, max(wall), float(np.median(cpu)))
+    return best
 
 
 class MetricsWriter:
