@@ -132,10 +132,16 @@ def to_hf(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
+def special_token_ids(tok: Tokenizer) -> dict[str, int]:
+    """bos/eos/pad ids for config.json and generation_config.json. bos is EOS: jaxlm starts every document and
+    prompt with EOS (and the exported tokenizer prepends it), so generating from nothing starts there too."""
+    return {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.sp.pad_id()}
+
+
 def hf_config(cfg: ModelConfig, vocab: int, tok: Tokenizer | None) -> dict:
     ids = {}
     if tok is not None:
-        ids = {"bos_token_id": tok.sp.bos_id(), "eos_token_id": tok.eos_id, "pad_token_id": tok.sp.pad_id()}
+        ids = special_token_ids(tok)
     if cfg.family == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
                 "hidden_size": cfg.d_model, "intermediate_size": cfg.ff_dim, "num_hidden_layers": cfg.n_layers,
@@ -252,8 +258,7 @@ def export(path: str, out_dir: str, fmt: str = "hf", max_shard_bytes: int = DEFA
                                   {"jaxlm_step": str(step), "jaxlm_tokenizer_sha256": o.tokenizer.sha256})
         _json(os.path.join(out_dir, "config.json"), hf_config(cfg, vocab, o.tokenizer))
         _json(os.path.join(out_dir, "generation_config.json"),
-              {"bos_token_id": o.tokenizer.sp.bos_id(), "eos_token_id": o.tokenizer.eos_id,
-               "pad_token_id": o.tokenizer.sp.pad_id(), "max_length": cfg.max_seq_len})
+              {**special_token_ids(o.tokenizer), "max_length": cfg.max_seq_len})
         write_hf_tokenizer(o.tokenizer, out_dir, cfg.max_seq_len)
         _json(os.path.join(out_dir, "jaxlm_export.json"), info)
     log(f"exported step {step} of {o.run_dir} as {fmt} to {out_dir} ({len(files)} weight file"

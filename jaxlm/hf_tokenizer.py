@@ -15,9 +15,17 @@ fast tokenizer directly with the `tokenizers` library:
 - decoder: "▁" back to spaces, byte pieces back to bytes.
 - control pieces (<pad>, <s>, </s>) and <unk> are special tokens that literal text never
   produces (`split_special_tokens`), as in sentencepiece.
+- post-processor: EOS in front of the text ("</s> $A"; a pair is "</s> $A </s> $B"), because
+  jaxlm starts every training document and every prompt with EOS (`generate.encode_prompt`).
+  `tok(text)` is therefore the ids jaxlm conditions on; `add_special_tokens=False` gives the
+  plain sentencepiece ids.
 
 `tokenizer_config.json` names `PreTrainedTokenizerFast`, which loads tokenizer.json as is,
-whatever the model type.
+whatever the model type, post-processor included (transformers 5 ignores add_bos_token and
+add_eos_token when there is a tokenizer.json). It names EOS as both bos_token and eos_token
+(the token that starts a sequence is EOS; sentencepiece's <s> is never used) and sets
+add_bos_token for tools that read it there; code that builds the template from bos_token and
+add_bos_token ("bos $A" / "bos $A bos $B") gets tokenizer.json's template, so EOS is added once.
 """
 
 from __future__ import annotations
@@ -68,7 +76,9 @@ def build(tok: Tokenizer):
     fast.normalizer = normalizers.Replace(" ", "▁")
     fast.pre_tokenizer = None
     fast.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    fast.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    eos = tok.sp.id_to_piece(tok.eos_id)
+    fast.post_processor = processors.TemplateProcessing(single=f"{eos}:0 $A:0", pair=f"{eos}:0 $A:0 {eos}:1 $B:1",
+                                                        special_tokens=[(eos, tok.eos_id)])
     fast.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
                              for p in pieces if p.type in (_CONTROL, _UNKNOWN)])
     return fast
@@ -78,9 +88,10 @@ def write_hf_tokenizer(tok: Tokenizer, out_dir: str, max_len: int) -> None:
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model into `out_dir`."""
     build(tok).save(os.path.join(out_dir, "tokenizer.json"))
     sp = tok.sp
-    special = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
+    eos = sp.id_to_piece(tok.eos_id)
+    special = {"bos_token": eos, "eos_token": eos,  # sequences start with EOS (see `build`)
                "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(sp.pad_id())}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": False,
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": True,
               "add_eos_token": False, "split_special_tokens": True, "clean_up_tokenization_spaces": False,
               "model_max_length": max_len}
     for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):

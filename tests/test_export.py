@@ -87,6 +87,89 @@ def test_train_export_transformers_round_trip(family, trained_run, llama_run, tm
     assert any(len(g) == 32 for g in ours_greedy)  # at least one went the full 32 tokens
 
 
+@pytest.fixture(scope="module")
+def exported(request, tmp_path_factory):
+    """family -> (jaxlm Loaded, export directory): each run exported once, llama trained only when asked for."""
+    done = {}
+
+    def get(family):
+        if family not in done:
+            run_dir = request.getfixturevalue("trained_run")[1] if family == "gpt2" else \
+                request.getfixturevalue("llama_run")
+            out = tmp_path_factory.mktemp(f"hf-{family}")
+            assert main(["export", str(run_dir), "--out", str(out)]) == 0
+            done[family] = load(str(run_dir), devices=jax.devices()[:1]), out
+        return done[family]
+
+    return get
+
+
+def test_exported_tokenizer_prepends_eos_as_jaxlm_does(exported):
+    import tokenizers
+
+    m, out = exported("gpt2")
+    eos = m.tokenizer.eos_id
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    backend = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))  # the file alone, without transformers
+    backend.encode_special_tokens = True  # what split_special_tokens sets (tokenizer.json cannot hold it)
+    for text in PROMPTS + ["", " ", "</s> literal <s>", "é 🙂 日本"]:
+        raw = m.tokenizer.encode([text])[0]
+        assert hf_tok(text)["input_ids"] == [eos] + raw == encode_prompt(m.tokenizer, text), text
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == raw, text
+        assert backend.encode(text).ids == [eos] + raw, text
+        assert backend.encode(text, add_special_tokens=False).ids == raw, text
+        assert hf_tok.decode(hf_tok(text)["input_ids"], skip_special_tokens=True) == text, text
+    assert hf_tok(PROMPTS)["input_ids"] == [encode_prompt(m.tokenizer, t) for t in PROMPTS]
+    a, b = PROMPTS[:2]
+    assert hf_tok(a, b)["input_ids"] == encode_prompt(m.tokenizer, a) + encode_prompt(m.tokenizer, b)
+    # bos is the token sequences start with: EOS, here and in config.json / generation_config.json
+    assert hf_tok.bos_token_id == hf_tok.eos_token_id == eos and hf_tok.pad_token_id == m.tokenizer.sp.pad_id()
+    for name in ("config.json", "generation_config.json"):
+        ids = json.loads((out / name).read_text())
+        assert ids["bos_token_id"] == ids["eos_token_id"] == eos, name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_transformers_greedy_from_plain_tokenizer_call_matches_jaxlm_generate(family, exported):
+    m, out = exported(family)
+    eos, n = m.tokenizer.eos_id, 24
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    texts = PROMPTS + [""]
+    prompts = [encode_prompt(m.tokenizer, t) for t in texts]
+    ours = m.generator.generate(m.params, prompts, n, Sampling(temperature=0), eos_id=eos)
+
+    def hf_greedy(**enc):
+        """(new token ids, the logits the first one was chosen from) of transformers' greedy generate."""
+        with torch.no_grad():
+            res = model.generate(**enc, do_sample=False, max_new_tokens=n, return_dict_in_generate=True,
+                                 output_logits=True)
+        start = enc["input_ids"].shape[1] if enc else 1  # no input: the sequence starts with bos alone
+        return res.sequences[0, start:].tolist(), res.logits[0][0].numpy()
+
+    batch = np.zeros((len(prompts), max(map(len, prompts))), np.int32)  # right-padded: causal, so no effect
+    for i, p in enumerate(prompts):
+        batch[i, :len(p)] = p
+    all_logits = np.asarray(m.model.apply({"params": m.params}, jnp.asarray(batch)))
+    nexts = [all_logits[i, len(p) - 1] for i, p in enumerate(prompts)]  # jaxlm's logits for the next token
+
+    def stop(g):  # jaxlm's continuation as transformers returns it: with the EOS it stopped at
+        return g + [eos] if len(g) < n else g
+
+    for text, g, ref in zip(texts, ours, nexts):
+        ids, logits = hf_greedy(**hf_tok(text, return_tensors="pt"))
+        assert ids == stop(g), text
+        assert np.max(np.abs(logits - ref)) <= 1e-4, text
+    ids, logits = hf_greedy()  # no input: generation_config's bos_token_id, EOS, as for the empty prompt
+    assert texts[-1] == "" and ids == stop(ours[-1]) and np.max(np.abs(logits - nexts[-1])) <= 1e-4
+    assert any(len(g) == n for g in ours)
+    # without the EOS in front (the tokenizer.json of before) transformers conditions on something else: the
+    # logits above would be off by 3e-3 to 1e-1 (a greedy continuation of these tiny models need not change)
+    off = [np.max(np.abs(hf_greedy(**hf_tok(t, return_tensors="pt", add_special_tokens=False))[1] - ref))
+           for t, ref in zip(PROMPTS, nexts)]
+    assert max(off) > 1e-3, off
+
+
 def _random_hf(family, tmp_path):
     torch.manual_seed(0)
     if family == "llama":
