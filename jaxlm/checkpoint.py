@@ -34,7 +34,6 @@ import orbax.checkpoint as ocp
 
 from jaxlm.config import Config, to_yaml
 from jaxlm.errors import CheckpointError
-from jaxlm.step import first_copy
 
 FORMAT_VERSION = 1
 
@@ -126,8 +125,9 @@ class Saver:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.blocked_s = 0.0  # time the training loop spent inside save()
 
-    def save(self, step: int, state, stepper, **position) -> None:
-        """Start writing `state` as checkpoint `step`; returns once the arrays are copied off the devices.
+    def save(self, step: int, state, **position) -> None:
+        """Start writing `state` (one logical copy: see `Stepper.logical_state`) as checkpoint `step`;
+        returns once the arrays are copied off the devices.
 
         `position` holds data_position, skipped_steps and rollbacks. A state with a
         non-finite value is never written: CheckpointError names the arrays.
@@ -135,8 +135,6 @@ class Saver:
         if self.manager.latest_step() == step:
             return
         t0 = time.perf_counter()
-        if stepper.backend == "pmap":  # one copy of the replicated state, on the host
-            state = jax.device_get(jax.tree.map(first_copy, state))
         summary = summarize(state)
         bad = non_finite(summary)
         if bad:

@@ -149,11 +149,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_train(sub) -> None:
     from jaxlm.config import help_text
 
-    parser = argparse.ArgumentParser(prog="jaxlm", description="Pretrain, evaluate and export language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model", description="Train a model from a YAML experiment file.",
                            epilog=TRAIN_EPILOG + help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _config_args(train)
@@ -163,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="require a checkpoint to continue from (fail instead of starting a new run); "
                            "without either flag a run directory with checkpoints is resumed")
     train.set_defaults(func=_train)
+
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint",
                         description="Score every token of a split exactly once with a checkpoint's params and "
                                     "tokenizer; print a table and write JSON into <run>/eval/.",
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ci-block", type=int, default=0, help="targets per block for --ci-unit blocks "
                                                              "(default: the context length)")
     ev.set_defaults(func=_eval)
+
+
+def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="sample text from a checkpoint",
                          description="Sample continuations of prompts with a KV cache; a single sequence "
                                      "streams to the terminal. Each prompt starts a document (EOS in front).")
@@ -198,12 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     gen.set_defaults(func=_generate)
+
+
+def _add_plot(sub) -> None:
     pl = sub.add_parser("plot", help="plot loss and bits per byte of runs",
                         description="Draw train and validation loss (loss.png) and validation bits per byte "
                                     "(bpb.png) against steps, tokens and training FLOPs, every run on one figure.")
     pl.add_argument("runs", nargs="+", help="run directories")
     pl.add_argument("--out", help="output directory (default: <run>/plots for one run, ./plots for several)")
     pl.set_defaults(func=_plot)
+
+
+def _add_export(sub) -> None:
     ex = sub.add_parser("export", help="export a checkpoint (Hugging Face or plain safetensors)",
                         description="hf: config.json, model.safetensors (sharded with an index above --max-shard-gb), "
                                     "generation_config.json and the tokenizer, loadable with transformers' "
@@ -216,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-shard-gb", type=float, default=2.0, help="largest weight file before sharding")
     ex.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     ex.set_defaults(func=_export)
+
+
+def _add_import(sub) -> None:
     imp = sub.add_parser("import", help="import a Hugging Face checkpoint").add_subparsers(dest="source",
                                                                                           required=True)
     imp_hf = imp.add_parser("hf", help="a local Llama or GPT-2 checkpoint directory",
@@ -228,11 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     imp_hf.add_argument("--tokenizer", help="sentencepiece .model (default: DIR/tokenizer.model)")
     imp_hf.add_argument("--force", action="store_true", help="replace a non-empty run directory")
     imp_hf.set_defaults(func=_import)
+
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="tokenize the data of a config into the token cache",
                           description="Train or load the tokenizer and build the token cache of every split "
                                       "of the config's data, as `jaxlm train` would, without training.")
     _config_args(data)
     data.set_defaults(func=_data)
+
+
+def _add_tokenizer(sub) -> None:
     tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="action", required=True)
     tok_train = tok.add_parser("train", help="train a sentencepiece tokenizer on a config's data",
                                description="Train a sentencepiece tokenizer on the training text of a config "
@@ -242,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--output", "-o", required=True, help="path of the .model file to write")
     tok_train.add_argument("--force", action="store_true", help="overwrite an existing output file")
     tok_train.set_defaults(func=_tokenizer_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxlm", description="Pretrain, evaluate and export language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    _add_plot(sub)
+    _add_export(sub)
+    _add_import(sub)
+    _add_data(sub)
+    _add_tokenizer(sub)
     return parser
 
 

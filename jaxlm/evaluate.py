@@ -33,14 +33,13 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt
-from jaxlm import sharding
-from jaxlm.config import Config, check_vocab, load_config
+from jaxlm.config import Config
 from jaxlm.data import cache
 from jaxlm.data.loader import Windows, window_batches
 from jaxlm.data.sources import parse_source
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import CheckpointError, ConfigError, DataError
-from jaxlm.step import Stepper, build, token_losses
+from jaxlm.inference import open_checkpoints
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 MIN_DOCUMENTS = 30  # fewer documents than this: the interval is over blocks of targets
@@ -127,99 +126,60 @@ def summarize(nll: np.ndarray, split: Split, eos_id: int, unit: str = "auto", bl
     return out
 
 
-class Scorer:
-    """The jit-compiled per-token NLL of a model on a mesh, and the loop that scores a whole stream."""
+def score(stepper, params, tokens: np.ndarray, seq_len: int, stride: int | None, batch_size: int,
+          eos_id: int | None = None, log=None) -> np.ndarray:
+    """float64 NLL of every target p of `tokens` at index p (index 0 is 0), each scored exactly once.
 
-    def __init__(self, model, mesh, param_shardings):
-        self.mesh = mesh
-        bsh = sharding.batch_sharding(mesh)
+    `stepper.eval_step(params, batch)` scores each batch on the devices (params in the
+    stepper's layout); two batches stay in flight while the host adds up earlier ones.
+    The training loop's validation and `jaxlm eval` both come through here.
+    """
+    win = Windows(len(tokens), seq_len, stride)
+    nll = np.zeros(len(tokens), np.float64)
+    seen = np.zeros(len(tokens), np.int32)
+    n_batches = -(-win.count // batch_size)
+    pending = []
+    t0 = last = time.perf_counter()
 
-        def nll(params, batch):
-            nll_BT, _, mask_BT = token_losses(params, batch, model)
-            return nll_BT * mask_BT
+    def drain(keep: int):
+        while len(pending) > keep:
+            ids, out = pending.pop(0)
+            pos, scored = win.positions(ids)
+            got = np.asarray(jax.device_get(out), np.float64).reshape(pos.shape)  # pmap: [devices, rows, T]
+            np.add.at(nll, pos[scored], got[scored])
+            np.add.at(seen, pos[scored], 1)
 
-        # replicated output: every process gets every row, so the host can place each target
-        self._fn = jax.jit(nll, in_shardings=(param_shardings, bsh), out_shardings=sharding.replicated(mesh))
+    batches = window_batches(tokens, batch_size, seq_len, stride, 0, jax.process_index(), jax.process_count(),
+                             eos_id)
+    for b, (ids, local) in enumerate(batches):
+        pending.append((ids, stepper.eval_step(params, stepper.place(local, batch_size))))
+        drain(2)
+        if log and time.perf_counter() - last > 10:
+            last = time.perf_counter()
+            log(f"  batch {b + 1}/{n_batches} ({(b + 1) / n_batches:.0%}, {last - t0:.0f}s)")
+    drain(0)
+    if seen[0] or np.any(seen[1:] != 1):
+        raise AssertionError(f"evaluation windows scored {int(np.sum(seen[1:] != 1))} targets other than once")
+    return nll
 
-    def score(self, params, tokens: np.ndarray, seq_len: int, stride: int | None, batch_size: int,
-              eos_id: int | None = None, log=None) -> np.ndarray:
-        """float64 NLL of every target p of `tokens` at index p (index 0 is 0); each scored exactly once."""
-        win = Windows(len(tokens), seq_len, stride)
-        nll = np.zeros(len(tokens), np.float64)
-        seen = np.zeros(len(tokens), np.int32)
-        n_batches = -(-win.count // batch_size)
-        pending = []
-        t0 = last = time.perf_counter()
 
-        def drain(keep: int):
-            while len(pending) > keep:
-                ids, out = pending.pop(0)
-                pos, scored = win.positions(ids)
-                np.add.at(nll, pos[scored], np.asarray(jax.device_get(out), np.float64)[scored])
-                np.add.at(seen, pos[scored], 1)
-
-        batches = window_batches(tokens, batch_size, seq_len, stride, 0, jax.process_index(), jax.process_count(),
-                                 eos_id)
-        with sharding.activate(self.mesh):
-            for b, (ids, local) in enumerate(batches):
-                pending.append((ids, self._fn(params, sharding.shard_batch(local, self.mesh, batch_size))))
-                drain(2)  # keep two batches in flight
-                if log and time.perf_counter() - last > 10:
-                    last = time.perf_counter()
-                    log(f"  batch {b + 1}/{n_batches} ({(b + 1) / n_batches:.0%}, {last - t0:.0f}s)")
-            drain(0)
-        if seen[0] or np.any(seen[1:] != 1):
-            raise AssertionError(f"evaluation windows scored {int(np.sum(seen[1:] != 1))} targets other than once")
-        return nll
+def validate(stepper, params, split: Split, cfg: Config, eos_id: int) -> dict:
+    """The training loop's validation pass: `score` and `summarize` exactly as `jaxlm eval` runs them
+    on the run's own validation split (windows of train.seq_len, 95% intervals over documents or
+    blocks of train.seq_len targets), as `eval_*` metrics. eval.max_batches scores only the
+    first batches, and then there is no bits per byte (bytes are known for the whole split)."""
+    T, B = cfg.train.seq_len, cfg.eval.batch_size or cfg.train.batch_size
+    if cfg.eval.max_batches:
+        n = min(len(split.tokens), cfg.eval.max_batches * B * T + 1)
+        split = Split(split.label, split.tokens[:n], 0 if n < len(split.tokens) else split.bytes, split.documents)
+    nll = score(stepper, params, split.tokens, T, None, B, eos_id if cfg.data.segment_ids else None)
+    res = summarize(nll, split, eos_id, "auto", T)
+    keys = ["loss", "ppl", "tokens", "loss_ci95", "ppl_ci95"] + (["bpb", "bpb_ci95"] if split.bytes else [])
+    return {f"eval_{k}": res[k] for k in keys if k in res}
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80] or "data"
-
-
-def eval_config(stored_yaml: str, overrides: list[str]) -> Config:
-    """The checkpoint's config on this machine's devices: mesh reset, then the user's overrides."""
-    user = dict(o.split("=", 1) for o in overrides if "=" in o)
-    stored = load_config(text=stored_yaml)
-    batch = user.get("eval.batch_size") or stored.eval.batch_size or stored.train.batch_size
-    base = ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.backend=jit", "train.grad_accum=1",
-            f"train.batch_size={batch}", f"eval.batch_size={batch}"]
-    return load_config(text=stored_yaml, overrides=base + list(overrides))
-
-
-@dataclasses.dataclass
-class Opened:
-    """A run's checkpoints, ready to restore onto this machine's mesh."""
-
-    run_dir: str
-    steps: list[int]  # the checkpoints asked for
-    cfg: Config
-    tokenizer: Tokenizer
-    mesh: object
-    model: object
-    target: object  # abstract params in the mesh's shardings
-
-
-def open_checkpoints(path: str, overrides: list[str] | tuple[str, ...] = (), devices=None,
-                     all_checkpoints: bool = False) -> Opened:
-    """Resolve `path` (a run directory: its newest checkpoint, or all of them; or
-    <run>/checkpoints/<step>), read the config and tokenizer stored in the checkpoint, and
-    build the model and the restore target on a mesh of `devices` (see `eval_config`)."""
-    run_dir, step = ckpt.resolve(path)
-    available = ckpt.steps(run_dir)
-    if not available:
-        raise CheckpointError(f"{ckpt.checkpoint_dir(run_dir)} holds no committed checkpoint")
-    if step is not None and step not in available:
-        raise CheckpointError(f"{path}: no committed checkpoint {step}; the run has {available}")
-    if all_checkpoints and step is not None:
-        raise ConfigError("--all-checkpoints takes a run directory, not one checkpoint")
-    todo = available if all_checkpoints else [step if step is not None else available[-1]]
-    cfg = eval_config(ckpt.read_meta(run_dir, todo[-1])["config"], list(overrides))
-    tok = Tokenizer(ckpt.read_tokenizer(run_dir, todo[-1]))
-    mesh = sharding.make_mesh(cfg, list(jax.devices() if devices is None else devices))
-    model, tx, schedule = build(cfg, check_vocab(cfg, tok.vocab_size, mesh.shape["tensor"]))
-    target = Stepper(cfg, model, tx, schedule, mesh).abstract_state().params
-    return Opened(run_dir, todo, cfg, tok, mesh, model, target)
 
 
 def evaluate(path: str, *, data: str | None = None, split: str | None = None, seq_len: int = 0,
@@ -232,15 +192,13 @@ def evaluate(path: str, *, data: str | None = None, split: str | None = None, se
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     o = open_checkpoints(path, overrides, devices, all_checkpoints)
-    run_dir, todo, cfg, tok, mesh, model, target = (o.run_dir, o.steps, o.cfg, o.tokenizer, o.mesh, o.model,
-                                                    o.target)
+    run_dir, todo, cfg, tok, mesh, target = o.run_dir, o.steps, o.cfg, o.tokenizer, o.mesh, o.target
     T = seq_len or cfg.train.seq_len
     if T > cfg.model.max_seq_len:
         raise ConfigError(f"context length {T} is longer than the model's max_seq_len {cfg.model.max_seq_len}")
     evaluated = load_split(cfg, tok, data, split, log)
     win = Windows(len(evaluated.tokens), T, stride or None)  # the same windows for every checkpoint
     eos = tok.eos_id if cfg.data.segment_ids else None
-    scorer = Scorer(model, mesh, jax.tree.map(lambda x: x.sharding, target))
     B = cfg.eval.batch_size
     block = ci_block or T
     shape = {k: int(v) for k, v in mesh.shape.items()}
@@ -255,7 +213,7 @@ def evaluate(path: str, *, data: str | None = None, split: str | None = None, se
             log(f"warning: skipping checkpoint {s}: {e}")
             continue
         t1 = time.perf_counter()
-        nll = scorer.score(params, evaluated.tokens, T, stride or None, B, eos, log)
+        nll = score(o.stepper, params, evaluated.tokens, T, stride or None, B, eos, log)
         dt = time.perf_counter() - t1
         res = {"run_dir": run_dir, "step": s, "data": evaluated.label, "context": T, "stride": win.stride,
                "min_context": win.min_context, "windows": win.count, "batch_size": B, "mesh": shape,

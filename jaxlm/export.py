@@ -235,7 +235,7 @@ def export(path: str, out_dir: str, fmt: str = "hf", max_shard_bytes: int = DEFA
            force: bool = False, log=print) -> dict:
     """Export the checkpoint at `path` (run directory: its newest; or <run>/checkpoints/<step>)."""
     from jaxlm import checkpoint as ckpt
-    from jaxlm.evaluate import open_checkpoints
+    from jaxlm.inference import open_checkpoints
     from jaxlm.hf_tokenizer import write_hf_tokenizer
 
     if fmt not in ("hf", "safetensors"):
@@ -426,7 +426,7 @@ def import_hf(hf_dir: str, run_dir: str, tokenizer: str | None = None, overrides
     tok.save(os.path.join(run_dir, "tokenizer.model"))
     saver = ckpt.Saver(run_dir, cfg, tok.proto)
     try:
-        saver.save(0, state, stepper, data_position=0)
+        saver.save(0, stepper.logical_state(state), data_position=0)
     finally:
         saver.close()
     log(f"imported {hf.get('architectures', [hf.get('model_type')])[0]} from {hf_dir} into {run_dir} "

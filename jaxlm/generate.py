@@ -158,7 +158,7 @@ class Loaded:
 
 def load(path: str, overrides: list[str] | tuple[str, ...] = (), devices=None, log=print) -> Loaded:
     """Restore a checkpoint's params for generation: on one device unless the overrides set a mesh."""
-    from jaxlm.evaluate import open_checkpoints
+    from jaxlm.inference import open_checkpoints
 
     devices = list(jax.devices() if devices is None else devices)
     if not any(o.startswith("mesh.") for o in overrides):

@@ -1,10 +1,19 @@
 """Parameter and FLOP counts, MFU, and the metrics writers (metrics.jsonl + TensorBoard).
 
-FLOPs per token (training, forward + backward) = 6 * N_matmul + 6 * L * T * D, where
-N_matmul counts every parameter used in a matrix multiply (all non-embedding parameters
-plus the output head, i.e. the tied embedding counted once as the head), and the second
-term is attention's QK^T and AV (4*T*D per token per layer forward, halved for the causal
-mask, times 3 for forward + backward).
+Parameter counts (`count_params`): `embedding` is the token and position tables,
+`non_embedding` everything else (an untied output head included), `head` the output
+projection's V x D (when the head is tied it is the embedding table, not a second
+array), and `matmul` = non_embedding + head when tied: every parameter that a token
+passes through in a matrix product.
+
+Training FLOPs per token (forward + backward), under three named conventions
+(`flops_per_token_conventions`):
+
+- `6N`: 6 x matmul parameters (Kaplan et al. 2020, with the head counted);
+- `6N+attn` (jaxlm's, used for MFU and plots): 6N + 6 x L x T x D, attention's QK^T and
+  AV (4 x T x D per token per layer forward, halved by the causal mask, x3 for backward);
+- `palm`: 6N + 12 x L x H x Q x T (Chowdhery et al. 2022, appendix B: H heads of width Q,
+  attention not halved for the causal mask).
 """
 
 from __future__ import annotations
@@ -20,21 +29,49 @@ import numpy as np
 from jaxlm.config import ModelConfig
 
 
-def count_params(params) -> dict[str, int]:
-    """total, embedding (token + position tables) and non_embedding parameter counts."""
-    total = embedding = 0
+def count_params(params, tied: bool | None = None) -> dict[str, int]:
+    """total, embedding, non_embedding, head and matmul parameter counts of a params tree
+    (arrays or ShapeDtypeStructs). `tied`: whether the head is the embedding table (default:
+    when the tree has no separate head)."""
+    total = embedding = head = 0
+    vocab_by_width = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        size = int(np.prod(leaf.shape))
+        size, name = int(np.prod(leaf.shape)), jax.tree_util.keystr(path)
         total += size
-        if "embed" in jax.tree_util.keystr(path):
+        if "embed" in name:
             embedding += size
-    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+            if "'pos_embed'" not in name:
+                vocab_by_width = size
+        elif name.startswith("['head']"):
+            head += size
+    tied = head == 0 if tied is None else tied
+    head = vocab_by_width if tied else head
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "head": head,
+            "matmul": total - embedding + (head if tied else 0)}
+
+
+def model_param_counts(m: ModelConfig, vocab: int) -> dict[str, int]:
+    """`count_params` of a model config's abstract parameter tree (nothing is allocated)."""
+    import jax.numpy as jnp
+
+    from jaxlm.model import Decoder
+
+    model = Decoder(m, vocab)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    return count_params(shapes, m.tied)
+
+
+def flops_per_token_conventions(m: ModelConfig, counts: dict[str, int], seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token under each named convention (see the module docstring)."""
+    six_n = 6.0 * counts["matmul"]
+    return {"6N": six_n,
+            "6N+attn": six_n + 6.0 * m.n_layers * seq_len * m.d_model,
+            "palm": six_n + 12.0 * m.n_layers * m.n_heads * m.head_dim * seq_len}
 
 
 def flops_per_token(m: ModelConfig, counts: dict[str, int], vocab: int, seq_len: int) -> float:
-    head = vocab * m.d_model  # the output projection, tied or not
-    matmul = counts["non_embedding"] + (head if m.tied else 0)
-    return 6.0 * matmul + 6.0 * m.n_layers * seq_len * m.d_model
+    """jaxlm's convention, `6N+attn`: the FLOPs that MFU and plots count."""
+    return flops_per_token_conventions(m, counts, seq_len)["6N+attn"]
 
 
 # Dense peak TFLOP/s per device from vendor data sheets: the bfloat16 number, used whatever

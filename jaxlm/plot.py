@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxlm.config import check_vocab, load_config
 from jaxlm.errors import ConfigError
-from jaxlm.metrics import count_params, flops_per_token, read_metrics
+from jaxlm.metrics import flops_per_token, model_param_counts, read_metrics
 
 X_AXES = (("step", "step"), ("tokens", "tokens"), ("flops", "training FLOPs"))
 
@@ -46,11 +46,6 @@ def run_series(run_dir: str) -> dict:
 
 def _flops_per_token(run_dir: str, cfg) -> float:
     """The model's training FLOPs per token, from its abstract parameter shapes (nothing is allocated)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxlm.model import Decoder
-
     tok_path = os.path.join(run_dir, "tokenizer.model")
     if cfg.model.vocab_size:
         vocab = cfg.model.vocab_size
@@ -60,9 +55,7 @@ def _flops_per_token(run_dir: str, cfg) -> float:
         vocab = check_vocab(cfg, load_tokenizer(tok_path).vocab_size)
     else:
         raise ConfigError(f"'{run_dir}' has no tokenizer.model and its config sets no model.vocab_size")
-    model = Decoder(cfg.model, vocab)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    return flops_per_token(cfg.model, count_params(shapes), vocab, cfg.train.seq_len)
+    return flops_per_token(cfg.model, model_param_counts(cfg.model, vocab), vocab, cfg.train.seq_len)
 
 
 def plot(run_dirs: list[str], out_dir: str) -> list[str]:

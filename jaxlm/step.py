@@ -146,9 +146,6 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: 
 
         zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
         (grads, loss), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
-    if "poison" in batch:  # test hook: NaN gradients for the batches the loader marks
-        # (pmap: every device's rows are marked, and the psum below would spread one NaN anyway)
-        grads = jax.tree.map(lambda g: jnp.where(jnp.any(batch["poison"] > 0), jnp.nan, g), grads)
     if axis_name:
         grads = jax.lax.psum(grads, axis_name)
         loss = jax.lax.psum(loss, axis_name)
@@ -171,51 +168,79 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: 
 
 
 def eval_step(params, batch: dict, *, model: Decoder):
-    """Sums, not means, so partial batches and any split of the data add up exactly."""
-    sum_nll, _, count = token_sums(params, batch, model)
-    return {"sum_nll": sum_nll, "count": count}
+    """NLL of every target of a batch, 0 where the mask is 0 ([B, T] float32): the evaluation
+    harness adds them on the host in float64, so any split of the data gives the same sums."""
+    nll_BT, _, mask_BT = token_losses(params, batch, model)
+    return nll_BT * mask_BT
 
 
 class Stepper:
-    """The compiled train and eval steps of one run, for either backend.
+    """The compiled train and eval steps of one run: one protocol, one class per backend.
 
-    jit: one compiled executable per step kind, explicit in/out shardings, state donated.
-    pmap: the same pure functions replicated over devices, gradients summed with psum.
+    `Stepper(cfg, model, tx, schedule, mesh)` returns a `JitStepper` (sharded jit over the
+    data/fsdp/tensor mesh) or a `PmapStepper` (legacy data parallel), by `mesh.backend`.
+    Outside this module a train state is only ever handled through these methods, so no
+    other module needs to know how a backend lays the state out:
+
+    - `init_state(seed)`, `restore_target()` (the abstract state a checkpoint restores into),
+      `adopt(restored)` and `with_params(state, params)` build states;
+    - `place(local_batch, global_rows)` puts this process's rows of a batch on the devices;
+    - `train(state, batch) -> (state, metrics)` and `eval_step(params, batch) -> NLL [B, T]`;
+    - `params(state)` and `logical_state(state)` give one logical copy (metrics, checkpoints).
+
+    `wrap_step`, when given, wraps the pure train step before it is compiled (tests inject
+    faults this way; see `jaxlm.faults`).
     """
 
-    def __init__(self, cfg: Config, model: Decoder, tx, schedule, mesh):
-        self.cfg, self.model, self.tx, self.mesh = cfg, model, tx, mesh
-        self.backend = cfg.mesh.backend
-        rows = cfg.train.batch_size // cfg.train.grad_accum // (mesh.shape["data"] * mesh.shape["fsdp"])
-        kw = dict(model=model, tx=tx, schedule=schedule, z_loss=cfg.optim.z_loss, accum=cfg.train.grad_accum,
-                  chunk=loss_chunk(cfg, max(rows, 1), model.vocab_size))
-        if self.backend == "pmap":
-            self.devices = list(mesh.devices.flat)
-            self._train = jax.pmap(functools.partial(train_step, axis_name="batch", **kw), axis_name="batch",
-                                   donate_argnums=0, devices=self.devices)
-            self._eval = jax.pmap(functools.partial(eval_step, model=model), devices=self.devices)
-        else:
-            self._train_fn = functools.partial(train_step, **kw)
-            self._eval_fn = functools.partial(eval_step, model=model)
-            self._train = self._eval = None
-        self.compiled_memory = None
+    def __new__(cls, cfg: Config, *args, **kwargs):
+        if cls is Stepper:
+            cls = PmapStepper if cfg.mesh.backend == "pmap" else JitStepper
+        return super().__new__(cls)
 
-    # -- state ---------------------------------------------------------------
-    def _pmap_init(self):
-        """pmap: the unboxed init of one logical copy of the state (built under jit, replicated)."""
-        init = _boxed_init(self.model, self.tx, 1, self.cfg.train.seq_len)
-        return lambda r: nn.unbox(init(r))
+    def __init__(self, cfg: Config, model: Decoder, tx, schedule, mesh, wrap_step: Callable | None = None):
+        self.cfg, self.model, self.tx, self.mesh = cfg, model, tx, mesh
+        rows = cfg.train.batch_size // cfg.train.grad_accum // (mesh.shape["data"] * mesh.shape["fsdp"])
+        step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=cfg.optim.z_loss,
+                                 accum=cfg.train.grad_accum, chunk=loss_chunk(cfg, max(rows, 1), model.vocab_size),
+                                 axis_name=self.axis_name)
+        self.train_fn = wrap_step(step) if wrap_step else step
+        self.eval_fn = functools.partial(eval_step, model=model)
+        self.compiled_memory = None  # the compiled train step's memory analysis, where the backend gives one
+
+    axis_name: str | None = None
+
+    def compile(self, state, batch_shapes: dict[str, tuple]) -> float:
+        """Compile the train step ahead of time for these global batch shapes; seconds taken (0: lazily)."""
+        return 0.0
+
+    def with_params(self, state, params):
+        """`state` with `params` (restored into `restore_target().params`) in place of its own."""
+        return state.replace(params=self.adopt(params))
+
+    def params(self, state):
+        return self.logical_state(state.params)
+
+
+class JitStepper(Stepper):
+    """One compiled executable per step kind, explicit in/out shardings, the state donated."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._train = self._eval = None
+        self._shardings = None
+
+    @property
+    def state_shardings(self):
+        if self._shardings is None:
+            self._shardings = state_shardings(self.model, self.tx, self.mesh, self.cfg.train.seq_len)
+        return self._shardings
 
     def init_state(self, seed: int):
-        if self.backend == "pmap":
-            one = sharding.replicated(self.mesh)
-            return self.adopt(jax.jit(self._pmap_init(), out_shardings=one)(jax.random.key(seed)))
-        state, self.state_shardings = create_state(self.model, self.tx, self.mesh, seed, self.cfg.train.seq_len)
+        state, self._shardings = create_state(self.model, self.tx, self.mesh, seed, self.cfg.train.seq_len)
         return state
 
     def abstract_state(self, seed: int = 0):
         """The train state as sharded ShapeDtypeStructs: compile without allocating it."""
-        self.state_shardings = state_shardings(self.model, self.tx, self.mesh, self.cfg.train.seq_len)
         init = _mesh_init(self.model, self.tx, self.mesh, self.cfg.train.seq_len)
         with sharding.activate(self.mesh):
             shapes = jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.key(seed))
@@ -223,78 +248,98 @@ class Stepper:
                             self.state_shardings)
 
     def restore_target(self):
-        """The abstract state a checkpoint is restored into: this run's shardings (jit), one copy (pmap)."""
-        if self.backend == "pmap":  # every device holds a whole copy: read it onto the first, then adopt()
-            one = jax.sharding.SingleDeviceSharding(self.devices[0])
-            shapes = jax.eval_shape(self._pmap_init(), jax.random.key(0))
-            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), shapes)
         return self.abstract_state()
 
-    def with_params(self, state, params):
-        """`state` with `params` (restored into `restore_target().params`) in place of its own."""
-        if self.backend == "pmap":
-            n = len(self.devices)
-            params = jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), jax.device_get(params))
-        return state.replace(params=params)
+    def adopt(self, tree):
+        return tree  # restored straight into this run's shardings
 
-    def adopt(self, state):
-        """One logical copy of the state in this backend's layout (pmap keeps one copy per device)."""
-        if self.backend == "pmap":
-            self.state_shardings = None
-            n = len(self.devices)  # pmap shards the leading axis of its inputs over the devices
-            return jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), jax.device_get(state))
-        return state
+    def logical_state(self, tree):
+        return tree
 
-    def compile(self, state, batch_shapes: dict[str, tuple]):
-        """AOT-compile the train step for the given global batch shapes; returns seconds taken.
-
-        `state` may be the real state or `abstract_state()`.
-        """
+    def compile(self, state, batch_shapes: dict[str, tuple]) -> float:
+        """`state` may be the real state or `abstract_state()`."""
         t0 = time.perf_counter()
-        if self.backend == "pmap":
-            return 0.0
         bsh = sharding.batch_sharding(self.mesh)
         abstract_batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=bsh) for k, s in batch_shapes.items()}
         with sharding.activate(self.mesh):
-            jitted = jax.jit(self._train_fn, in_shardings=(self.state_shardings, bsh),
+            jitted = jax.jit(self.train_fn, in_shardings=(self.state_shardings, bsh),
                              out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                              donate_argnums=0)
             self._train = jitted.lower(state, abstract_batch).compile()
-            self._eval = jax.jit(self._eval_fn, in_shardings=(self.state_shardings.params, bsh),
-                                 out_shardings=sharding.replicated(self.mesh))
         try:
             self.compiled_memory = self._train.memory_analysis()
         except Exception:  # not every backend reports it
             self.compiled_memory = None
         return time.perf_counter() - t0
 
-    # -- batches ---------------------------------------------------------------
     def place(self, local_batch: dict[str, np.ndarray], global_rows: int):
-        if self.backend == "pmap":
-            n = len(self.devices)
-            return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in local_batch.items()}
         return sharding.shard_batch(local_batch, self.mesh, global_rows)
 
-    # -- steps -----------------------------------------------------------------
     def train(self, state, batch):
         if self._train is None:  # compile on first use for the shapes given
             self.compile(state, {k: v.shape for k, v in batch.items()})
-        state, metrics = self._train(state, batch)
-        if self.backend == "pmap":  # every device holds the same metrics: keep device 0's shard
-            metrics = jax.tree.map(first_copy, metrics)
-        return state, metrics
+        return self._train(state, batch)
 
-    def evaluate(self, state, batch):
-        if self.backend == "pmap":  # per-device sums [devices], added up on the host (see first_copy)
-            return self._eval(state.params, batch)
+    def eval_step(self, params, batch):
+        if self._eval is None:
+            # replicated output: every process gets every row, so the host can place each target
+            self._eval = jax.jit(self.eval_fn, in_shardings=(self.state_shardings.params,
+                                                             sharding.batch_sharding(self.mesh)),
+                                 out_shardings=sharding.replicated(self.mesh))
         with sharding.activate(self.mesh):
-            return self._eval(state.params, batch)
+            return self._eval(params, batch)
 
-    def params(self, state):
-        """Parameters as one logical copy (pmap keeps one per device)."""
-        if self.backend == "pmap":
-            return jax.tree.map(first_copy, state.params)
-        return state.params
+
+class PmapStepper(Stepper):
+    """The same pure functions replicated over the devices with jax.pmap, gradients summed with psum.
+
+    Every device holds a whole copy of the state: the state is a numpy/device array tree
+    whose leading axis is the device.
+    """
+
+    axis_name = "batch"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.devices = list(self.mesh.devices.flat)
+        self._train = jax.pmap(self.train_fn, axis_name=self.axis_name, donate_argnums=0, devices=self.devices)
+        self._eval = jax.pmap(self.eval_fn, devices=self.devices)
+
+    def _one_copy_init(self):
+        """The unboxed init of one logical copy of the state (built under jit, then replicated)."""
+        init = _boxed_init(self.model, self.tx, 1, self.cfg.train.seq_len)
+        return lambda r: nn.unbox(init(r))
+
+    def init_state(self, seed: int):
+        one = sharding.replicated(self.mesh)
+        return self.adopt(jax.jit(self._one_copy_init(), out_shardings=one)(jax.random.key(seed)))
+
+    def restore_target(self):
+        """One copy on the first device: restored there, then spread by adopt()."""
+        one = jax.sharding.SingleDeviceSharding(self.devices[0])
+        shapes = jax.eval_shape(self._one_copy_init(), jax.random.key(0))
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), shapes)
+
+    def adopt(self, tree):
+        n = len(self.devices)  # pmap shards the leading axis of its inputs over the devices
+        return jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), jax.device_get(tree))
+
+    def logical_state(self, tree):
+        """Device 0's copy, on the host."""
+        return jax.device_get(jax.tree.map(first_copy, tree))
+
+    def place(self, local_batch: dict[str, np.ndarray], global_rows: int):
+        n = len(self.devices)
+        return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in local_batch.items()}
+
+    def train(self, state, batch):
+        state, metrics = self._train(state, batch)
+        # every device holds the same metrics: keep device 0's shard
+        return state, jax.tree.map(first_copy, metrics)
+
+    def eval_step(self, params, batch):
+        """[devices, rows per device, T]: the host reshapes it to the batch's [B, T]."""
+        return self._eval(params, batch)
 
 
 def first_copy(x):

@@ -1,52 +1,57 @@
-"""run(cfg): data, mesh, sharded state, the training loop, evaluation, metrics, checkpoints.
+"""run(cfg): the run directory, data, mesh and sharded state; then `loop.Loop` trains.
 
 `run` is callable in-process (sweeps call it many times): it keeps no global state, takes
-its devices as an argument, and returns a summary instead of exiting.
+its devices as an argument, and returns a summary instead of exiting. Setting up is a few
+functions with explicit inputs and outputs: which checkpoints to resume (`_existing_checkpoints`),
+where an init_from run is (`_init_source`), the data (`prepare_data`), the run directory
+(`_prepare_run_dir`), the first state (`_first_state`), the compiled step and plan print
+(`_compile_and_plan`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
-import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt
+from jaxlm import faults
 from jaxlm.config import Config, check_vocab, load_config, to_yaml
 from jaxlm.data import cache
-from jaxlm.data.loader import Prefetch, TrainBatches, eval_batches
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.errors import CheckpointError, ConfigError, DivergedError
-from jaxlm.metrics import (MetricsWriter, Throughput, count_params, flops_per_token, peak_flops, read_metrics,
+from jaxlm.evaluate import Split
+from jaxlm.loop import Loop, Position, RunResult, Setup
+from jaxlm.metrics import (count_params, flops_per_token_conventions, peak_flops_info, read_metrics,
                            truncate_metrics)
 from jaxlm.sharding import make_mesh
 from jaxlm.step import Stepper, build
+from jaxlm.summary import RunSummary
+
+__all__ = ["Data", "RunResult", "prepare_data", "run"]
+
 
 @dataclass
 class Data:
     tokenizer: Tokenizer
     train_streams: list[np.ndarray]  # one EOS-joined token stream per source of the mixture
     weights: list[float]
-    valid_tokens: np.ndarray
-    valid_bytes: int
+    valid: Split  # the validation split, EOS-joined
     train_bytes: int
 
+    @property
+    def valid_tokens(self) -> np.ndarray:
+        return self.valid.tokens
 
-@dataclass
-class RunResult:
-    run_dir: str
-    steps: int
-    eval_loss: float | None = None
-    eval_bpb: float | None = None
-    stopped_by_signal: bool = False
-    history: list[dict] = field(default_factory=list)
+    @property
+    def valid_bytes(self) -> int:
+        return self.valid.bytes
 
 
 def prepare_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Data:
@@ -60,8 +65,9 @@ def prepare_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> 
     train = [cache.tokens(cfg.data, tok, p, "train", log) for p in train_parts]
     valid = [cache.tokens(cfg.data, tok, p, "valid", log) for p in valid_parts]
     valid_tokens = valid[0][0] if len(valid) == 1 else np.concatenate([v for v, _ in valid])
-    data = Data(tok, [t for t, _ in train], weights, valid_tokens, sum(m["bytes"] for _, m in valid),
-                sum(m["bytes"] for _, m in train))
+    split = Split(f"validation of {cfg.data.valid_source or cfg.data.source}", valid_tokens,
+                  sum(m["bytes"] for _, m in valid), sum(m["documents"] for _, m in valid))
+    data = Data(tok, [t for t, _ in train], weights, split, sum(m["bytes"] for _, m in train))
     n_train = sum(len(t) for t in data.train_streams)
     log(f"data: {sum(m['documents'] for _, m in train)} train / {sum(m['documents'] for _, m in valid)} valid "
         f"documents, {n_train:,} / {len(valid_tokens):,} tokens, vocab {tok.vocab_size}, "
@@ -168,78 +174,70 @@ def _prepare_run_dir(cfg: Config, restart: bool) -> str:
     return run_dir
 
 
-def evaluate(stepper: Stepper, state, data: Data, cfg: Config) -> dict[str, float]:
-    """Loss over the whole validation stream (every token once) and bits per byte."""
-    bs = cfg.eval.batch_size or cfg.train.batch_size
-    pc, pi = jax.process_count(), jax.process_index()
-    total_nll = total_count = 0.0
-    sums = [stepper.evaluate(state, stepper.place(b, bs))
-            for b in eval_batches(data.valid_tokens, bs, cfg.train.seq_len, cfg.eval.max_batches, pi, pc,
-                                  _eos(cfg, data))]
-    for s in jax.device_get(sums):
-        total_nll += float(np.sum(s["sum_nll"]))  # pmap: one sum per device
-        total_count += float(np.sum(s["count"]))
-    loss = total_nll / total_count
-    out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": int(total_count)}
-    if not cfg.eval.max_batches:  # bytes are only known for the whole split
-        out["eval_bpb"] = total_nll / math.log(2) / data.valid_bytes
-    return out
+
+def _first_state(cfg: Config, stepper: Stepper, run_dir: str, done: list[int], init: _InitSource | None,
+                 saver, tokenizer: Tokenizer, log) -> tuple[int, object, Position]:
+    """(first step, state, data position) of the run: its newest usable checkpoint, else a fresh
+    init (with init_from's params in it)."""
+    if not done:
+        state = stepper.init_state(cfg.train.seed)
+        if init:
+            t0 = time.perf_counter()
+            params, _, from_step = ckpt.restore_params(init.run_dir, init.step, stepper.restore_target().params, log)
+            state = stepper.with_params(state, params)
+            log(f"initialised params from {init.run_dir} step {from_step} (fresh optimizer, step 0; "
+                f"{time.perf_counter() - t0:.1f}s)")
+        return 0, state, Position()
+    t0 = time.perf_counter()
+    start, state, meta, damaged = ckpt.restore_latest(run_dir, stepper.restore_target(), log)
+    if jax.process_index() == 0:
+        for s in damaged:
+            log(f"moved damaged checkpoint {s} to {ckpt.quarantine(run_dir, s)}")
+    if damaged and saver:
+        saver.manager.reload()  # forget the moved steps, so they can be written again
+    if meta.get("tokenizer_sha256") not in (None, "", tokenizer.sha256):
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer run '{run_dir}' was "
+                          f"trained with; drop data.tokenizer to use the run's own")
+    position = Position(offset=meta.get("data_position", start) - start, skipped=meta.get("skipped_steps", 0),
+                        rollbacks=meta.get("rollbacks", 0))
+    truncate_metrics(run_dir, start)
+    log(f"resuming {run_dir} from its checkpoint at step {start} (restored in {time.perf_counter() - t0:.1f}s)")
+    return start, stepper.adopt(state), position
 
 
-def _eos(cfg: Config, data: Data) -> int | None:
-    """The id that starts a document, when batches carry segment ids."""
-    return data.tokenizer.eos_id if cfg.data.segment_ids else None
-
-
-def _plan(cfg: Config, stepper: Stepper, state, vocab: int, mesh, compile_s: float, log) -> float:
-    counts = count_params(stepper.params(state))
-    fpt = flops_per_token(cfg.model, counts, vocab, cfg.train.seq_len)
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_keys: tuple[str, ...], log):
+    """Compile the train step and print the plan; (compile seconds, parameter counts, FLOPs per token by
+    convention, (peak FLOP/s, its source))."""
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    compile_s = stepper.compile(state, {k: (B, T) for k in batch_keys})
+    mesh = stepper.mesh
+    counts = count_params(stepper.params(state), cfg.model.tied)
+    flops = flops_per_token_conventions(cfg.model, counts, T)
+    peak = peak_flops_info(mesh.devices.flat[0], cfg.run.peak_tflops, cfg.model.dtype)
+    tokens_per_step = B * T
     shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
     log(f"model: {cfg.model.family} d={cfg.model.d_model} layers={cfg.model.n_layers} heads={cfg.model.n_heads}"
         f"/{cfg.model.kv_heads} vocab={vocab} dtype={cfg.model.dtype} remat={cfg.model.remat}")
-    log(f"params: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding")
-    log(f"flops/token: {fpt / 1e6:.2f} M; tokens/step: {tokens_per_step:,} "
-        f"({cfg.train.batch_size} x {cfg.train.seq_len}, {cfg.train.grad_accum} microbatches); "
-        f"training tokens: {tokens_per_step * cfg.train.steps:,}")
+    log(f"params: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding, {counts['embedding']:,} "
+        f"embedding, head {counts['head']:,}" + (" (tied)" if cfg.model.tied else ""))
+    log(f"flops/token: {flops['6N+attn'] / 1e6:.2f} M (6N+attn; 6N {flops['6N'] / 1e6:.2f} M, palm "
+        f"{flops['palm'] / 1e6:.2f} M); tokens/step: {tokens_per_step:,} ({B} x {T}, {cfg.train.grad_accum} "
+        f"microbatches); training tokens: {tokens_per_step * cfg.train.steps:,}")
     log(f"mesh: {shape} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices, "
         f"backend {cfg.mesh.backend}; compiled in {compile_s:.1f}s")
+    if peak[0]:
+        log(f"peak for MFU: {peak[0] / 1e12:.2f} TFLOP/s per device ({peak[1]})")
     mem = stepper.compiled_memory
     if mem is not None:
         total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                  - mem.alias_size_in_bytes)
         log(f"memory per device (compiled step): {total / 2**20:.1f} MiB "
             f"(state+batch {mem.argument_size_in_bytes / 2**20:.1f}, temp {mem.temp_size_in_bytes / 2**20:.1f})")
-    return fpt
+    return compile_s, counts, flops, peak
 
 
-class _Stop:
-    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and returns."""
-
-    def __init__(self):
-        self.requested = False
-        self.at = 0.0
-
-    def __call__(self, signum, frame):
-        if not self.requested:
-            self.requested, self.at = True, time.perf_counter()
-
-
-def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = False, handle_signals: bool = False,
-        log=None, inject_nan=()) -> RunResult:
-    """Train `cfg` for cfg.train.steps, continuing its run directory when that holds checkpoints.
-
-    restart: start an existing run directory over. resume: require a checkpoint to continue from.
-    handle_signals: SIGTERM/SIGINT finish the current step, commit a checkpoint and return
-    with `stopped_by_signal`. inject_nan: data positions whose gradients are made NaN (a
-    test hook for the numerics guard). Raises JaxlmError for bad input and DivergedError
-    when more than train.max_bad_steps steps in a row are non-finite.
-    """
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if restart and resume:
-        raise ConfigError("restart and resume exclude each other")
-    t_start = time.perf_counter()
-    devices = list(jax.devices() if devices is None else devices)
+def _setup(cfg: Config, devices, restart: bool, resume: bool, log, poison: frozenset[int]) -> Setup:
+    """Everything before the first step; nothing in the run directory changes before the data is read."""
     mesh = make_mesh(cfg, devices)  # config errors before any data or compile work
     done = _existing_checkpoints(cfg, restart, resume)
     init = _init_source(cfg) if cfg.checkpoint.init_from and not done else None
@@ -253,232 +251,48 @@ def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = Fals
     if not done or not os.path.exists(tok_path):
         data.tokenizer.save(tok_path)
     saver = ckpt.Saver(run_dir, cfg, data.tokenizer.proto) if cfg.checkpoint.enabled else None  # fails if unwritable
-
     try:  # close the checkpoint manager if anything before the loop fails
         model, tx, schedule = build(cfg, vocab)
-        stepper = Stepper(cfg, model, tx, schedule, mesh)
-        counters = {"offset": 0, "skipped": 0, "rollbacks": 0}  # data position = step + offset
-        if done:
-            t0 = time.perf_counter()
-            start, state, meta, damaged = ckpt.restore_latest(run_dir, stepper.restore_target(), log)
-            if jax.process_index() == 0:
-                for s in damaged:
-                    log(f"moved damaged checkpoint {s} to {ckpt.quarantine(run_dir, s)}")
-            if damaged and saver:
-                saver.manager.reload()  # forget the moved steps, so they can be written again
-            state = stepper.adopt(state)
-            if meta.get("tokenizer_sha256") not in (None, "", data.tokenizer.sha256):
-                raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer run '{run_dir}' was "
-                                  f"trained with; drop data.tokenizer to use the run's own")
-            counters.update(offset=meta.get("data_position", start) - start, skipped=meta.get("skipped_steps", 0),
-                            rollbacks=meta.get("rollbacks", 0))
-            truncate_metrics(run_dir, start)
-            log(f"resuming {run_dir} from its checkpoint at step {start} (restored in {time.perf_counter() - t0:.1f}s)")
-        else:
-            start = 0
-            state = stepper.init_state(cfg.train.seed)
-            if init:
-                t0 = time.perf_counter()
-                params, _, from_step = ckpt.restore_params(init.run_dir, init.step, stepper.restore_target().params,
-                                                                log)
-                state = stepper.with_params(state, params)
-                log(f"initialised params from {init.run_dir} step {from_step} (fresh optimizer, step 0; "
-                    f"{time.perf_counter() - t0:.1f}s)")
-        B, T = cfg.train.batch_size, cfg.train.seq_len
-        poison = frozenset(int(p) for p in inject_nan)
+        stepper = Stepper(cfg, model, tx, schedule, mesh, wrap_step=faults.nan_step if poison else None)
+        start, state, position = _first_state(cfg, stepper, run_dir, done, init, saver, data.tokenizer, log)
         batch_keys = (("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segment_ids else ())
                       + (("poison",) if poison else ()))
-        compile_s = stepper.compile(state, {k: (B, T) for k in batch_keys})
-        fpt = _plan(cfg, stepper, state, vocab, mesh, compile_s, log)
-        peak = peak_flops(devices[0], cfg.run.peak_tflops)
-
+        compile_s, counts, flops, peak = _compile_and_plan(cfg, stepper, state, vocab, batch_keys, log)
+        summary = RunSummary(run_dir, cfg, counts, flops, compile_s, read_metrics(run_dir) if done else [])
+        summary.progress(max(summary.data["steps"], start))
     except BaseException:
         if saver:
             saver.close()
         raise
+    return Setup(cfg=cfg, run_dir=run_dir, stepper=stepper, saver=saver, state=state, start=start,
+                 position=position, train_streams=data.train_streams, weights=data.weights, valid=data.valid,
+                 eos_id=data.tokenizer.eos_id, summary=summary, flops_per_token=flops["6N+attn"], peak=peak,
+                 resumed=bool(done), poison=poison)
 
-    loader = TrainBatches(data.train_streams, B, T, cfg.train.seed, jax.process_index(), jax.process_count(),
-                          data.weights, _eos(cfg, data))
-    writer = MetricsWriter(run_dir, cfg.run.tensorboard and jax.process_index() == 0)
-    stop = _Stop()
-    old_handlers = {}
-    if handle_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old_handlers[sig] = signal.signal(sig, stop)
 
-    result = RunResult(run_dir=run_dir, steps=0)
-    bar = None
-    if cfg.run.progress and sys.stderr.isatty():
-        from tqdm import tqdm
+def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = False, handle_signals: bool = False,
+        log=None, inject_nan=()) -> RunResult:
+    """Train `cfg` for cfg.train.steps, continuing its run directory when that holds checkpoints.
 
-        bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
-    throughput = Throughput()
-    log_every, steps = cfg.train.log_every, cfg.train.steps
-
-    def open_prefetch(first: int) -> Prefetch:
-        offset = counters["offset"]
-
-        def make(s):
-            batch = loader.batch_at(s + offset)
-            if poison:
-                batch["poison"] = np.full(batch["inputs"].shape, int(s + offset in poison), np.int32)
-            return stepper.place(batch, B)
-
-        return Prefetch(make, first, steps, cfg.data.prefetch)
-
-    prefetch = open_prefetch(start)
-    waited = [0.0]  # input wait of prefetchers closed by rollbacks
-
-    def total_wait() -> float:
-        return waited[0] + prefetch.wait_s
-
-    mark = [0.0, time.perf_counter(), start - 1]  # input wait, time and step at the last record
-
-    def flush(item):
-        step, metrics = item
-        m = jax.device_get(metrics)
-        tok_s = throughput.update(step, B * T)
-        now, wait = time.perf_counter(), total_wait()
-        dw, dt, n = wait - mark[0], now - mark[1], step - mark[2]
-        mark[:] = [wait, now, step]
-        rec = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-               "tokens": (step + 1) * B * T, "tokens_per_s": tok_s, "input_wait_s": dw / max(n, 1),
-               "input_wait_frac": dw / dt if dt > 0 else 0.0, "skipped_steps": counters["skipped"]}
-        if peak and tok_s:
-            rec["mfu"] = fpt * tok_s / (peak * mesh.devices.size)
-        writer.write(rec)
-        result.history.append(rec)
-        desc = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {tok_s:,.0f} tok/s" + (
-            f" mfu {rec['mfu']:.1%}" if "mfu" in rec else "")
-        if bar is not None:
-            bar.set_postfix_str(desc, refresh=False)
-        else:
-            log(f"step {step + 1}/{steps} {desc}")
-
-    def run_eval(state, step: int):
-        t0 = time.perf_counter()
-        ev = evaluate(stepper, state, data, cfg)
-        rec = {"step": step, **ev, "eval_s": time.perf_counter() - t0}
-        writer.write(rec)
-        result.history.append(rec)
-        result.eval_loss, result.eval_bpb = ev["eval_loss"], ev.get("eval_bpb")
-        msg = f"eval @ step {step + 1}: loss {ev['eval_loss']:.4f}" + (
-            f", {ev['eval_bpb']:.4f} bits/byte" if "eval_bpb" in ev else "") + f" ({rec['eval_s']:.1f}s)"
-        (bar.write if bar is not None else log)(msg)
-        throughput.update(step, 0)  # evaluation time is not training throughput
-        mark[:] = [total_wait(), time.perf_counter(), step]
-
-    def save(state, at: int):
-        saver.save(at, state, stepper, data_position=at + counters["offset"], skipped_steps=counters["skipped"],
-                   rollbacks=counters["rollbacks"])
-
-    streak = [0]  # consecutive non-finite steps
-
-    def settle(item) -> bool:
-        """Count a step whose loss or gradient was not finite; True once more than max_bad_steps in a row."""
-        s, m = item
-        if bool(jax.device_get(m["finite"])):
-            streak[0] = 0
-            return False
-        streak[0] += 1
-        counters["skipped"] += 1
-        loss, gnorm = (float(v) for v in jax.device_get((m["loss"], m["grad_norm"])))
-        (bar.write if bar is not None else log)(
-            f"warning: step {s + 1} (data position {s + counters['offset']}): loss {loss}, grad norm {gnorm}; "
-            f"skipped ({streak[0]} in a row, {counters['skipped']} in all)")
-        return streak[0] > cfg.train.max_bad_steps
-
-    diverged = ""
-    pending = None  # (step, metrics) of a step to log: fetched one step late
-    unsettled = None  # (step, metrics) whose finiteness is read one step late
-    step = start
-    t_loop = time.perf_counter()
-    try:
-        while step < steps:
-            state, metrics = stepper.train(state, prefetch.get(step))
-            over = settle(unsettled) if unsettled is not None else False  # while this step runs
-            unsettled = (step, metrics)
-            if pending is not None and not over:
-                flush(pending)
-                pending = None
-            last = step + 1 == steps
-            save_now = bool(saver and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)
-            if not over and (save_now or last or stop.requested):
-                over, unsettled = settle(unsettled), None
-            if over:
-                bad_to = step + counters["offset"]  # the newest data position already used
-                latest = saver.manager.latest_step() if saver else None
-                if cfg.train.on_bad_steps == "rollback" and latest is not None \
-                        and counters["rollbacks"] < cfg.train.max_rollbacks:
-                    saver.wait()
-                    pending = unsettled = state = None
-                    prefetch.close()
-                    waited[0] += prefetch.wait_s
-                    step, state, _, _ = ckpt.restore_latest(run_dir, stepper.restore_target(), log)
-                    state = stepper.adopt(state)
-                    first_skipped = step + counters["offset"]
-                    counters["offset"] = bad_to + 1 - step
-                    counters["rollbacks"] += 1
-                    streak[0] = 0
-                    writer.truncate(step)
-                    result.history = [r for r in result.history if r["step"] < step]
-                    log(f"rollback {counters['rollbacks']}/{cfg.train.max_rollbacks}: back to the checkpoint at "
-                        f"step {step}, skipping data positions {first_skipped}..{bad_to}")
-                    prefetch = open_prefetch(step)
-                    throughput.update(step - 1, 0)
-                    mark[:] = [total_wait(), time.perf_counter(), step - 1]
-                    if bar is not None:
-                        bar.reset(total=steps)
-                        bar.update(step)
-                    continue
-                diverged = (f"stopping at step {step + 1}: more than train.max_bad_steps="
-                            f"{cfg.train.max_bad_steps} steps in a row had a non-finite loss or gradient"
-                            + (f" after {counters['rollbacks']} rollbacks" if counters["rollbacks"] else "")
-                            + "; no checkpoint holds a non-finite value. Lower optim.lr, raise "
-                            "optim.warmup_steps, or set train.on_bad_steps=rollback to skip the batches")
-                step += 1
-                break
-            if (step + 1) % log_every == 0 or step == 0 or last:
-                pending = (step, metrics)
-            if bar is not None:
-                bar.update(1)
-            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
-                if pending is not None:
-                    flush(pending)
-                    pending = None
-                run_eval(state, step)
-            if save_now and not last:
-                save(state, step + 1)
-            step += 1
-            if stop.requested:
-                break
-        if pending is not None:
-            flush(pending)
-        result.steps = step
-        if stop.requested and not diverged:
-            result.stopped_by_signal = True
-            log(f"stopping after step {step} on a signal")
-        elif not diverged:
-            run_eval(state, step - 1)
-        if saver and not diverged:
-            save(state, step)
-            saver.wait()
-            if stop.requested:
-                log(f"checkpoint {step} committed {time.perf_counter() - stop.at:.1f}s after the signal")
-    finally:
-        prefetch.close()
-        if bar is not None:
-            bar.close()
-        if saver:
-            saver.close()
-        writer.close()
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-    loop_s = time.perf_counter() - t_loop
-    if diverged:
-        raise DivergedError(diverged)
-    log(f"done: {result.steps} steps in {time.perf_counter() - t_start:.1f}s (training loop {loop_s:.1f}s, of which "
-        f"{total_wait():.2f}s waiting for input" + (f", {saver.blocked_s:.2f}s starting checkpoints" if saver else "")
-        + (f"; {counters['skipped']} steps skipped as non-finite" if counters["skipped"] else "")
-        + f"); run directory {run_dir}")
+    restart: start an existing run directory over. resume: require a checkpoint to continue from.
+    handle_signals: SIGTERM/SIGINT finish the current step, commit a checkpoint and return
+    with `stopped_by_signal`. inject_nan: data positions whose steps come out NaN (a test
+    hook for the numerics guard, see `jaxlm.faults`). Raises JaxlmError for bad input and
+    DivergedError when more than train.max_bad_steps steps in a row are non-finite.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if restart and resume:
+        raise ConfigError("restart and resume exclude each other")
+    t_start = time.perf_counter()
+    devices = list(jax.devices() if devices is None else devices)
+    setup = _setup(cfg, devices, restart, resume, log, frozenset(int(p) for p in inject_nan))
+    loop = Loop(setup, log, handle_signals)
+    result = loop.run()
+    if loop.diverged:
+        raise DivergedError(loop.diverged)
+    saver, skipped = setup.saver, setup.position.skipped
+    log(f"done: {result.steps} steps in {time.perf_counter() - t_start:.1f}s (training loop {loop.loop_s:.1f}s, "
+        f"of which {loop.input_wait():.2f}s waiting for input"
+        + (f", {saver.blocked_s:.2f}s starting checkpoints" if saver else "")
+        + (f"; {skipped} steps skipped as non-finite" if skipped else "") + f"); run directory {setup.run_dir}")
     return result

@@ -82,10 +82,7 @@ def test_equal_logits_score_perplexity_v_and_log2v_bits_per_token(trained_run, t
 
     saver = ckpt.Saver(str(copy), load_config(text=meta["config"]), (copy / "tokenizer.model").read_bytes())
 
-    class _Jit:
-        backend = "jit"
-
-    saver.save(24, state, _Jit())
+    saver.save(24, state)
     saver.close()
 
     (r,) = evaluate(str(copy), data=f"text:{src}", overrides=["eval.batch_size=3"], devices=jax.devices()[:1])

@@ -177,3 +177,29 @@ def test_wandb_mode_is_checked():
         load_config(overrides=["run.wandb_mode=ofline"])
     assert load_config(overrides=["run.wandb_mode=disabled"]).run.wandb_mode == "disabled"
     assert load_config().run.wandb is False
+
+
+def test_a_training_run_logs_its_metrics_and_summary(offline, small_corpus):
+    """run.wandb=true on a real run: W&B holds the numbers of metrics.jsonl and run_summary.json."""
+    from jaxlm.metrics import read_metrics
+    from jaxlm.train import run
+
+    from test_cli import TINY_CLI
+
+    run_dir = offline / "train"
+    cfg = load_config(overrides=TINY_CLI + [f"data.source={small_corpus}", f"run.dir={run_dir}", "train.steps=4",
+                                            "train.log_every=1", "eval.every=2", "checkpoint.enabled=false",
+                                            "run.tensorboard=false", "run.wandb=true", "run.wandb_mode=offline"])
+    run(cfg, log=print)
+    (run_id, config, rows, summary), = _read_run(run_dir)
+    assert config["model"]["d_model"] == 32
+    records = read_metrics(str(run_dir))
+    for r in records:
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                assert rows[r["step"]][k] == v, (r["step"], k)
+    assert {r["step"] for r in records if "eval_loss" in r} == {1, 3}
+    run_summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["status"] == "done" == run_summary["status"]
+    assert summary["last_eval/bpb"] == run_summary["last_eval"]["bpb"]
+    assert summary["params/total"] == run_summary["params"]["total"]

@@ -51,7 +51,7 @@ def write_time(cfg, repeats: int = 3) -> tuple[float, float]:
         saver = ckpt.Saver(d, cfg, data.tokenizer.proto)
         for i in range(repeats + 1):  # the first save of a process pays one-time setup: not counted
             t0 = time.perf_counter()
-            saver.save(i + 1, state, stepper)
+            saver.save(i + 1, stepper.logical_state(state))
             t1 = time.perf_counter()
             saver.wait()
             if i:
