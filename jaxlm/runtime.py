@@ -2,7 +2,7 @@
 
 Both must happen before the first XLA backend starts (XLA reads XLA_FLAGS once, and its
 worker threads pick their malloc arena when they first allocate), so `import jaxlm`
-applies them. Each is measured in the README's Performance section.
+applies them. Each is measured in docs/cpu-kernels.md.
 
 XLA flags (JAXLM_XLA_FLAGS=0 turns them off; a flag the user already set in XLA_FLAGS is
 left as it is). XLA aborts on a flag it does not know, so each flag is tied to the jaxlib
@@ -111,7 +111,7 @@ def _backend_started() -> bool:
 def apply() -> None:
     if _backend_started():
         warnings.warn("jaxlm was imported after JAX started its backend, so its XLA flags and malloc "
-                      "settings do not apply to this process (see the README's Performance section): "
+                      "settings do not apply to this process (see docs/cpu-kernels.md): "
                       "import jaxlm before running any JAX computation", RuntimeWarning, stacklevel=3)
         return
     tune_malloc()

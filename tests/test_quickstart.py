@@ -6,6 +6,7 @@ its input pipeline keeps up: the loop waits for input < 2% of the time, and the 
 batches at least 50x as fast as the model consumes them."""
 
 import hashlib
+import json
 import math
 import pathlib
 import statistics
@@ -44,7 +45,9 @@ def quickstart(tmp_path_factory):
         mp.delenv("TFDS_DATA_DIR", raising=False)
         cfg = load_config(EXPERIMENT, [f"run.dir={run_dir}", "run.progress=false", "run.tensorboard=false"])
         t0 = time.perf_counter()
-        result = run(cfg)
+        lines = []
+        result = run(cfg, log=lambda m: (lines.append(m), print(m)))
+        result.log = lines
         print(f"quickstart: {result.eval_bpb:.4f} bits/byte in {time.perf_counter() - t0:.0f}s")
         # the held-out split, read as the run read it (relative path, from the repository root)
         train_docs, valid_docs = load_splits(cfg.data)
@@ -75,6 +78,20 @@ def test_quickstart_reaches_2_25_bits_per_byte(quickstart):
     own, = evaluate(cfg.run.path, write=False, log=print)
     assert own["step"] == cfg.train.steps and own["tokens"] == last["eval_tokens"] and own["bytes"] == n_bytes
     assert math.isclose(own["loss"], last["eval_loss"], rel_tol=1e-6)
+    assert math.isclose(own["bpb"], last["eval_bpb"], rel_tol=1e-6)
+    for a, b in zip(own["bpb_ci95"], last["eval_bpb_ci95"]):
+        assert math.isclose(a, b, rel_tol=1e-6)
+    lo, hi = last["eval_bpb_ci95"]
+    assert lo < last["eval_bpb"] < hi
+    assert any(f"{last['eval_bpb']:.4f} bits/byte (95% CI {lo:.4f}..{hi:.4f})" in line for line in result.log)
+
+    # run_summary.json: what sweeps read
+    summary = json.loads((pathlib.Path(cfg.run.path) / "run_summary.json").read_text())
+    assert summary["status"] == "done" and summary["steps"] == cfg.train.steps
+    assert summary["last_eval"]["bpb"] == last["eval_bpb"] and summary["last_eval"]["bpb_ci95"] == [lo, hi]
+    assert summary["best_eval"]["loss"] <= summary["last_eval"]["loss"]
+    print(f"quickstart: eval_bpb {last['eval_bpb']!r} (95% CI {lo:.4f}..{hi:.4f}); jaxlm eval bpb {own['bpb']!r} "
+          f"(relative difference {abs(own['bpb'] / last['eval_bpb'] - 1):.2e}); wall {summary['wall_s']:.0f}s")
 
 
 @pytest.mark.slow
