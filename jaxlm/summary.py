@@ -6,7 +6,8 @@ It is written when training starts, rewritten after every validation pass and at
 - `params`: total, non_embedding, embedding, head and matmul counts (`metrics.count_params`);
 - `flops_per_token`: training FLOPs per token under each named convention, and
   `training_flops`: those times the tokens seen (`metrics.flops_per_token_conventions`);
-- `tokens`, `steps`, `target_steps`, `wall_s` (summed over resumed sessions), `compile_s`;
+- `tokens`, `steps`, `target_steps`, `wall_s` (from the start of `run`, summed over resumed
+  sessions), `compile_s`;
 - `last_eval` and `best_eval` (lowest loss): step, loss and bits per byte with their 95%
   intervals; `last_train_loss`;
 - `status`: running, done, diverged or stopped (by a signal); `config_sha256` of the
@@ -50,13 +51,14 @@ class RunSummary:
     """The summary of one run; `write()` puts it in the run directory (process 0 only)."""
 
     def __init__(self, run_dir: str, cfg: Config, counts: dict[str, int], flops: dict[str, float],
-                 compile_s: float, history: list[dict] = ()):
-        """`history`: the metrics records kept from earlier sessions of a resumed run."""
+                 compile_s: float, history: list[dict] = (), started: float | None = None):
+        """`history`: the metrics records kept from earlier sessions of a resumed run; `started`: the
+        `time.perf_counter()` at which this session started (default: now)."""
         self.path = os.path.join(run_dir, FILENAME)
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         previous = read(run_dir) if history else None
         self._wall_before = float(previous.get("wall_s", 0.0)) if previous else 0.0
-        self._t0 = time.perf_counter()
+        self._t0 = time.perf_counter() if started is None else started
         self.data = {"name": cfg.run.name, "status": "running", "config_sha256": config_hash(cfg),
                      "params": dict(counts), "flops_per_token": dict(flops), "training_flops": {},
                      "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size, "tokens": 0, "steps": 0,

@@ -236,7 +236,8 @@ def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_ke
     return compile_s, counts, flops, peak
 
 
-def _setup(cfg: Config, devices, restart: bool, resume: bool, log, poison: frozenset[int]) -> Setup:
+def _setup(cfg: Config, devices, restart: bool, resume: bool, log, poison: frozenset[int],
+           started: float) -> Setup:
     """Everything before the first step; nothing in the run directory changes before the data is read."""
     mesh = make_mesh(cfg, devices)  # config errors before any data or compile work
     done = _existing_checkpoints(cfg, restart, resume)
@@ -258,7 +259,7 @@ def _setup(cfg: Config, devices, restart: bool, resume: bool, log, poison: froze
         batch_keys = (("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segment_ids else ())
                       + (("poison",) if poison else ()))
         compile_s, counts, flops, peak = _compile_and_plan(cfg, stepper, state, vocab, batch_keys, log)
-        summary = RunSummary(run_dir, cfg, counts, flops, compile_s, read_metrics(run_dir) if done else [])
+        summary = RunSummary(run_dir, cfg, counts, flops, compile_s, read_metrics(run_dir) if done else [], started)
         summary.progress(max(summary.data["steps"], start))
     except BaseException:
         if saver:
@@ -285,7 +286,7 @@ def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = Fals
         raise ConfigError("restart and resume exclude each other")
     t_start = time.perf_counter()
     devices = list(jax.devices() if devices is None else devices)
-    setup = _setup(cfg, devices, restart, resume, log, frozenset(int(p) for p in inject_nan))
+    setup = _setup(cfg, devices, restart, resume, log, frozenset(int(p) for p in inject_nan), t_start)
     loop = Loop(setup, log, handle_signals)
     result = loop.run()
     if loop.diverged:
