@@ -209,8 +209,9 @@ class Stepper:
 
     axis_name: str | None = None
 
-    def compile(self, state, batch_shapes: dict[str, tuple]) -> float:
-        """Compile the train step ahead of time for these global batch shapes; seconds taken (0: lazily)."""
+    def compile(self, state, batch_shapes: dict[str, tuple], eval_shapes: dict[str, tuple] | None = None) -> float:
+        """Compile the train step (and, given `eval_shapes`, the eval step) ahead of time for these
+        global batch shapes; seconds taken (0: compiled lazily)."""
         return 0.0
 
     def with_params(self, state, params):
@@ -256,16 +257,21 @@ class JitStepper(Stepper):
     def logical_state(self, tree):
         return tree
 
-    def compile(self, state, batch_shapes: dict[str, tuple]) -> float:
+    def compile(self, state, batch_shapes: dict[str, tuple], eval_shapes: dict[str, tuple] | None = None) -> float:
         """`state` may be the real state or `abstract_state()`."""
         t0 = time.perf_counter()
         bsh = sharding.batch_sharding(self.mesh)
-        abstract_batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=bsh) for k, s in batch_shapes.items()}
+
+        def abstract(shapes):
+            return {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=bsh) for k, s in shapes.items()}
+
         with sharding.activate(self.mesh):
             jitted = jax.jit(self.train_fn, in_shardings=(self.state_shardings, bsh),
                              out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                              donate_argnums=0)
-            self._train = jitted.lower(state, abstract_batch).compile()
+            self._train = jitted.lower(state, abstract(batch_shapes)).compile()
+            if eval_shapes:
+                self._eval = self._eval_jit().lower(state.params, abstract(eval_shapes)).compile()
         try:
             self.compiled_memory = self._train.memory_analysis()
         except Exception:  # not every backend reports it
@@ -280,12 +286,14 @@ class JitStepper(Stepper):
             self.compile(state, {k: v.shape for k, v in batch.items()})
         return self._train(state, batch)
 
+    def _eval_jit(self):
+        # replicated output: every process gets every row, so the host can place each target
+        return jax.jit(self.eval_fn, in_shardings=(self.state_shardings.params, sharding.batch_sharding(self.mesh)),
+                       out_shardings=sharding.replicated(self.mesh))
+
     def eval_step(self, params, batch):
         if self._eval is None:
-            # replicated output: every process gets every row, so the host can place each target
-            self._eval = jax.jit(self.eval_fn, in_shardings=(self.state_shardings.params,
-                                                             sharding.batch_sharding(self.mesh)),
-                                 out_shardings=sharding.replicated(self.mesh))
+            self._eval = self._eval_jit()
         with sharding.activate(self.mesh):
             return self._eval(params, batch)
 

@@ -209,7 +209,9 @@ def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_ke
     """Compile the train step and print the plan; (compile seconds, parameter counts, FLOPs per token by
     convention, (peak FLOP/s, its source))."""
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    compile_s = stepper.compile(state, {k: (B, T) for k in batch_keys})
+    eval_keys = ("inputs", "targets", "mask") + (("segment_ids", "positions") if cfg.data.segment_ids else ())
+    eval_rows = cfg.eval.batch_size or B
+    compile_s = stepper.compile(state, {k: (B, T) for k in batch_keys}, {k: (eval_rows, T) for k in eval_keys})
     mesh = stepper.mesh
     counts = count_params(stepper.params(state), cfg.model.tied)
     flops = flops_per_token_conventions(cfg.model, counts, T)
@@ -224,7 +226,7 @@ def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_ke
         f"{flops['palm'] / 1e6:.2f} M); tokens/step: {tokens_per_step:,} ({B} x {T}, {cfg.train.grad_accum} "
         f"microbatches); training tokens: {tokens_per_step * cfg.train.steps:,}")
     log(f"mesh: {shape} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices, "
-        f"backend {cfg.mesh.backend}; compiled in {compile_s:.1f}s")
+        f"backend {cfg.mesh.backend}; train and eval steps compiled in {compile_s:.1f}s")
     if peak[0]:
         log(f"peak for MFU: {peak[0] / 1e12:.2f} TFLOP/s per device ({peak[1]})")
     mem = stepper.compiled_memory
