@@ -84,6 +84,13 @@ class ModelConfig:
         return self.family == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
 
 
+def default_cache_root() -> str:
+    """Where jaxlm caches what it computes once per machine (token caches, tokenizers, the CPU
+    peak) when data.cache_dir is empty: $JAXLM_CACHE_DIR, else ~/.cache/jaxlm."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("JAXLM_CACHE_DIR") or os.path.join("~", ".cache",
+                                                                                              "jaxlm")))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = _f("tfds:tiny_shakespeare", "training text: tfds:NAME[/CONFIG][:SPLIT], text:GLOB or jsonl:GLOB; "

@@ -52,6 +52,12 @@ class Split:
     bytes: int  # UTF-8 bytes of its documents
     documents: int
 
+    @classmethod
+    def joined(cls, label: str, parts: list[tuple[np.ndarray, dict]]) -> "Split":
+        """One split from the (token stream, manifest) of each of its parts (`cache.tokens`)."""
+        stream = parts[0][0] if len(parts) == 1 else np.concatenate([t for t, _ in parts])
+        return cls(label, stream, sum(m["bytes"] for _, m in parts), sum(m["documents"] for _, m in parts))
+
 
 def load_split(cfg: Config, tok: Tokenizer, data: str | None = None, split: str | None = None,
                log=print) -> Split:
@@ -78,9 +84,7 @@ def load_split(cfg: Config, tok: Tokenizer, data: str | None = None, split: str 
             raise DataError(f"--data {data} already names a split; drop --split {split}")
         source = f"tfds:{spec.target}:{split}" if split else data
         parts, role, label = [cache.Part(cfg.data, source, "valid")], "valid", source
-    got = [cache.tokens(cfg.data, tok, p, role, log) for p in parts]
-    stream = got[0][0] if len(got) == 1 else np.concatenate([t for t, _ in got])
-    return Split(label, stream, sum(m["bytes"] for _, m in got), sum(m["documents"] for _, m in got))
+    return Split.joined(label, [cache.tokens(cfg.data, tok, p, role, log) for p in parts])
 
 
 def ratio_interval(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float] | None:

@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import ModelConfig, default_cache_root
 
 
 def count_params(params, tied: bool | None = None) -> dict[str, int]:
@@ -124,8 +124,7 @@ def mfu_note(mfu: float, peak: float, source: str) -> str | None:
 
 def cpu_peak_cache_path() -> str:
     """<$JAXLM_CACHE_DIR or ~/.cache/jaxlm>/cpu_peak.json (the token cache's default root)."""
-    root = os.environ.get("JAXLM_CACHE_DIR") or os.path.join("~", ".cache", "jaxlm")
-    return os.path.join(os.path.abspath(os.path.expanduser(root)), _CPU_PEAK_FILE)
+    return os.path.join(default_cache_root(), _CPU_PEAK_FILE)
 
 
 def _cpu_model() -> str:

@@ -45,14 +45,6 @@ class Data:
     valid: Split  # the validation split, EOS-joined
     train_bytes: int
 
-    @property
-    def valid_tokens(self) -> np.ndarray:
-        return self.valid.tokens
-
-    @property
-    def valid_bytes(self) -> int:
-        return self.valid.bytes
-
 
 def prepare_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Data:
     """Tokenizer and token streams, from the token cache when sources and tokenizer are unchanged.
@@ -64,13 +56,11 @@ def prepare_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> 
     tok = tokenizer or cache.get_tokenizer(cfg.data, train_parts, log)
     train = [cache.tokens(cfg.data, tok, p, "train", log) for p in train_parts]
     valid = [cache.tokens(cfg.data, tok, p, "valid", log) for p in valid_parts]
-    valid_tokens = valid[0][0] if len(valid) == 1 else np.concatenate([v for v, _ in valid])
-    split = Split(f"validation of {cfg.data.valid_source or cfg.data.source}", valid_tokens,
-                  sum(m["bytes"] for _, m in valid), sum(m["documents"] for _, m in valid))
+    split = Split.joined(f"validation of {cfg.data.valid_source or cfg.data.source}", valid)
     data = Data(tok, [t for t, _ in train], weights, split, sum(m["bytes"] for _, m in train))
     n_train = sum(len(t) for t in data.train_streams)
-    log(f"data: {sum(m['documents'] for _, m in train)} train / {sum(m['documents'] for _, m in valid)} valid "
-        f"documents, {n_train:,} / {len(valid_tokens):,} tokens, vocab {tok.vocab_size}, "
+    log(f"data: {sum(m['documents'] for _, m in train)} train / {split.documents} valid "
+        f"documents, {n_train:,} / {len(split.tokens):,} tokens, vocab {tok.vocab_size}, "
         f"{data.train_bytes / max(n_train, 1):.2f} bytes/token ({time.perf_counter() - t0:.1f}s)")
     if len(train) > 1:
         log("mixture: " + ", ".join(f"{p.source} weight {w / sum(weights):.3f} ({len(t):,} tokens)"

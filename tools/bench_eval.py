@@ -66,7 +66,7 @@ def main() -> None:
     def on_device_sums() -> float:
         with sharding.activate(mesh):
             outs = [sums_step(params, stepper.place(b, B))
-                    for b in eval_batches(data.valid_tokens, B, T, 0, 0, 1, eos)]
+                    for b in eval_batches(data.valid.tokens, B, T, 0, 0, 1, eos)]
         got = jax.device_get(outs)
         return float(sum(np.float64(s) for s, _ in got) / sum(np.float64(c) for _, c in got))
 
@@ -86,7 +86,7 @@ def main() -> None:
     train = [r for r in read_metrics(a.run_dir) if r.get("tokens_per_s")]
     step_s = statistics.median(B * T / r["tokens_per_s"] for r in train[len(train) // 2:]) if train else None
     every = cfg.eval.every
-    out = {"run_dir": a.run_dir, "checkpoint": step, "valid_tokens": int(len(data.valid_tokens)),
+    out = {"run_dir": a.run_dir, "checkpoint": step, "valid_tokens": int(len(data.valid.tokens)),
            "sums_s": med["sums"], "harness_s": med["harness"], "ratio": med["harness"] / med["sums"],
            "sums_loss": losses["sums"], "harness_loss": losses["harness"], "rounds": a.rounds,
            "train_step_s": step_s, "eval_every": every}

@@ -30,7 +30,7 @@ import uuid
 
 import numpy as np
 
-from jaxlm.config import DataConfig
+from jaxlm.config import DataConfig, default_cache_root
 from jaxlm.data import sources
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -40,8 +40,7 @@ _PIECE_CHARS = 2048  # long documents are encoded in pieces of about this many c
 
 
 def cache_root(cfg: DataConfig) -> str:
-    return os.path.abspath(os.path.expanduser(
-        cfg.cache_dir or os.environ.get("JAXLM_CACHE_DIR") or os.path.join("~", ".cache", "jaxlm")))
+    return os.path.abspath(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else default_cache_root()
 
 
 def _key(*parts) -> str:
