@@ -27,7 +27,8 @@ def _f(default: Any, help: str):
 FAMILIES = ("gpt2", "llama")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION = ("auto", "blocked", "xla")
+ATTENTION = ("auto", "blocked", "xla", "cudnn", "pallas")
+KERNELS = ("auto", "cpu", "standard")
 SCHEDULES = ("constant", "cosine", "linear", "wsd", "inverse_sqrt")
 BACKENDS = ("jit", "pmap")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -54,8 +55,12 @@ class ModelConfig:
     scan_layers: bool = _f(True, "stack blocks with nn.scan so compile time does not grow with depth")
     scan_unroll: int = _f(1, "blocks per iteration of the layer scan; 0 = all: no loop, stacked "
                           "parameters kept (compile time then grows with depth)")
-    attention: str = _f("auto", "training attention: blocked (causal query blocks, written-out backward pass), "
-                        "xla (jax.nn.dot_product_attention), auto = blocked on CPU, xla elsewhere")
+    kernels: str = _f("auto", "kernel set: cpu (tuned for XLA's CPU runtime), standard (plain JAX), auto = cpu on "
+                      "the CPU backend, standard on GPUs and TPUs")
+    attention: str = _f("auto", "training and scoring attention: blocked (causal query blocks, cpu kernels), xla "
+                        "(jax.nn.dot_product_attention's XLA path), cudnn (cuDNN flash, GPU), pallas (Pallas flash, "
+                        "TPU); auto = blocked with cpu kernels, else cudnn on GPU / pallas on TPU where the shape "
+                        "allows, else xla")
     attention_block: int = _f(0, "blocked attention: query block length (the sequence is cut into T/block "
                               "blocks); 0 = auto, a quarter of the sequence, at least 16 and at most 256")
 
@@ -145,9 +150,10 @@ class TrainConfig:
     batch_size: int = _f(32, "global batch in sequences")
     seq_len: int = _f(256, "tokens per sequence")
     grad_accum: int = _f(1, "microbatches per step (lax.scan inside the step)")
-    loss_chunk: int = _f(33_554_432, "logits per device above which the training loss is fused with the output "
-                         "head and computed in sequence chunks of at most this many logits (no [B, T, V] array "
-                         "is kept); at or below it, or 0, the plain logits")
+    loss_chunk: int = _f(-1, "logits per device the training loss and evaluation may hold at once: above it the "
+                         "loss is fused with the output head and walks the sequence in chunks (no [B, T, V] "
+                         "array); -1 = auto (2^25 on CPU, a sixteenth of device memory in float32 logits on "
+                         "GPU/TPU), 0 = always the plain logits")
     log_every: int = _f(10, "steps between metrics records")
     max_bad_steps: int = _f(5, "a step with a non-finite loss or gradient is skipped (params and optimizer state "
                             "unchanged); this many in a row are tolerated, one more triggers train.on_bad_steps")
@@ -203,16 +209,23 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-# Presets set model keys only; explicit model keys in YAML or overrides win.
+# Presets set model keys only; explicit model keys in YAML or overrides win. The published
+# architectures carry their own vocabulary, tying, norm epsilon and RoPE base (checked against
+# the published configs in tests/test_presets.py); train them with another tokenizer by
+# adding model.vocab_size=0. The tiny and llama-125m presets are jaxlm's own shapes.
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-tiny": dict(family="gpt2", d_model=64, n_layers=2, n_heads=4, max_seq_len=256),
-    "gpt2-124m": dict(family="gpt2", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
-    "gpt2-355m": dict(family="gpt2", d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
-    "gpt2-774m": dict(family="gpt2", d_model=1280, n_layers=36, n_heads=20, max_seq_len=1024),
+    "gpt2-124m": dict(family="gpt2", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, vocab_size=50257,
+                      tie_embeddings=True, norm_eps=1e-5),
+    "gpt2-355m": dict(family="gpt2", d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024, vocab_size=50257,
+                      tie_embeddings=True, norm_eps=1e-5),
+    "gpt2-774m": dict(family="gpt2", d_model=1280, n_layers=36, n_heads=20, max_seq_len=1024, vocab_size=50257,
+                      tie_embeddings=True, norm_eps=1e-5),
     "llama-tiny": dict(family="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
     "llama-125m": dict(family="llama", d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, max_seq_len=2048),
+    # Llama 3.2 1B; its llama3 RoPE frequency scaling (for contexts past 8192) is not implemented
     "llama-1b": dict(family="llama", d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
-                     max_seq_len=2048, rope_theta=500000.0),
+                     max_seq_len=2048, vocab_size=128256, tie_embeddings=True, rope_theta=500000.0, norm_eps=1e-5),
 }
 
 
@@ -348,11 +361,14 @@ def validate(cfg: Config) -> None:
         "checkpoint.every": cfg.checkpoint.every, "run.peak_tflops": cfg.run.peak_tflops,
         "checkpoint.keep_every": cfg.checkpoint.keep_every, "train.max_bad_steps": t.max_bad_steps,
         "train.max_rollbacks": t.max_rollbacks, "model.attention_block": m.attention_block,
-        "train.loss_chunk": t.loss_chunk, "model.scan_unroll": m.scan_unroll,
+        "model.scan_unroll": m.scan_unroll,
     }
     for key, v in non_negative.items():
         if v < 0:
             raise ConfigError(f"{key} must be >= 0, got {v}")
+    if t.loss_chunk < -1:
+        raise ConfigError(f"train.loss_chunk must be -1 (auto), 0 (plain logits) or a positive budget, got "
+                          f"{t.loss_chunk}")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
     if not 0 <= o.min_lr_ratio <= 1:
@@ -365,6 +381,7 @@ def validate(cfg: Config) -> None:
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.remat", m.remat, REMAT_POLICIES)
     _choice("model.attention", m.attention, ATTENTION)
+    _choice("model.kernels", m.kernels, KERNELS)
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _choice("mesh.backend", cfg.mesh.backend, BACKENDS)
     _choice("train.on_bad_steps", t.on_bad_steps, ("stop", "rollback"))
@@ -444,8 +461,9 @@ def check_vocab(cfg: Config, tokenizer_vocab: int, tensor: int = 1) -> int:
     if v == 0:
         v = tokenizer_vocab
     elif v < tokenizer_vocab or (v > tokenizer_vocab and v % 128):
+        preset = f" (from model.preset={cfg.model.preset})" if cfg.model.preset else ""
         raise ConfigError(
-            f"model.vocab_size={v} does not match the tokenizer's {tokenizer_vocab} tokens; set "
+            f"model.vocab_size={v}{preset} does not match the tokenizer's {tokenizer_vocab} tokens; set "
             f"model.vocab_size=0 (use the tokenizer's) or a multiple of 128 above it")
     if v % tensor:
         raise ConfigError(f"mesh.tensor={tensor} does not divide the vocabulary size {v}; "

@@ -61,6 +61,6 @@ def open_checkpoints(path: str, overrides: list[str] | tuple[str, ...] = (), dev
     cfg = eval_config(ckpt.read_meta(run_dir, todo[-1])["config"], list(overrides))
     tok = Tokenizer(ckpt.read_tokenizer(run_dir, todo[-1]))
     mesh = sharding.make_mesh(cfg, list(jax.devices() if devices is None else devices))
-    model, tx, schedule = build(cfg, check_vocab(cfg, tok.vocab_size, mesh.shape["tensor"]))
+    model, tx, schedule = build(cfg, check_vocab(cfg, tok.vocab_size, mesh.shape["tensor"]), mesh)
     stepper = Stepper(cfg, model, tx, schedule, mesh)
     return Opened(run_dir, todo, cfg, tok, mesh, model, stepper.abstract_state().params, stepper)

@@ -54,9 +54,10 @@ def model_param_counts(m: ModelConfig, vocab: int) -> dict[str, int]:
     """`count_params` of a model config's abstract parameter tree (nothing is allocated)."""
     import jax.numpy as jnp
 
+    from jaxlm import kernels
     from jaxlm.model import Decoder
 
-    model = Decoder(m, vocab)
+    model = Decoder(kernels.resolve(m, "cpu", 8), vocab)  # the kernels do not change the parameters
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     return count_params(shapes, m.tied)
 

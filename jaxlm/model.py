@@ -18,20 +18,12 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlm.attention import causal_attention, n_blocks
+from jaxlm import kernels
 from jaxlm.config import ModelConfig
-from jaxlm.dots import attend, contract, stash, unstash
 
 
 def compute_dtype(cfg: ModelConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-
-
-def _blocked_attention(cfg: ModelConfig) -> bool:
-    """Whether training attention takes attention.causal_attention (see model.attention)."""
-    if cfg.attention == "auto":
-        return jax.default_backend() == "cpu"
-    return cfg.attention == "blocked"
 
 
 def _normal(std: float, names: tuple):
@@ -50,56 +42,10 @@ def _constrain(x, names: tuple):
     return nn.with_logical_constraint(x, names)
 
 
-def _norm_stats(x32, rms: bool, eps: float):
-    """(mean, 1/sqrt(var + eps)) over the last axis, each [..., 1]; mean is 0 for RMSNorm."""
-    if rms:
-        return jnp.zeros_like(x32[..., :1]), jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
-    mean = jnp.mean(x32, -1, keepdims=True)
-    centred = x32 - mean
-    return mean, jax.lax.rsqrt(jnp.mean(centred * centred, -1, keepdims=True) + eps)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def norm(x, scale, bias, rms: bool, eps: float):
-    """LayerNorm ((x - mean) / std * scale + bias), or RMSNorm (x / rms * scale) when `rms`,
-    over the last axis, in float32; bias may be None.
-
-    The backward pass keeps only x and the two per-row statistics: autodiff of the formula
-    kept x - mean, the normalised x and more, each as large as x, for every norm of every
-    layer (the next layer's product keeps the output anyway).
-    """
-    return _norm_fwd(x, scale, bias, rms, eps)[0]
-
-
-def _norm_fwd(x, scale, bias, rms, eps):
-    x32 = x.astype(jnp.float32)
-    mean, inv = _norm_stats(x32, rms, eps)
-    y = (x32 - mean) * inv * scale.astype(jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype), stash((x, mean, inv, scale, bias))
-
-
-def _norm_bwd(rms, eps, saved, g):
-    x, mean, inv, scale, bias = unstash(saved)
-    xhat = (x.astype(jnp.float32) - mean) * inv
-    g32 = g.astype(jnp.float32)
-    dxhat = g32 * scale.astype(jnp.float32)
-    proj = jnp.mean(dxhat * xhat, -1, keepdims=True)
-    centre = 0.0 if rms else jnp.mean(dxhat, -1, keepdims=True)
-    dx = inv * (dxhat - centre - xhat * proj)
-    lead = tuple(range(x.ndim - 1))
-    dscale = jnp.sum(g32 * xhat, lead).astype(scale.dtype)
-    dbias = None if bias is None else jnp.sum(g32, lead).astype(bias.dtype)
-    return dx.astype(x.dtype), dscale, dbias
-
-
-norm.defvjp(_norm_fwd, _norm_bwd)
-
-
 class _NormParams(nn.Module):
-    """Parameters of a norm under Flax's own names (LayerNorm_0 / RMSNorm_0: scale, bias), so
-    checkpoints and exports are those of nn.LayerNorm / nn.RMSNorm."""
+    """A norm through the cpu kernels' `norm`, with its parameters under Flax's own names
+    (LayerNorm_0 / RMSNorm_0: scale, bias), so checkpoints and exports are those of
+    nn.LayerNorm / nn.RMSNorm whichever kernels trained them."""
 
     cfg: ModelConfig
     rms: bool
@@ -112,16 +58,26 @@ class _NormParams(nn.Module):
         bias = None
         if not self.rms and c.use_bias:
             bias = self.param("bias", _zeros(("norm",)), (D,), jnp.float32)
-        return norm(x_BTD.astype(compute_dtype(c)), scale, bias, self.rms, c.norm_eps)
+        return kernels.CPU.norm(x_BTD.astype(compute_dtype(c)), scale, bias, self.rms, c.norm_eps)
 
 
 class Norm(nn.Module):
+    """LayerNorm (gpt2) or RMSNorm (llama) over the last axis, statistics in float32."""
+
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BTD):
-        rms = self.cfg.family == "llama"
-        return _NormParams(self.cfg, rms, name="RMSNorm_0" if rms else "LayerNorm_0")(x_BTD)
+        c = self.cfg
+        rms = c.family == "llama"
+        name = "RMSNorm_0" if rms else "LayerNorm_0"
+        if kernels.ops(c.kernels).norm is not None:
+            return _NormParams(c, rms, name=name)(x_BTD)
+        kw = dict(epsilon=c.norm_eps, dtype=compute_dtype(c), param_dtype=jnp.float32, scale_init=_ones(("norm",)))
+        if rms:
+            return nn.RMSNorm(**kw, name=name)(x_BTD)
+        return nn.LayerNorm(**kw, use_bias=c.use_bias, bias_init=_zeros(("norm",)), use_fast_variance=False,
+                            name=name)(x_BTD)
 
 
 def rope(x_BTNH, positions_BT, theta: float):
@@ -136,64 +92,12 @@ def rope(x_BTNH, positions_BT, theta: float):
     return out.astype(x_BTNH.dtype)
 
 
-_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
-
-
-@jax.custom_vjp
-def gelu(x):
-    """GELU, tanh approximation (GPT-2's), whose backward pass keeps only the input.
-
-    Autodiff of the formula would keep x^3, the tanh and several products for the
-    backward pass, each as large as the MLP activation; this recomputes them instead.
-    """
-    x32 = x.astype(jnp.float32)
-    return (0.5 * x32 * (1.0 + jnp.tanh(_GELU_C * (x32 + 0.044715 * x32 * x32 * x32)))).astype(x.dtype)
-
-
-def _gelu_fwd(x):
-    return gelu(x), stash(x)
-
-
-def _gelu_bwd(saved, g):
-    x = unstash(saved)
-    x32 = x.astype(jnp.float32)
-    t = jnp.tanh(_GELU_C * (x32 + 0.044715 * x32 * x32 * x32))
-    d = 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x32 * x32)
-    return ((g.astype(jnp.float32) * d).astype(x.dtype),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-@jax.custom_vjp
-def swiglu(gate, up):
-    """silu(gate) * up (Llama's MLP), whose backward pass keeps only the two inputs."""
-    g32 = gate.astype(jnp.float32)
-    return (g32 * jax.nn.sigmoid(g32) * up.astype(jnp.float32)).astype(gate.dtype)
-
-
-def _swiglu_fwd(gate, up):
-    return swiglu(gate, up), stash((gate, up))
-
-
-def _swiglu_bwd(saved, g):
-    gate, up = unstash(saved)
-    g32, u32, d32 = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
-    sig = jax.nn.sigmoid(g32)
-    silu = g32 * sig
-    d_gate = d32 * u32 * sig * (1.0 + g32 * (1.0 - sig))
-    return d_gate.astype(gate.dtype), (d32 * silu).astype(up.dtype)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
 class Linear(nn.Module):
     """x @ kernel (+ bias): the first `n_in` kernel dims contract with the last `n_in` dims of x.
 
     Written out (rather than nn.DenseGeneral) so every kernel is created with its full
     multi-dimensional shape and logical names, e.g. (embed, heads, head_dim). The product is
-    `dots.contract`, whose kernel gradient is computed in the layout that is fast on CPU.
+    the kernel set's `contract`.
     """
 
     shape: tuple[int, ...]
@@ -201,6 +105,7 @@ class Linear(nn.Module):
     std: float
     use_bias: bool
     dtype: jnp.dtype
+    kernels: str
     n_in: int = 1
 
     def setup(self):  # setup, not compact: the parent may read `kernel` without calling the layer
@@ -209,7 +114,8 @@ class Linear(nn.Module):
             self.bias = self.param("bias", _zeros(self.names[self.n_in:]), self.shape[self.n_in:], jnp.float32)
 
     def __call__(self, x):
-        y = checkpoint_name(contract(x.astype(self.dtype), self.kernel.astype(self.dtype), self.n_in), "linear")
+        product = kernels.ops(self.kernels).contract(x.astype(self.dtype), self.kernel.astype(self.dtype), self.n_in)
+        y = checkpoint_name(product, "linear")
         if self.use_bias:
             y = y + self.bias.astype(self.dtype)
         return y
@@ -223,7 +129,7 @@ class Attention(nn.Module):
         """kv: this layer's cache (k_BSKH, v_BSKH) or None; slots: (first slot written, valid_BS)."""
         c = self.cfg
         D, N, K, H = c.d_model, c.n_heads, c.kv_heads, c.head_dim
-        linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c))
+        linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c), kernels=c.kernels)
         q_BTNH = linear((D, N, H), ("embed", "heads", "head_dim"), c.init_std, name="q")(x_BTD)
         k_BTKH = linear((D, K, H), ("embed", "kv_heads", "head_dim"), c.init_std, name="k")(x_BTD)
         v_BTKH = linear((D, K, H), ("embed", "kv_heads", "head_dim"), c.init_std, name="v")(x_BTD)
@@ -245,14 +151,8 @@ class Attention(nn.Module):
             out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype),
                                                     v_BSKH.astype(q_BTNH.dtype), mask=mask)
             return out(out_BTNH), (k_BSKH, v_BSKH)
-        if _blocked_attention(c):
-            out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT,
-                                        n_blocks(x_BTD.shape[1], c.attention_block))
-        else:
-            mask = None
-            if segment_ids_BT is not None:  # packed documents do not attend to each other
-                mask = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
-            out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True)
+        # causal; packed documents (segment ids) do not attend to each other
+        out_BTNH = kernels.attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c)
         return out(out_BTNH), None
 
 
@@ -263,12 +163,13 @@ class Mlp(nn.Module):
     def __call__(self, x_BTD):
         c = self.cfg
         D, F = c.d_model, c.ff_dim
-        linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c))
+        linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c), kernels=c.kernels)
         up = functools.partial(linear, (D, F), ("embed", "mlp"), c.init_std)
+        ops = kernels.ops(c.kernels)
         if c.family == "llama":
-            h_BTF = swiglu(up(name="gate")(x_BTD), up(name="up")(x_BTD))
+            h_BTF = ops.swiglu(up(name="gate")(x_BTD), up(name="up")(x_BTD))
         else:
-            h_BTF = gelu(up(name="up")(x_BTD))
+            h_BTF = ops.gelu(up(name="up")(x_BTD))
         h_BTF = _constrain(h_BTF, ("batch", "length", "act_mlp"))
         out_std = c.init_std / (2 * c.n_layers) ** 0.5
         return linear((F, D), ("mlp", "embed"), out_std, name="down")(h_BTF)
@@ -288,8 +189,8 @@ class Block(nn.Module):
         return x_BTD, kv  # (carry, output) so the block can be scanned; kv: the updated cache or None
 
 
-# The linear layers' products are custom-VJP calls (dots.contract), which the dot policies
-# do not see; they are named "linear" and saved by name as well.
+# The cpu kernels' linear products are custom-VJP calls (kernels.dots.contract), which the
+# dot policies do not see; they are named "linear" and saved by name as well.
 _save_linear = jax.checkpoint_policies.save_only_these_names("linear")
 _POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -300,7 +201,8 @@ _POLICIES = {
 
 
 class Decoder(nn.Module):
-    """tokens_BT -> logits_BTV. `vocab_size` is resolved (tokenizer size, maybe padded).
+    """tokens_BT -> logits_BTV. `vocab_size` is resolved (tokenizer size, maybe padded), and so
+    are `cfg.kernels` and `cfg.attention` (see `jaxlm.kernels.resolve`).
 
     With `cache` (see `init_cache`) it is a decode step: the keys and values of tokens_BT
     are written into cache slots index .. index+T-1, attention covers the valid slots up to
@@ -355,10 +257,13 @@ class Decoder(nn.Module):
         x_BTD = Norm(c, name="final_norm")(x_BTD)
         if not c.tied:
             head = Linear((c.d_model, self.vocab_size), ("embed", "vocab"), c.init_std, use_bias=False,
-                          dtype=dt, name="head")
-        if hidden:  # the loss applies the head itself (see loss.fused_loss)
+                          dtype=dt, kernels=c.kernels, name="head")
+        if hidden:  # the loss applies the head itself, in chunks of the sequence (see step.train_loss)
             return x_BTD, (embed.embedding if c.tied else head.kernel)
-        logits_BTV = attend(x_BTD.astype(dt), embed.embedding.astype(dt)) if c.tied else head(x_BTD)
+        if c.tied:
+            logits_BTV = kernels.ops(c.kernels).attend(x_BTD.astype(dt), embed.embedding.astype(dt))
+        else:
+            logits_BTV = head(x_BTD)
         logits_BTV = _constrain(logits_BTV, ("batch", "length", "act_vocab"))
         if cache is None:
             return logits_BTV

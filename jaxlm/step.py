@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm import sharding
+from jaxlm import kernels, sharding
 from jaxlm.config import Config
-from jaxlm.loss import chunk_length, fused_loss
+from jaxlm.kernels.loss import chunk_length
 from jaxlm.model import Decoder, compute_dtype
 from jaxlm.optim import make_optimizer
 
@@ -36,9 +36,11 @@ class TrainState:
     opt_state: Any
 
 
-def build(cfg: Config, vocab_size: int):
-    """(model, tx, schedule) for a config and a resolved vocabulary size."""
-    model = Decoder(cfg.model, vocab_size)
+def build(cfg: Config, vocab_size: int, mesh):
+    """(model, tx, schedule) for a config, a resolved vocabulary size and the mesh the model runs
+    on. The model's kernels and attention are resolved here, once, for the mesh's devices
+    (`jaxlm.kernels.resolve`): the model itself never asks which backend it runs on."""
+    model = Decoder(kernels.resolve_for(cfg.model, mesh.devices.flat[0], cfg.train.seq_len), vocab_size)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     return model, tx, schedule
 
@@ -92,8 +94,9 @@ def token_sums(params, batch: dict, model: Decoder):
 def train_loss(params, batch: dict, model: Decoder, count, z_loss: float, chunk: int):
     """(sum of mask*(NLL + z_loss*logZ^2) / count, sum of mask*NLL / count) over a batch.
 
-    chunk > 0: `loss.fused_loss` walks the sequence in chunks of `chunk` positions and never
-    builds [B, T, V]; chunk == 0: the plain logits of `token_sums`.
+    chunk > 0: the kernel set's chunked loss (cpu: `kernels.loss.fused_loss`, standard:
+    `kernels.standard.chunked_loss`) walks the sequence in chunks of `chunk` positions and
+    never builds [B, T, V]; chunk == 0: the plain logits of `token_sums`.
     """
     if not chunk:
         sum_nll, sum_z, _ = token_sums(params, batch, model)
@@ -102,21 +105,42 @@ def train_loss(params, batch: dict, model: Decoder, count, z_loss: float, chunk:
                               batch.get("segment_ids"), hidden=True)
     mask_BT = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(x_BTD.shape[:2], jnp.float32)
     weight_BT = mask_BT / count
-    total, sum_nll, _ = fused_loss(x_BTD, head, batch["targets"], weight_BT, z_loss * weight_BT,
-                                   model.cfg.tied, chunk, compute_dtype(model.cfg))
+    loss = kernels.ops(model.cfg.kernels).loss
+    total, sum_nll, _ = loss(x_BTD, head, batch["targets"], weight_BT, z_loss * weight_BT, model.cfg.tied, chunk,
+                             compute_dtype(model.cfg))
     return total, sum_nll
 
 
-def loss_chunk(cfg: Config, rows: int, vocab_size: int) -> int:
-    """Sequence positions per chunk of the fused loss for `rows` sequences per device; 0 = the
-    plain logits, when they fit in the `train.loss_chunk` budget (or it is 0).
+CPU_LOGITS_BUDGET = 2**25
 
-    Measured on CPU: the plain path is faster while the logits fit (each chunk adds a pass
-    over the head's gradient), and at 2x over the budget two large chunks beat the plain path."""
-    budget = cfg.train.loss_chunk
-    if not budget or rows * cfg.train.seq_len * vocab_size <= budget:
+
+def logits_budget(cfg: Config, device) -> int:
+    """Logits one device may hold at once in the loss or the scorer; 0 = no limit.
+
+    `train.loss_chunk` when set (> 0, or 0 for no limit); auto (-1): 2^25 on a CPU, measured
+    (the plain path is faster while the logits fit, since each chunk adds a pass over the
+    head's gradient, and at 2x over it two large chunks beat the plain path); on a GPU or
+    TPU, a sixteenth of the device's memory in float32 logits (bytes_limit / 64), so the
+    plain logits and their gradient stay a small share of memory; 2^25 again when the device
+    does not report its memory.
+    """
+    if cfg.train.loss_chunk >= 0:
+        return cfg.train.loss_chunk
+    if device.platform == "cpu":
+        return CPU_LOGITS_BUDGET
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit", 0)
+    except Exception:  # not every backend reports memory
+        limit = 0
+    return limit // 64 if limit else CPU_LOGITS_BUDGET
+
+
+def loss_chunk(seq_len: int, rows: int, vocab_size: int, budget: int) -> int:
+    """Sequence positions per chunk for `rows` sequences per device; 0 = the plain logits,
+    when [rows, seq_len, vocab] fits in `budget` (or the budget is 0: no limit)."""
+    if not budget or rows * seq_len * vocab_size <= budget:
         return 0
-    return chunk_length(cfg.train.seq_len, rows, vocab_size, cfg.train.loss_chunk)
+    return chunk_length(seq_len, rows, vocab_size, budget)
 
 
 def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: Callable,
@@ -167,10 +191,23 @@ def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: 
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: dict, *, model: Decoder):
+def eval_step(params, batch: dict, *, model: Decoder, budget: int = 0, shards: int = 1):
     """NLL of every target of a batch, 0 where the mask is 0 ([B, T] float32): the evaluation
-    harness adds them on the host in float64, so any split of the data gives the same sums."""
-    nll_BT, _, mask_BT = token_losses(params, batch, model)
+    harness adds them on the host in float64, so any split of the data gives the same sums.
+
+    When the float32 logits of the batch's rows per device (B / `shards`) exceed `budget`,
+    the head is applied in sequence chunks and no [B, T, V] array exists, so any model that
+    trains on a mesh can be scored on it."""
+    B, T = batch["targets"].shape
+    chunk = loss_chunk(T, max(B // shards, 1), model.vocab_size, budget)
+    mask_BT = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones((B, T), jnp.float32)
+    if not chunk:
+        nll_BT, _, _ = token_losses(params, batch, model)
+        return nll_BT * mask_BT
+    x_BTD, head = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                              batch.get("segment_ids"), hidden=True)
+    nll_BT = kernels.standard.chunked_nll(x_BTD, head, batch["targets"], model.cfg.tied, chunk,
+                                          compute_dtype(model.cfg), kernels.ops(model.cfg.kernels).head_logits)
     return nll_BT * mask_BT
 
 
@@ -199,12 +236,16 @@ class Stepper:
 
     def __init__(self, cfg: Config, model: Decoder, tx, schedule, mesh, wrap_step: Callable | None = None):
         self.cfg, self.model, self.tx, self.mesh = cfg, model, tx, mesh
-        rows = cfg.train.batch_size // cfg.train.grad_accum // (mesh.shape["data"] * mesh.shape["fsdp"])
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        rows = max(cfg.train.batch_size // cfg.train.grad_accum // shards, 1)
+        self.logits_budget = logits_budget(cfg, mesh.devices.flat[0])
+        self.loss_chunk = loss_chunk(cfg.train.seq_len, rows, model.vocab_size, self.logits_budget)
         step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=cfg.optim.z_loss,
-                                 accum=cfg.train.grad_accum, chunk=loss_chunk(cfg, max(rows, 1), model.vocab_size),
-                                 axis_name=self.axis_name)
+                                 accum=cfg.train.grad_accum, chunk=self.loss_chunk, axis_name=self.axis_name)
         self.train_fn = wrap_step(step) if wrap_step else step
-        self.eval_fn = functools.partial(eval_step, model=model)
+        # under pmap the step sees one device's rows; under jit the global batch
+        self.eval_fn = functools.partial(eval_step, model=model, budget=self.logits_budget,
+                                         shards=1 if self.axis_name else shards)
         self.compiled_memory = None  # the compiled train step's memory analysis, where the backend gives one
 
     axis_name: str | None = None

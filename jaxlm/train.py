@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt
-from jaxlm import faults
+from jaxlm import faults, kernels
 from jaxlm.config import Config, check_vocab, load_config, to_yaml
 from jaxlm.data import cache
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
@@ -195,6 +195,15 @@ def _first_state(cfg: Config, stepper: Stepper, run_dir: str, done: list[int], i
     return start, stepper.adopt(state), position
 
 
+def _kernel_line(stepper: Stepper, seq_len: int) -> str:
+    """The plan's kernels line: the resolved kernel set and attention, and how the loss holds its logits."""
+    device = stepper.mesh.devices.flat[0]
+    budget = f"budget {stepper.logits_budget:,} logits per device" if stepper.logits_budget else "no budget"
+    loss = (f"chunks of {stepper.loss_chunk} positions" if stepper.loss_chunk else "plain logits") + f" ({budget})"
+    line = kernels.describe(stepper.model.cfg, device.platform, seq_len, kernels.capability(device))
+    return f"{line}; loss: {loss}"
+
+
 def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_keys: tuple[str, ...], log):
     """Compile the train step and print the plan; (compile seconds, parameter counts, FLOPs per token by
     convention, (peak FLOP/s, its source))."""
@@ -217,6 +226,7 @@ def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_ke
         f"microbatches); training tokens: {tokens_per_step * cfg.train.steps:,}")
     log(f"mesh: {shape} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices, "
         f"backend {cfg.mesh.backend}; train and eval steps compiled in {compile_s:.1f}s")
+    log(_kernel_line(stepper, T))
     if peak[0]:
         log(f"peak for MFU: {peak[0] / 1e12:.2f} TFLOP/s per device ({peak[1]})")
     mem = stepper.compiled_memory
@@ -245,7 +255,7 @@ def _setup(cfg: Config, devices, restart: bool, resume: bool, log, poison: froze
         data.tokenizer.save(tok_path)
     saver = ckpt.Saver(run_dir, cfg, data.tokenizer.proto) if cfg.checkpoint.enabled else None  # fails if unwritable
     try:  # close the checkpoint manager if anything before the loop fails
-        model, tx, schedule = build(cfg, vocab)
+        model, tx, schedule = build(cfg, vocab, mesh)
         stepper = Stepper(cfg, model, tx, schedule, mesh, wrap_step=faults.nan_step if poison else None)
         start, state, position = _first_state(cfg, stepper, run_dir, done, init, saver, data.tokenizer, log)
         batch_keys = (("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segment_ids else ())

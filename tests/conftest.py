@@ -29,6 +29,26 @@ def tiny_config(*overrides: str):
     return load_config(None, TINY + list(overrides))
 
 
+KERNEL_SETS = ("cpu", "standard")
+
+
+@pytest.fixture(params=KERNEL_SETS)
+def kernel_set(request):
+    """Each kernel set in turn (model.kernels=cpu, then standard), both run on this CPU."""
+    return request.param
+
+
+def decoder(cfg, vocab: int, kernel_set: str = "cpu", platform: str = "cpu"):
+    """The Decoder of `cfg` with model.kernels=`kernel_set`, resolved as a run on `platform` would."""
+    import dataclasses
+
+    from jaxlm import kernels
+    from jaxlm.model import Decoder
+
+    m = dataclasses.replace(cfg.model, kernels=kernel_set)
+    return Decoder(kernels.resolve(m, platform, cfg.train.seq_len), vocab)
+
+
 def shared_data(relative: str) -> pathlib.Path:
     """A path in ../shared/data: skip with a reason off CI, fail on CI (CI=true) when missing."""
     path = SHARED_DATA / relative
@@ -90,5 +110,5 @@ def run_abstract_state(run_dir):
     cfg = load_config(str(run_dir / "config.yaml"), ["mesh.data=1"])
     vocab = spm.SentencePieceProcessor(model_file=str(run_dir / "tokenizer.model")).vocab_size()
     mesh = make_mesh(cfg, jax.devices()[:1])
-    model, tx, schedule = build(cfg, vocab)
+    model, tx, schedule = build(cfg, vocab, mesh)
     return Stepper(cfg, model, tx, schedule, mesh).abstract_state()

@@ -26,8 +26,9 @@ def _restore(run_dir, step):
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     vocab = load_tokenizer(os.path.join(run_dir, "tokenizer.model")).vocab_size
-    model, tx, schedule = build(cfg, vocab)
-    stepper = Stepper(cfg, model, tx, schedule, make_mesh(cfg, jax.devices()))
+    mesh = make_mesh(cfg, jax.devices())
+    model, tx, schedule = build(cfg, vocab, mesh)
+    stepper = Stepper(cfg, model, tx, schedule, mesh)
     state, meta = ckpt.restore(str(run_dir), step, stepper.restore_target())
     return jax.device_get(state), meta
 

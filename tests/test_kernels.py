@@ -1,4 +1,5 @@
-"""The training-speed building blocks equal the plain formulas they replace.
+"""The cpu kernels (jaxlm/kernels/) equal the plain formulas they replace, and the CPU
+program keeps the shape they were written for.
 
 Blocked causal attention against jax.nn.dot_product_attention, the fused chunked loss
 against plain logits, GELU and SwiGLU with their written-out backward passes against
@@ -15,14 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.attention import causal_attention, n_blocks
-from jaxlm.config import load_config
-from jaxlm.dots import attend, contract, stash, table_grad, unstash, weight_grad
-from jaxlm.loss import chunk_length
-from jaxlm.model import Decoder, gelu, norm, swiglu
-from jaxlm.step import loss_chunk, train_loss
+from jaxlm.kernels.attention import causal_attention, n_blocks
+from jaxlm.kernels.dots import attend, contract, stash, table_grad, unstash, weight_grad
+from jaxlm.kernels.layers import gelu, norm, swiglu
+from jaxlm.kernels.loss import chunk_length
+from jaxlm.step import CPU_LOGITS_BUDGET, logits_budget, loss_chunk, train_loss
 
-from conftest import tiny_config
+from conftest import decoder, tiny_config
 
 
 def _close(got, want, tol):
@@ -69,35 +69,30 @@ def test_block_and_chunk_sizes():
     assert chunk_length(100, 4, 1000, 10) == 1
 
 
-def test_loss_is_fused_only_when_the_logits_exceed_the_budget():
-    cfg = load_config(None, ["train.seq_len=256"])  # default budget 2^25 logits per device
-    assert loss_chunk(cfg, 8, 8192) == 0  # 16.8M logits: plain
-    assert loss_chunk(cfg, 8, 32768) == 128  # 67M: two chunks of 8 x 128 x 32768 = 2^25
-    assert loss_chunk(load_config(None, ["train.seq_len=256", "train.loss_chunk=0"]), 64, 65536) == 0
+def test_loss_is_chunked_only_when_the_logits_exceed_the_budget():
+    assert loss_chunk(256, 8, 8192, 2**25) == 0  # 16.8M logits: plain
+    assert loss_chunk(256, 8, 32768, 2**25) == 128  # 67M: two chunks of 8 x 128 x 32768 = 2^25
+    assert loss_chunk(256, 64, 65536, 0) == 0  # budget 0: always plain
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_fused_chunked_loss_equals_plain_logits(family):
-    extra = ["model.family=llama", "model.n_kv_heads=4", "model.tie_embeddings=false"] if family == "llama" else []
-    cfg = tiny_config("model.n_layers=1", *extra)
-    vocab, B, T = 96, 2, 16
-    model = Decoder(cfg.model, vocab)
-    r = np.random.default_rng(1)
-    batch = {"inputs": jnp.asarray(r.integers(0, vocab, (B, T)), jnp.int32),
-             "targets": jnp.asarray(r.integers(0, vocab, (B, T)), jnp.int32),
-             "mask": jnp.asarray(r.random((B, T)) < 0.8, jnp.int32)}
-    params = nn.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
-    count = jnp.sum(batch["mask"]).astype(jnp.float32)
+class _Device:
+    def __init__(self, platform, stats):
+        self.platform, self._stats = platform, stats
 
-    def grad(chunk):
-        return jax.jit(jax.grad(lambda p: train_loss(p, batch, model, count, 1e-2, chunk), has_aux=True))(params)
+    def memory_stats(self):
+        return self._stats
 
-    (g_plain, loss_plain) = grad(0)
-    g, loss = grad(4)  # 4 chunks of 4 positions
-    np.testing.assert_allclose(loss, loss_plain, rtol=1e-6)
-    _close(g, g_plain, 1e-5)
-    head = "embed" if family == "gpt2" else "head"
-    assert float(jnp.max(jnp.abs(g_plain[head][next(iter(g_plain[head]))]))) > 0
+
+def test_the_logits_budget_follows_the_device():
+    auto = tiny_config()
+    assert auto.train.loss_chunk == -1
+    assert logits_budget(auto, _Device("cpu", None)) == CPU_LOGITS_BUDGET == 2**25
+    h200 = _Device("gpu", {"bytes_limit": 140 * 2**30})
+    assert logits_budget(auto, h200) == 140 * 2**30 // 64  # a sixteenth of memory in float32 logits
+    assert loss_chunk(1024, 16, 50304, logits_budget(auto, h200)) == 0  # gpt2-124m, 16 rows: plain
+    assert logits_budget(auto, _Device("tpu", None)) == CPU_LOGITS_BUDGET  # memory not reported
+    assert logits_budget(tiny_config("train.loss_chunk=4096"), h200) == 4096
+    assert logits_budget(tiny_config("train.loss_chunk=0"), _Device("cpu", None)) == 0
 
 
 def test_gelu_and_swiglu_gradients_equal_autodiff():
@@ -174,7 +169,7 @@ def test_bfloat16_gradient_runs_every_product_on_bfloat16_operands(family):
     product, or one whose operand XLA sees transposed, is run on float32 copies)."""
     cfg = tiny_config(f"model.family={family}", "model.dtype=bfloat16", "model.d_model=128",
                       "model.n_heads=4", "model.n_kv_heads=0", "train.seq_len=64")
-    model = Decoder(cfg.model, 256)
+    model = decoder(cfg, 256, "cpu")
     tokens = jnp.zeros((4, 64), jnp.int32)
     params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
     batch = {"inputs": tokens, "targets": tokens}
@@ -189,7 +184,7 @@ def test_scanned_bfloat16_residuals_are_not_stacked_as_bfloat16():
     as uint16, since XLA's CPU runtime would copy a whole bf16 stack to float32 and back for
     every layer's slice. The stash / unstash round trip is exact."""
     cfg = tiny_config("model.dtype=bfloat16", "model.n_layers=3")
-    model = Decoder(cfg.model, 256)
+    model = decoder(cfg, 256, "cpu")
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
     params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
     loss = lambda p: jnp.mean(model.apply({"params": p}, tokens).astype(jnp.float32) ** 2)

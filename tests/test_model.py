@@ -5,23 +5,22 @@ import pytest
 from flax import linen as nn
 from jax.ad_checkpoint import print_saved_residuals
 
-from jaxlm.config import load_config
-from jaxlm.model import Decoder, rope
+from jaxlm.model import rope
 
-from conftest import tiny_config
+from conftest import decoder, tiny_config
 
 
-def init(cfg, vocab=256, T=16):
-    model = Decoder(cfg.model, vocab)
+def init(cfg, kernel_set="cpu", vocab=256, T=16):
+    model = decoder(cfg, vocab, kernel_set)
     tokens = jax.random.randint(jax.random.key(1), (2, T), 0, vocab)
     params = jax.tree.map(lambda x: x, model.init(jax.random.key(0), tokens)["params"])
     return model, nn.unbox(params), tokens
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_logits_shape_and_causality(family):
+def test_logits_shape_and_causality(family, kernel_set):
     cfg = tiny_config(f"model.family={family}", "model.n_kv_heads=2")
-    model, params, tokens = init(cfg)
+    model, params, tokens = init(cfg, kernel_set)
     logits = model.apply({"params": params}, tokens)
     assert logits.shape == (2, 16, 256) and logits.dtype == jnp.float32
     changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % 256)
@@ -30,21 +29,21 @@ def test_logits_shape_and_causality(family):
     assert not np.allclose(logits[:, 10:], logits2[:, 10:])
 
 
-def test_family_parameters():
-    _, gpt2, _ = init(tiny_config())
+def test_family_parameters(kernel_set):
+    _, gpt2, _ = init(tiny_config(), kernel_set)
     assert "pos_embed" in gpt2 and "head" not in gpt2 and "bias" in gpt2["blocks"]["mlp"]["up"]
     assert gpt2["blocks"]["attn"]["q"]["kernel"].shape == (2, 64, 8, 8)  # (layers, embed, heads, head_dim)
-    _, llama, _ = init(tiny_config("model.family=llama", "model.n_kv_heads=2"))
+    _, llama, _ = init(tiny_config("model.family=llama", "model.n_kv_heads=2"), kernel_set)
     assert "pos_embed" not in llama and "head" in llama and "gate" in llama["blocks"]["mlp"]
     assert "bias" not in llama["blocks"]["mlp"]["up"]
     assert llama["blocks"]["attn"]["k"]["kernel"].shape == (2, 64, 2, 8)  # grouped-query: 2 kv heads
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
-def test_remat_policies_give_the_same_gradients(remat):
+def test_remat_policies_give_the_same_gradients(remat, kernel_set):
     base = tiny_config("model.family=llama")
-    model, params, tokens = init(base)
-    model_r = Decoder(tiny_config("model.family=llama", f"model.remat={remat}").model, 256)
+    model, params, tokens = init(base, kernel_set)
+    model_r = decoder(tiny_config("model.family=llama", f"model.remat={remat}"), 256, kernel_set)
 
     def loss(m):
         return lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2)
@@ -56,18 +55,18 @@ def test_remat_policies_give_the_same_gradients(remat):
 
 @pytest.mark.parametrize("remat,saved", [("dots", 6), ("dots_no_batch", 6), ("full", 0)])
 def test_dot_policies_save_the_linear_products(remat, saved, capsys):
-    """The linear layers' products are custom-VJP calls, invisible to the dot policies: they
-    must still be saved by name (q, k, v, o, gate, up per layer; down feeds only the residual)."""
+    """The cpu kernels' linear products are custom-VJP calls, invisible to the dot policies:
+    they must still be saved by name (q, k, v, o, gate, up per layer; down feeds only the residual)."""
     cfg = tiny_config("model.family=llama", f"model.remat={remat}", "model.scan_layers=false")
-    model, params, tokens = init(cfg)
+    model, params, tokens = init(cfg, "cpu")
     print_saved_residuals(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2), params)
     named = [line for line in capsys.readouterr().out.splitlines() if "named 'linear'" in line]
     assert len(named) == saved * cfg.model.n_layers, named
 
-def test_unscanned_layers_match_scanned():
+def test_unscanned_layers_match_scanned(kernel_set):
     cfg = tiny_config()
-    model, params, tokens = init(cfg)
-    unscanned = Decoder(tiny_config("model.scan_layers=false").model, 256)
+    model, params, tokens = init(cfg, kernel_set)
+    unscanned = decoder(tiny_config("model.scan_layers=false"), 256, kernel_set)
     split = dict(params)
     blocks = split.pop("blocks")
     for i in range(cfg.model.n_layers):
@@ -76,12 +75,12 @@ def test_unscanned_layers_match_scanned():
                                unscanned.apply({"params": split}, tokens), rtol=1e-5, atol=1e-6)
 
 
-def test_unrolled_scan_matches_scan():
+def test_unrolled_scan_matches_scan(kernel_set):
     """model.scan_unroll=0 writes every block out in one program but keeps the stacked
     parameters: same parameter tree, same outputs and gradients as the while loop."""
     cfg = tiny_config("model.n_layers=3")
-    model, params, tokens = init(cfg)
-    unrolled = Decoder(tiny_config("model.n_layers=3", "model.scan_unroll=0").model, 256)
+    model, params, tokens = init(cfg, kernel_set)
+    unrolled = decoder(tiny_config("model.n_layers=3", "model.scan_unroll=0"), 256, kernel_set)
     assert jax.tree.structure(nn.unbox(unrolled.init(jax.random.key(0), tokens)["params"])) == jax.tree.structure(params)
     loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2)))
     (a, ga), (b, gb) = loss(model)(params), loss(unrolled)(params)
@@ -92,8 +91,8 @@ def test_unrolled_scan_matches_scan():
     assert "while" in hlo(model) and "while" not in hlo(unrolled)
 
 
-def test_bfloat16_compute_keeps_float32_params():
-    model, params, tokens = init(tiny_config("model.dtype=bfloat16"))
+def test_bfloat16_compute_keeps_float32_params(kernel_set):
+    model, params, tokens = init(tiny_config("model.dtype=bfloat16"), kernel_set)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     assert model.apply({"params": params}, tokens).dtype == jnp.bfloat16
 
@@ -108,30 +107,22 @@ def test_rope_is_a_rotation_and_relative():
     np.testing.assert_allclose(q @ k, y2[0, 3, 0] @ y2[0, 1, 0], rtol=1e-4)
 
 
-def test_segment_ids_block_attention_across_documents():
+def test_segment_ids_block_attention_across_documents(kernel_set):
     cfg = tiny_config()
-    model, params, tokens = init(cfg)
+    model, params, tokens = init(cfg, kernel_set)
     seg = jnp.array([[0] * 8 + [1] * 8] * 2)
     a = model.apply({"params": params}, tokens, None, seg)
     b = model.apply({"params": params}, tokens.at[:, 2].set(0), None, seg)
     np.testing.assert_allclose(a[:, 8:], b[:, 8:], atol=1e-6)  # document 2 does not see document 1
 
 
-def test_llama_1b_preset_parameter_count():
-    cfg = load_config(None, ["model.preset=llama-1b"])
-    model = Decoder(cfg.model, 128256)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-    assert total == 1_498_482_688  # Llama 3.2 1B with an untied head
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_a_packed_document_scores_as_if_it_were_alone(family):
+def test_a_packed_document_scores_as_if_it_were_alone(family, kernel_set):
     """Loader segment ids + positions: document 2 of a packed row gives the logits it gives on its own."""
     from jaxlm.data.loader import add_segments
 
     cfg = tiny_config(f"model.family={family}")
-    model, params, tokens = init(cfg)
+    model, params, tokens = init(cfg, kernel_set)
     eos = 3
     row = tokens[:1].at[0, 5].set(eos)  # a document tail (0..4), then EOS starting document 2 (5..15)
     packed = add_segments({"inputs": np.asarray(row)}, eos)

@@ -1,4 +1,4 @@
-"""Resume from checkpoints: bitwise after SIGKILL, across meshes, and what is refused."""
+"""Resume from checkpoints: bitwise after SIGKILL, across meshes, with either kernel set, and what is refused."""
 
 import os
 import random
@@ -27,7 +27,9 @@ def _args(small_corpus, run_dir, steps, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [[], ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]], ids=["data8", "2x2x2"])
+@pytest.mark.parametrize("mesh", [["model.kernels=cpu"], ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+                                  ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.kernels=standard"]],
+                         ids=["data8-cpu", "2x2x2-cpu", "2x2x2-standard"])
 def test_resume_after_sigkill_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, small_corpus, mesh):
     steps = 30
     straight = tmp_path / "straight"
@@ -74,19 +76,20 @@ def test_resume_on_other_meshes_matches_the_uninterrupted_run(tmp_path, small_co
         assert all(got[s] == expected[s] for s in range(6))  # kept from before the checkpoint
 
 
-def test_one_device_resume_of_an_fsdp_run(tmp_path, small_corpus):
+def test_one_device_resume_of_an_fsdp_run(tmp_path, small_corpus, kernel_set):
     import jax
 
     from jaxlm.config import load_config
     from jaxlm.train import run
 
     base = tmp_path / "fsdp8"
-    assert main(_args(small_corpus, base, 8, "mesh.data=1", "mesh.fsdp=8", "checkpoint.every=4")) == 0
+    k = f"model.kernels={kernel_set}"
+    assert main(_args(small_corpus, base, 8, "mesh.data=1", "mesh.fsdp=8", "checkpoint.every=4", k)) == 0
     expected = _losses(base)
     one = tmp_path / "one"
     shutil.copytree(base, one)
     shutil.rmtree(one / "checkpoints" / "8")
-    overrides = [a for a in _args(small_corpus, one, 8, "checkpoint.every=4")[1:]]
+    overrides = [a for a in _args(small_corpus, one, 8, "checkpoint.every=4", k)[1:]]
     cfg = load_config(None, overrides)
     run(cfg, devices=jax.devices()[:1])
     got = _losses(one)

@@ -1,4 +1,5 @@
-"""A sharded (or pmap) train step equals the single-device step, with and without accumulation.
+"""A sharded (or pmap) train step equals the single-device step, with and without accumulation,
+for each kernel set (model.kernels=cpu and standard).
 
 Tolerance: float32 summation order differs between meshes, so losses and grad norms are
 compared to rtol 1e-5, and parameters after the Adam updates to atol 2e-5 (the learning
@@ -33,7 +34,7 @@ def batches(cfg, n):
 
 def train(cfg, n_devices, n_steps):
     mesh = make_mesh(cfg, jax.devices()[:n_devices])
-    model, tx, schedule = build(cfg, VOCAB)
+    model, tx, schedule = build(cfg, VOCAB, mesh)
     stepper = Stepper(cfg, model, tx, schedule, mesh)
     state = stepper.init_state(cfg.train.seed)
     B, T = cfg.train.batch_size, cfg.train.seq_len
@@ -48,19 +49,20 @@ def train(cfg, n_devices, n_steps):
 _reference = {}
 
 
-def reference(family, accum, n_steps):
-    key = (family, accum, n_steps)
+def reference(family, accum, n_steps, kernel_set="cpu"):
+    key = (family, accum, n_steps, kernel_set)
     if key not in _reference:
-        cfg = config(family, accum, (1, 1, 1))
+        cfg = config(family, accum, (1, 1, 1), kernel_set=kernel_set)
         _reference[key] = train(cfg, 1, n_steps)
     return _reference[key]
 
 
-def config(family, accum, mesh, backend="jit"):
+def config(family, accum, mesh, backend="jit", kernel_set="cpu"):
     extra = ["model.family=llama", "model.n_kv_heads=8"] if family == "llama" else []
-    # loss_chunk: the fused, chunked loss (chunk length differs with the rows per device)
-    return tiny_config(*extra, "optim.eps=1e-6", "train.loss_chunk=4096", f"train.grad_accum={accum}", f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}",
-                       f"mesh.tensor={mesh[2]}", f"mesh.backend={backend}")
+    # loss_chunk: the chunked loss (chunk length differs with the rows per device)
+    return tiny_config(*extra, "optim.eps=1e-6", "train.loss_chunk=4096", f"train.grad_accum={accum}",
+                       f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}",
+                       f"mesh.backend={backend}", f"model.kernels={kernel_set}")
 
 
 def assert_same(got, want):
@@ -74,20 +76,21 @@ def assert_same(got, want):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
-def test_one_step_equals_single_device(family, mesh):
-    assert_same(train(config(family, 1, mesh), 8, 1), reference(family, 1, 1))
+def test_one_step_equals_single_device(family, mesh, kernel_set):
+    assert_same(train(config(family, 1, mesh, kernel_set=kernel_set), 8, 1), reference(family, 1, 1, kernel_set))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
-def test_three_accumulated_steps_equal_single_device(family, mesh):
-    assert_same(train(config(family, 2, mesh), 8, 3), reference(family, 2, 3))
+def test_three_accumulated_steps_equal_single_device(family, mesh, kernel_set):
+    assert_same(train(config(family, 2, mesh, kernel_set=kernel_set), 8, 3), reference(family, 2, 3, kernel_set))
 
 
 @pytest.mark.parametrize("accum", [1, 2])
-def test_pmap_backend_equals_single_device(accum):
+def test_pmap_backend_equals_single_device(accum, kernel_set):
     n = 1 if accum == 1 else 3
-    assert_same(train(config("gpt2", accum, (8, 1, 1), backend="pmap"), 8, n), reference("gpt2", accum, n))
+    assert_same(train(config("gpt2", accum, (8, 1, 1), backend="pmap", kernel_set=kernel_set), 8, n),
+                reference("gpt2", accum, n, kernel_set))
 
 
 def test_accumulation_equals_one_big_batch():
@@ -95,10 +98,10 @@ def test_accumulation_equals_one_big_batch():
     assert_same(reference("gpt2", 2, 3), train(config("gpt2", 1, (1, 1, 1)), 1, 3))
 
 
-def test_training_reduces_loss():
-    cfg = tiny_config("optim.lr=3e-3", "mesh.data=1")
+def test_training_reduces_loss(kernel_set):
+    cfg = tiny_config("optim.lr=3e-3", "mesh.data=1", f"model.kernels={kernel_set}")
     mesh = make_mesh(cfg, jax.devices()[:1])
-    model, tx, schedule = build(cfg, VOCAB)
+    model, tx, schedule = build(cfg, VOCAB, mesh)
     stepper = Stepper(cfg, model, tx, schedule, mesh)
     state = stepper.init_state(0)
     b = stepper.place(batches(cfg, 1)[0], cfg.train.batch_size)
@@ -115,7 +118,7 @@ def test_fsdp_shards_state_and_tensor_shards_weights():
                           f"mesh.tensor={mesh_shape[2]}")
         n = int(np.prod(mesh_shape))
         mesh = make_mesh(cfg, jax.devices()[:n])
-        model, tx, schedule = build(cfg, VOCAB)
+        model, tx, schedule = build(cfg, VOCAB, mesh)
         stepper = Stepper(cfg, model, tx, schedule, mesh)
         return stepper.init_state(0)
 

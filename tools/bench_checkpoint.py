@@ -43,7 +43,7 @@ def write_time(cfg, repeats: int = 3) -> tuple[float, float]:
 
     data = prepare_data(cfg, log=lambda m: None)
     mesh = make_mesh(cfg, jax.devices())
-    model, tx, schedule = build(cfg, check_vocab(cfg, data.tokenizer.vocab_size, mesh.shape["tensor"]))
+    model, tx, schedule = build(cfg, check_vocab(cfg, data.tokenizer.vocab_size, mesh.shape["tensor"]), mesh)
     stepper = Stepper(cfg, model, tx, schedule, mesh)
     state = stepper.init_state(0)
     returned, committed = [], []

@@ -25,7 +25,7 @@ def compiled_step(n_layers: int, overrides=()):
     cfg = load_config(None, ["model.preset=gpt2-124m", f"model.n_layers={n_layers}", "train.batch_size=8",
                              "train.seq_len=128", "mesh.data=1", *overrides])
     mesh = make_mesh(cfg, jax.devices()[:1])
-    model, tx, schedule = build(cfg, 50304)
+    model, tx, schedule = build(cfg, 50304, mesh)
     stepper = Stepper(cfg, model, tx, schedule, mesh)
     state = stepper.abstract_state()
     t0 = time.perf_counter()

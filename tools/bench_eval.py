@@ -48,7 +48,7 @@ def main() -> None:
     tok = load_tokenizer(os.path.join(a.run_dir, "tokenizer.model"))
     data = prepare_data(cfg, log=lambda m: None, tokenizer=tok)
     mesh = make_mesh(cfg, jax.devices())
-    model, tx, schedule = build(cfg, check_vocab(cfg, tok.vocab_size, mesh.shape["tensor"]))
+    model, tx, schedule = build(cfg, check_vocab(cfg, tok.vocab_size, mesh.shape["tensor"]), mesh)
     stepper = Stepper(cfg, model, tx, schedule, mesh)
     step, state, _, _ = ckpt.restore_latest(a.run_dir, stepper.restore_target(), log=print)
     params = stepper.adopt(state).params

@@ -54,7 +54,7 @@ def main() -> None:
         "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.grad_clip=0", "mesh.data=1", *a.overrides])
     devices = jax.devices(a.device)[:1]
     mesh = make_mesh(cfg, devices)
-    model, tx, schedule = build(cfg, a.vocab)
+    model, tx, schedule = build(cfg, a.vocab, mesh)
     stepper = Stepper(cfg, model, tx, schedule, mesh)
     rng = np.random.default_rng(0)
     batch_np = {k: rng.integers(0, a.vocab, (a.batch, a.seq_len)).astype(np.int32) for k in ("inputs", "targets")}

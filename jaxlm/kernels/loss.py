@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.dots import einsum, table_grad, weight_grad
+from jaxlm.kernels.dots import einsum, table_grad, weight_grad
 
 
 def chunk_length(seq_len: int, rows: int, vocab: int, budget: int) -> int:
@@ -45,7 +45,7 @@ def _unchunks(x_NBC_):
     return jnp.moveaxis(x_NBC_, 0, 1).reshape((b, n * c) + x_NBC_.shape[3:])
 
 
-def _logits(x_BCD, w, tied: bool, dtype):
+def head_logits(x_BCD, w, tied: bool, dtype):
     """Chunk logits in float32, computed in `dtype` like the model's own head."""
     if tied:  # w: the embedding table [V, D]
         z = einsum("bcd,vd->bcv", x_BCD.astype(dtype), w.astype(dtype))
@@ -60,7 +60,7 @@ def _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: in
 
     def body(dw, xs):
         x_BCD, t_BC, wt_BC, zw_BC = xs
-        logits_BCV = _logits(x_BCD, w, tied, dtype)
+        logits_BCV = head_logits(x_BCD, w, tied, dtype)
         max_BC = jax.lax.stop_gradient(jnp.max(logits_BCV, axis=-1))
         exp_BCV = jnp.exp(logits_BCV - max_BC[..., None])  # the one exp per logit
         sum_BC = jnp.sum(exp_BCV, axis=-1)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.dots import einsum, stash, unstash
+from jaxlm.kernels.dots import einsum, stash, unstash
 
 
 def n_blocks(seq_len: int, block: int = 0) -> int:
