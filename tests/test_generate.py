@@ -9,8 +9,9 @@ from jaxlm.cli import main
 from jaxlm.config import load_config
 from jaxlm.errors import ConfigError
 from jaxlm.generate import Generator, Sampling, encode_prompt, load, recompute_greedy, sample
-from jaxlm.model import Decoder
 from jaxlm.sharding import make_mesh
+
+from conftest import decoder
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,16 @@ def test_cached_greedy_decode_of_a_checkpoint_equals_full_forward_decoding(loade
         assert g == recompute_greedy(m.model, m.params, p, 24)
 
 
-@pytest.mark.parametrize("family,scan", [("gpt2", True), ("llama", False)], ids=["gpt2-scanned", "llama-gqa"])
-def test_cached_greedy_decode_equals_full_forward_decoding(family, scan):
+@pytest.mark.parametrize("family,scan,kernel_set", [("gpt2", True, "cpu"), ("llama", False, "cpu"),
+                                                  ("llama", False, "standard")],
+                         ids=["gpt2-scanned", "llama-gqa", "llama-gqa-standard"])
+def test_cached_greedy_decode_equals_full_forward_decoding(family, scan, kernel_set):
     """Prompts of 1, 5 and 12 tokens in one batch; random weights large enough to give varied text."""
     heads = ["model.n_kv_heads=2"] if family == "llama" else []
     cfg = load_config(None, [f"model.family={family}", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
                              "model.max_seq_len=64", "train.seq_len=32", "model.init_std=0.3",
                              f"model.scan_layers={str(scan).lower()}"] + heads)
-    model = Decoder(cfg.model, 300)
+    model = decoder(cfg, 300, kernel_set)
     params = model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
     gen = Generator(model, cfg.model, make_mesh(cfg, jax.devices()[:1]))
     prompts = _prompts(1)

@@ -29,11 +29,11 @@ def test_logits_shape_and_causality(family, kernel_set):
     assert not np.allclose(logits[:, 10:], logits2[:, 10:])
 
 
-def test_family_parameters(kernel_set):
-    _, gpt2, _ = init(tiny_config(), kernel_set)
+def test_family_parameters():
+    _, gpt2, _ = init(tiny_config())
     assert "pos_embed" in gpt2 and "head" not in gpt2 and "bias" in gpt2["blocks"]["mlp"]["up"]
     assert gpt2["blocks"]["attn"]["q"]["kernel"].shape == (2, 64, 8, 8)  # (layers, embed, heads, head_dim)
-    _, llama, _ = init(tiny_config("model.family=llama", "model.n_kv_heads=2"), kernel_set)
+    _, llama, _ = init(tiny_config("model.family=llama", "model.n_kv_heads=2"))
     assert "pos_embed" not in llama and "head" in llama and "gate" in llama["blocks"]["mlp"]
     assert "bias" not in llama["blocks"]["mlp"]["up"]
     assert llama["blocks"]["attn"]["k"]["kernel"].shape == (2, 64, 2, 8)  # grouped-query: 2 kv heads

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import kernels
 from jaxlm.config import load_config
 from jaxlm.generate import Generator, Sampling, recompute_greedy
 from jaxlm.model import Decoder
@@ -40,7 +41,7 @@ def main() -> None:
     cfg = load_config(None, [f"model.family={a.family}", f"model.d_model={a.d_model}", f"model.n_layers={a.layers}",
                              f"model.n_heads={a.heads}", f"model.max_seq_len={length}", "model.scan_layers=false",
                              f"train.seq_len={min(length, 128)}", "model.init_std=0.1"])
-    model = Decoder(cfg.model, a.vocab)
+    model = Decoder(kernels.resolve_for(cfg.model, jax.devices()[0], cfg.train.seq_len), a.vocab)
     params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     gen = Generator(model, cfg.model, make_mesh(load_config(None, ["mesh.data=1", f"model.max_seq_len={length}",
                                                                    f"train.seq_len={min(length, 128)}"]),

@@ -11,7 +11,8 @@ decay 0.1 on matrices, no clipping), one fixed random batch. It times the compil
 loop it reads each step's loss one step late. FLOPs use torch_ref's formula: 6 x params x
 tokens + 6 x layers x width x sequence length x tokens.
 
-Prints one JSON line: impl, params, step_s, tokens_per_s, model_gflops, device, dtype,
+Overrides select the kernels, e.g. `model.kernels=standard` (the accelerator program, here
+on the CPU). Prints one JSON line: impl, kernels, attention, loss_chunk, params, step_s, tokens_per_s, model_gflops, device, dtype,
 compile_s, memory (the compiled step's memory analysis, bytes), jax.
 """
 
@@ -81,7 +82,8 @@ def main() -> None:
     memory = None if mem is None else {k: int(getattr(mem, k)) for k in (
         "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
         "generated_code_size_in_bytes")}
-    print(json.dumps({"impl": "jaxlm", "params": params, "step_s": round(dt, 4),
+    print(json.dumps({"impl": "jaxlm", "kernels": model.cfg.kernels, "attention": model.cfg.attention,
+                      "loss_chunk": stepper.loss_chunk, "params": params, "step_s": round(dt, 4),
                       "tokens_per_s": round(tokens / dt, 1), "model_gflops": round(flops / dt / 1e9, 2),
                       "device": a.device, "dtype": a.dtype, "compile_s": round(compile_s, 2), "memory": memory,
                       "steps": n, "jax": jax.__version__}))
