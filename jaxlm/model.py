@@ -3,7 +3,9 @@
 One set of modules serves both families; `ModelConfig.family` picks the norm (LayerNorm /
 RMSNorm), the position scheme (learned table / RoPE), the MLP (GELU / SwiGLU) and the
 defaults for biases and tied embeddings. Parameters and block-boundary activations carry
-logical axis names only; `sharding.py` maps them onto the mesh.
+logical axis names only; `sharding.py` maps them onto the mesh. The operations that differ
+between kernel sets (products, norms, activations, attention) come from `jaxlm.kernels`,
+by the resolved `cfg.kernels` and `cfg.attention`; the parameter tree is the same for both.
 
 Shape suffixes: B batch, T sequence length, D model width, N query heads, K key/value
 heads, H head dimension, F MLP width, V vocabulary.
