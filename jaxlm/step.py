@@ -75,14 +75,20 @@ def create_state(model: Decoder, tx, mesh, seed: int, seq_len: int):
     return state, shardings
 
 
+def batch_mask(batch: dict):
+    """[B, T] float32: 1 where a target is scored (the batch's mask, else every target)."""
+    if "mask" in batch:
+        return batch["mask"].astype(jnp.float32)
+    return jnp.ones(batch["targets"].shape, jnp.float32)
+
+
 def token_losses(params, batch: dict, model: Decoder):
     """(NLL, log-partition, mask) of every target of a batch, each [B, T] float32."""
     logits_BTV = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
                              batch.get("segment_ids")).astype(jnp.float32)
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-    mask_BT = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones_like(logz_BT)
-    return logz_BT - target_logit_BT, logz_BT, mask_BT
+    return logz_BT - target_logit_BT, logz_BT, batch_mask(batch)
 
 
 def token_sums(params, batch: dict, model: Decoder):
@@ -103,8 +109,7 @@ def train_loss(params, batch: dict, model: Decoder, count, z_loss: float, chunk:
         return (sum_nll + z_loss * sum_z) / count, sum_nll / count
     x_BTD, head = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
                               batch.get("segment_ids"), hidden=True)
-    mask_BT = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(x_BTD.shape[:2], jnp.float32)
-    weight_BT = mask_BT / count
+    weight_BT = batch_mask(batch) / count
     loss = kernels.ops(model.cfg.kernels).loss
     total, sum_nll, _ = loss(x_BTD, head, batch["targets"], weight_BT, z_loss * weight_BT, model.cfg.tied, chunk,
                              compute_dtype(model.cfg))
@@ -146,8 +151,7 @@ def loss_chunk(seq_len: int, rows: int, vocab_size: int, budget: int) -> int:
 def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: Callable,
                z_loss: float = 0.0, accum: int = 1, axis_name: str | None = None, chunk: int = 0):
     """One optimizer step over a global batch, accumulating `accum` microbatches with lax.scan."""
-    mask_BT = batch.get("mask", jnp.ones(batch["targets"].shape, jnp.float32))
-    count = jnp.sum(mask_BT.astype(jnp.float32))
+    count = jnp.sum(batch_mask(batch))
     if axis_name:
         count = jax.lax.psum(count, axis_name)
 
@@ -200,7 +204,7 @@ def eval_step(params, batch: dict, *, model: Decoder, budget: int = 0, shards: i
     trains on a mesh can be scored on it."""
     B, T = batch["targets"].shape
     chunk = loss_chunk(T, max(B // shards, 1), model.vocab_size, budget)
-    mask_BT = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones((B, T), jnp.float32)
+    mask_BT = batch_mask(batch)
     if not chunk:
         nll_BT, _, _ = token_losses(params, batch, model)
         return nll_BT * mask_BT

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.kernels.dots import einsum, table_grad, weight_grad
+from jaxlm.kernels.standard import chunks, unchunks
 
 
 def chunk_length(seq_len: int, rows: int, vocab: int, budget: int) -> int:
@@ -32,17 +33,6 @@ def chunk_length(seq_len: int, rows: int, vocab: int, budget: int) -> int:
         if seq_len % c == 0 and rows * c * vocab <= budget:
             best = c
     return best
-
-
-def _chunks(x_BT_, c: int):
-    """[B, T, ...] -> [T / C, B, C, ...], the layout lax.scan walks."""
-    b, t = x_BT_.shape[:2]
-    return jnp.moveaxis(x_BT_.reshape((b, t // c, c) + x_BT_.shape[2:]), 1, 0)
-
-
-def _unchunks(x_NBC_):
-    n, b, c = x_NBC_.shape[:3]
-    return jnp.moveaxis(x_NBC_, 0, 1).reshape((b, n * c) + x_NBC_.shape[3:])
 
 
 def head_logits(x_BCD, w, tied: bool, dtype):
@@ -83,10 +73,10 @@ def _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: in
             dw_chunk = weight_grad(x_BCD.astype(dtype), dlogits_BCV, 1, 1)
         return dw + dw_chunk.astype(jnp.float32), (sums, dx_BCD.astype(x_BTD.dtype))
 
-    xs = tuple(_chunks(a, chunk) for a in (x_BTD, targets_BT, weight_BT, z_weight_BT))
+    xs = tuple(chunks(a, chunk) for a in (x_BTD, targets_BT, weight_BT, z_weight_BT))
     dw, (sums_N2, dx_NBCD) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), xs)
     sums = jnp.sum(sums_N2, axis=0)
-    return (sums[0] + sums[1], sums[0], sums[1]), (_unchunks(dx_NBCD), dw.astype(w.dtype))
+    return (sums[0] + sums[1], sums[0], sums[1]), (unchunks(dx_NBCD), dw.astype(w.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))

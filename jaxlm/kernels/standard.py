@@ -105,10 +105,16 @@ def head_logits(x_BCD, w, tied: bool, dtype):
     return nn.with_logical_constraint(z, ("batch", "length", "act_vocab")).astype(jnp.float32)
 
 
-def _chunks(x_BT_, c: int):
+def chunks(x_BT_, c: int):
     """[B, T, ...] -> [T / C, B, C, ...], the layout lax.scan walks."""
     b, t = x_BT_.shape[:2]
     return jnp.moveaxis(x_BT_.reshape((b, t // c, c) + x_BT_.shape[2:]), 1, 0)
+
+
+def unchunks(x_NBC_):
+    """The inverse of `chunks`."""
+    n, b, c = x_NBC_.shape[:3]
+    return jnp.moveaxis(x_NBC_, 0, 1).reshape((b, n * c) + x_NBC_.shape[3:])
 
 
 def _nll_logz(logits_BCV, targets_BC):
@@ -131,7 +137,7 @@ def chunked_loss(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk
         nll_BC, logz_BC = _nll_logz(head_logits(x_BCD, w, tied, dtype), t_BC)
         return sums + jnp.stack([jnp.sum(wt_BC * nll_BC), jnp.sum(zw_BC * jnp.square(logz_BC))]), None
 
-    xs = tuple(_chunks(a, chunk) for a in (x_BTD, targets_BT, weight_BT, z_weight_BT))
+    xs = tuple(chunks(a, chunk) for a in (x_BTD, targets_BT, weight_BT, z_weight_BT))
     sums, _ = jax.lax.scan(body, jnp.zeros((2,), jnp.float32), xs)
     return sums[0] + sums[1], sums[0], sums[1]
 
@@ -145,7 +151,5 @@ def chunked_nll(x_BTD, w, targets_BT, tied: bool, chunk: int, dtype, logits=head
         x_BCD, t_BC = xs
         return _nll_logz(logits(x_BCD, w, tied, dtype), t_BC)[0]
 
-    nll_NBC = jax.lax.map(one, (_chunks(x_BTD, chunk), _chunks(targets_BT, chunk)))
-    n, b, c = nll_NBC.shape
-    return jnp.moveaxis(nll_NBC, 0, 1).reshape(b, n * c)
+    return unchunks(jax.lax.map(one, (chunks(x_BTD, chunk), chunks(targets_BT, chunk))))
 
