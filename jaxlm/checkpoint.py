@@ -162,12 +162,12 @@ class Saver:
 # -- reading ----------------------------------------------------------------------------
 
 def steps(run_dir: str) -> list[int]:
-    """Steps of the committed checkpoints of a run, oldest first (unfinished writes are not listed)."""
-    directory = checkpoint_dir(run_dir)
-    if not os.path.isdir(directory):
-        return []
-    with ocp.CheckpointManager(directory) as manager:
-        return sorted(manager.all_steps())
+    """Steps of the committed checkpoints of a run, oldest first (unfinished writes are not listed).
+
+    A plain directory listing, safe to call from one process of several (no Orbax manager,
+    whose construction is collective).
+    """
+    return sorted(ocp.path.step.checkpoint_steps(checkpoint_dir(run_dir)))
 
 
 def _restore(directory: str, step: int, **items):
@@ -188,20 +188,31 @@ def restore(run_dir: str, step: int, target) -> tuple[object, dict]:
     return out.state, out.meta
 
 
-def restore_latest(run_dir: str, target, log=print) -> tuple[int, object, dict, list[int]]:
+def restore_latest(run_dir: str, target, log=print, candidates: list[int] | None = None,
+                   group=None) -> tuple[int, object, dict, list[int]]:
     """(step, state, meta, damaged steps) of the newest checkpoint that restores and verifies.
 
-    Each damaged newer checkpoint is reported through `log`; CheckpointError when none is usable.
+    `candidates`: the committed steps to try (default: `steps(run_dir)`); with several
+    processes, process 0's list, so every process tries the same steps. `group` (a
+    `distributed.Group`) makes the outcome of each attempt a joint one: a step that fails on
+    any process is damaged for all. Each damaged newer checkpoint is reported through `log`;
+    CheckpointError when none is usable.
     """
     damaged, reasons = [], []
-    for step in reversed(steps(run_dir)):
+    for step in reversed(steps(run_dir) if candidates is None else candidates):
         try:
             state, meta = restore(run_dir, step, target)
-            return step, state, meta, damaged
+            error = ""
         except CheckpointError as e:
-            log(f"warning: skipping damaged checkpoint {os.path.join(checkpoint_dir(run_dir), str(step))}: {e}")
-            damaged.append(step)
-            reasons.append(str(e))
+            state, meta, error = None, None, str(e)
+        if group is not None:
+            failed = [(i, e) for i, e in enumerate(group.gather(f"restore-{step}", error)) if e]
+            error = "; ".join(f"process {i}: {e}" if group.count > 1 else e for i, e in failed)
+        if not error:
+            return step, state, meta, damaged
+        log(f"warning: skipping damaged checkpoint {os.path.join(checkpoint_dir(run_dir), str(step))}: {error}")
+        damaged.append(step)
+        reasons.append(error)
     if damaged:
         raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}: all {len(damaged)} are damaged; "
                               "pass --restart to start over")

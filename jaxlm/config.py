@@ -32,6 +32,7 @@ KERNELS = ("auto", "cpu", "standard")
 SCHEDULES = ("constant", "cosine", "linear", "wsd", "inverse_sqrt")
 BACKENDS = ("jit", "pmap")
 WANDB_MODES = ("online", "offline", "disabled")
+DIST_MODES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,20 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    mode: str = _f("auto", "joining several processes (jax.distributed): auto = when explicit settings or a "
+                   "known cluster (SLURM, Open MPI, TPU pod, Kubernetes) are found; always = join, leaving every "
+                   "setting to JAX's detection; never = one process")
+    coordinator: str = _f("", "host:port of process 0's coordination service; empty = $JAX_COORDINATOR_ADDRESS "
+                          "or the cluster's")
+    num_processes: int = _f(0, "processes in the run; 0 = $JAX_NUM_PROCESSES or the cluster's")
+    process_id: int = _f(-1, "this process's index; -1 = $JAX_PROCESS_ID or the cluster's")
+    init_timeout_s: int = _f(300, "seconds to wait for every process to join")
+    heartbeat_s: int = _f(30, "a process silent this long is lost: the others exit with a message naming it "
+                          "(JAX's own service gives up after twice this)")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -207,6 +222,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # Presets set model keys only; explicit model keys in YAML or overrides win. The published
@@ -387,6 +403,10 @@ def validate(cfg: Config) -> None:
     _choice("train.on_bad_steps", t.on_bad_steps, ("stop", "rollback"))
     _choice("data.tokenizer_type", cfg.data.tokenizer_type, ("bpe", "unigram"))
     _choice("data.invalid_utf8", cfg.data.invalid_utf8, ("error", "replace"))
+    _choice("dist.mode", cfg.dist.mode, DIST_MODES)
+    if cfg.dist.heartbeat_s < 2 or cfg.dist.init_timeout_s < 1:
+        raise ConfigError(f"dist.heartbeat_s must be at least 2 and dist.init_timeout_s at least 1, got "
+                          f"{cfg.dist.heartbeat_s} and {cfg.dist.init_timeout_s}")
     if cfg.run.wandb_mode:
         _choice("run.wandb_mode", cfg.run.wandb_mode, WANDB_MODES)
     if m.d_model % m.n_heads:

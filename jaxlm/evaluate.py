@@ -153,8 +153,7 @@ def score(stepper, params, tokens: np.ndarray, seq_len: int, stride: int | None,
             np.add.at(nll, pos[scored], got[scored])
             np.add.at(seen, pos[scored], 1)
 
-    batches = window_batches(tokens, batch_size, seq_len, stride, 0, jax.process_index(), jax.process_count(),
-                             eos_id)
+    batches = window_batches(tokens, batch_size, seq_len, stride, 0, stepper.local_rows(batch_size), eos_id)
     for b, (ids, local) in enumerate(batches):
         pending.append((ids, stepper.eval_step(params, stepper.place(local, batch_size))))
         drain(2)

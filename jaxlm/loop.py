@@ -26,6 +26,7 @@ from jaxlm import checkpoint as ckpt
 from jaxlm import faults
 from jaxlm.config import Config
 from jaxlm.data.loader import Prefetch, TrainBatches
+from jaxlm.distributed import Group, StopVote
 from jaxlm.evaluate import Split, validate
 from jaxlm.metrics import MetricsWriter, Throughput, mfu_note, read_metrics
 from jaxlm.summary import RunSummary
@@ -62,6 +63,7 @@ class Setup:
     flops_per_token: float
     peak: tuple[float | None, str]  # (peak FLOP/s of one device, where that number comes from)
     resumed: bool
+    group: Group = dataclasses.field(default_factory=Group)  # this run's processes
     poison: frozenset[int] = frozenset()  # data positions whose steps come out NaN (tests only)
 
 
@@ -77,15 +79,17 @@ class RunResult:
 
 
 class Stop:
-    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and returns."""
+    """SIGTERM/SIGINT handler: `signalled` is this process's own flag; `requested` is the stop the
+    loop acts on (the agreed one when several processes train: see `distributed.StopVote`). The
+    loop finishes its step, checkpoints and returns."""
 
     def __init__(self):
-        self.requested = False
+        self.signalled = self.requested = False
         self.at = 0.0
 
     def __call__(self, signum, frame):
-        if not self.requested:
-            self.requested, self.at = True, time.perf_counter()
+        if not self.signalled:
+            self.signalled, self.at = True, time.perf_counter()
 
 
 @dataclasses.dataclass
@@ -103,10 +107,13 @@ class Loop:
         self.stepper, self.saver, self.state, self.position = s.stepper, s.saver, s.state, s.position
         c = self.cfg
         self.B, self.T, self.steps = c.train.batch_size, c.train.seq_len, c.train.steps
-        self.loader = TrainBatches(s.train_streams, self.B, self.T, c.train.seed, jax.process_index(),
-                                   jax.process_count(), s.weights, s.eos_id if c.data.segment_ids else None)
+        self.loader = TrainBatches(s.train_streams, self.B, self.T, c.train.seed, self.stepper.local_rows(self.B),
+                                   s.weights, s.eos_id if c.data.segment_ids else None)
         self.handle_signals = handle_signals
         self.stop = Stop()
+        self.group = s.group
+        self.vote = StopVote(self.stepper.mesh) if self.group.count > 1 else None
+        self.ballot = None  # the previous step's stop vote
         self.result = RunResult(run_dir=s.run_dir, steps=0)
         self.streak = 0  # consecutive non-finite steps
         self.pending = None  # (step, metrics) to log, fetched one step late
@@ -128,7 +135,7 @@ class Loop:
         if self.handle_signals:
             old_handlers = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.writer = MetricsWriter(self.s.run_dir, self.cfg.run.tensorboard and jax.process_index() == 0)
+            self.writer = MetricsWriter(self.s.run_dir, self.cfg.run.tensorboard, owner=self.group.owner)
             self.sink = make_sink(self.s.run_dir, self.cfg, self.s.resumed)
             if self.cfg.run.progress and sys.stderr.isatty():
                 from tqdm import tqdm
@@ -148,6 +155,7 @@ class Loop:
         step = self.s.start
         while step < self.steps:
             self.state, metrics = self.stepper.train(self.state, self.prefetch.get(step))
+            self._poll_stop()
             over = self._settle()  # the previous step's, read while this one runs
             self.unsettled = (step, metrics)
             if self.pending is not None and not over:
@@ -175,6 +183,18 @@ class Loop:
             if self.stop.requested:
                 break
         return step
+
+    def _poll_stop(self) -> None:
+        """Turn a signal into the stop the loop acts on: at once for one process; for several, when the
+        previous step's vote (read now, the same on every process) says a process was signalled."""
+        if self.vote is None:
+            self.stop.requested = self.stop.signalled
+            return
+        ballot, previous = self.vote.cast(self.stop.signalled), self.ballot
+        self.ballot = ballot
+        if previous is not None and not self.stop.requested and self.vote.result(previous):
+            self.stop.requested = True
+            self.stop.at = self.stop.at or time.perf_counter()
 
     def _finish(self, step: int) -> None:
         """Log the last metrics; then, unless the run diverged, evaluate and checkpoint the final state."""
@@ -261,7 +281,7 @@ class Loop:
         self.s.summary.record(rec)
 
     def _write_summary(self, status: str) -> None:
-        if jax.process_index() == 0:
+        if self.group.owner:
             self.result.summary = self.s.summary.write(status)
             if self.sink is not None:
                 self.sink.summary(self.result.summary)
@@ -317,7 +337,9 @@ class Loop:
         self.pending = self.unsettled = self.state = None
         self.prefetch.close()
         self.waited += self.prefetch.wait_s
-        step, state, _, _ = ckpt.restore_latest(self.s.run_dir, self.stepper.restore_target(), self.log)
+        candidates = self.group.broadcast("rollback-steps", lambda: ckpt.steps(self.s.run_dir))
+        step, state, _, _ = ckpt.restore_latest(self.s.run_dir, self.stepper.restore_target(), self.log,
+                                                candidates, self.group)
         self.state = self.stepper.adopt(state)
         p = self.position
         first_skipped = step + p.offset

@@ -271,18 +271,25 @@ def measured_matmul_flops(device, dtype: str = "float32", sizes: tuple[int, ...]
 
 
 class MetricsWriter:
-    """Appends records to metrics.jsonl (losses as full-precision reprs) and TensorBoard."""
+    """Appends records to metrics.jsonl (losses as full-precision reprs) and TensorBoard.
 
-    def __init__(self, run_dir: str, tensorboard: bool = True):
+    Only the process that owns the run directory writes (`owner`); elsewhere every method
+    does nothing.
+    """
+
+    def __init__(self, run_dir: str, tensorboard: bool = True, owner: bool = True):
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self._file = open(self.path, "a", encoding="utf-8")
+        self.owner = owner
+        self._file = open(self.path, "a", encoding="utf-8") if owner else None
         self._tb = None
-        if tensorboard:
+        if tensorboard and owner:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
 
     def write(self, record: dict) -> None:
+        if not self.owner:
+            return
         clean = {k: _plain(v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
@@ -294,12 +301,15 @@ class MetricsWriter:
 
     def truncate(self, start: int) -> None:
         """Drop the records of steps at or after `start` (a resume or rollback replays them)."""
+        if not self.owner:
+            return
         self._file.close()
         truncate_metrics(os.path.dirname(self.path), start)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -311,8 +321,17 @@ def _plain(v):
 
 
 def read_metrics(run_dir: str) -> list[dict]:
+    """The records of metrics.jsonl; a last line cut short (the process was killed mid-write) is dropped."""
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1 or line.endswith("\n"):
+                raise
+    return out
 
 
 def truncate_metrics(run_dir: str, start: int) -> None:

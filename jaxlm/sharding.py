@@ -71,6 +71,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def process_rows(mesh: Mesh, global_rows: int) -> slice:
+    """The rows of a global batch of `global_rows` that this process's devices hold, in the mesh's
+    real device order (`make_array_from_process_local_data` takes exactly these)."""
+    index = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
+    spans = sorted({(i[0].start or 0, global_rows if i[0].stop is None else i[0].stop) for i in index.values()})
+    lo, hi = spans[0][0], spans[-1][1]
+    covered = sum(b - a for a, b in spans)
+    if covered != hi - lo:
+        raise ValueError(f"this process's devices hold rows {spans} of the batch, not one contiguous block; "
+                         "order the mesh's devices by process")
+    return slice(lo, hi)
+
+
 def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, global_rows: int) -> dict[str, jax.Array]:
     """Place this process's rows of a batch as global arrays with the batch sharding."""
     sharding = batch_sharding(mesh)

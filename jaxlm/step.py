@@ -225,7 +225,8 @@ class Stepper:
 
     - `init_state(seed)`, `restore_target()` (the abstract state a checkpoint restores into),
       `adopt(restored)` and `with_params(state, params)` build states;
-    - `place(local_batch, global_rows)` puts this process's rows of a batch on the devices;
+    - `local_rows(global_rows)` is the slice of a global batch this process materialises, and
+      `place(local_batch, global_rows)` puts those rows on the devices;
     - `train(state, batch) -> (state, metrics)` and `eval_step(params, batch) -> NLL [B, T]`;
     - `params(state)` and `logical_state(state)` give one logical copy (metrics, checkpoints).
 
@@ -323,6 +324,9 @@ class JitStepper(Stepper):
             self.compiled_memory = None
         return time.perf_counter() - t0
 
+    def local_rows(self, global_rows: int) -> slice:
+        return sharding.process_rows(self.mesh, global_rows)
+
     def place(self, local_batch: dict[str, np.ndarray], global_rows: int):
         return sharding.shard_batch(local_batch, self.mesh, global_rows)
 
@@ -347,7 +351,7 @@ class PmapStepper(Stepper):
     """The same pure functions replicated over the devices with jax.pmap, gradients summed with psum.
 
     Every device holds a whole copy of the state: the state is a numpy/device array tree
-    whose leading axis is the device.
+    whose leading axis is this process's devices (pmap's inputs are per process).
     """
 
     axis_name = "batch"
@@ -355,6 +359,7 @@ class PmapStepper(Stepper):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.devices = list(self.mesh.devices.flat)
+        self.local = [d for d in self.devices if d.process_index == jax.process_index()]
         self._train = jax.pmap(self.train_fn, axis_name=self.axis_name, donate_argnums=0, devices=self.devices)
         self._eval = jax.pmap(self.eval_fn, devices=self.devices)
 
@@ -369,20 +374,26 @@ class PmapStepper(Stepper):
 
     def restore_target(self):
         """One copy on the first device: restored there, then spread by adopt()."""
-        one = jax.sharding.SingleDeviceSharding(self.devices[0])
+        one = jax.sharding.SingleDeviceSharding(self.local[0])
         shapes = jax.eval_shape(self._one_copy_init(), jax.random.key(0))
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), shapes)
 
     def adopt(self, tree):
-        n = len(self.devices)  # pmap shards the leading axis of its inputs over the devices
+        n = len(self.local)  # pmap shards the leading axis of its inputs over this process's devices
         return jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), jax.device_get(tree))
 
     def logical_state(self, tree):
         """Device 0's copy, on the host."""
         return jax.device_get(jax.tree.map(first_copy, tree))
 
+    def local_rows(self, global_rows: int) -> slice:
+        """Rows by device, in the order of the mesh's devices (each process's devices are contiguous there)."""
+        per = global_rows // len(self.devices)
+        first = self.devices.index(self.local[0])
+        return slice(first * per, (first + len(self.local)) * per)
+
     def place(self, local_batch: dict[str, np.ndarray], global_rows: int):
-        n = len(self.devices)
+        n = len(self.local)
         return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in local_batch.items()}
 
     def train(self, state, batch):
@@ -391,8 +402,14 @@ class PmapStepper(Stepper):
         return state, jax.tree.map(first_copy, metrics)
 
     def eval_step(self, params, batch):
-        """[devices, rows per device, T]: the host reshapes it to the batch's [B, T]."""
-        return self._eval(params, batch)
+        """[devices, rows per device, T]: the host reshapes it to the batch's [B, T] (every process
+        gets every device's rows)."""
+        out = self._eval(params, batch)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            out = multihost_utils.process_allgather(out, tiled=True)
+        return out
 
 
 def first_copy(x):

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt
-from jaxlm import faults, kernels
-from jaxlm.config import Config, check_vocab, load_config, to_yaml
+from jaxlm import distributed, faults, kernels
+from jaxlm.config import Config, DistConfig, check_vocab, load_config, to_yaml
 from jaxlm.data import cache
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.errors import CheckpointError, ConfigError, DivergedError
@@ -165,10 +165,11 @@ def _prepare_run_dir(cfg: Config, restart: bool) -> str:
 
 
 
-def _first_state(cfg: Config, stepper: Stepper, run_dir: str, done: list[int], init: _InitSource | None,
-                 saver, tokenizer: Tokenizer, log) -> tuple[int, object, Position]:
-    """(first step, state, data position) of the run: its newest usable checkpoint, else a fresh
-    init (with init_from's params in it)."""
+def _first_state(cfg: Config, stepper: Stepper, group: distributed.Group, done: list[int],
+                 init: _InitSource | None, saver, tokenizer: Tokenizer, log) -> tuple[int, object, Position]:
+    """(first step, state, data position) of the run: its newest usable checkpoint of `done` (every
+    process restores the same one), else a fresh init (with init_from's params in it)."""
+    run_dir = cfg.run.path
     if not done:
         state = stepper.init_state(cfg.train.seed)
         if init:
@@ -179,18 +180,21 @@ def _first_state(cfg: Config, stepper: Stepper, run_dir: str, done: list[int], i
                 f"{time.perf_counter() - t0:.1f}s)")
         return 0, state, Position()
     t0 = time.perf_counter()
-    start, state, meta, damaged = ckpt.restore_latest(run_dir, stepper.restore_target(), log)
-    if jax.process_index() == 0:
+    start, state, meta, damaged = ckpt.restore_latest(run_dir, stepper.restore_target(), log, done, group)
+    if group.owner:
         for s in damaged:
             log(f"moved damaged checkpoint {s} to {ckpt.quarantine(run_dir, s)}")
-    if damaged and saver:
-        saver.manager.reload()  # forget the moved steps, so they can be written again
+    if damaged:
+        group.barrier("quarantined")
+        if saver:
+            saver.manager.reload()  # forget the moved steps, so they can be written again
     if meta.get("tokenizer_sha256") not in (None, "", tokenizer.sha256):
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer run '{run_dir}' was "
                           f"trained with; drop data.tokenizer to use the run's own")
     position = Position(offset=meta.get("data_position", start) - start, skipped=meta.get("skipped_steps", 0),
                         rollbacks=meta.get("rollbacks", 0))
-    truncate_metrics(run_dir, start)
+    if group.owner:
+        truncate_metrics(run_dir, start)
     log(f"resuming {run_dir} from its checkpoint at step {start} (restored in {time.perf_counter() - t0:.1f}s)")
     return start, stepper.adopt(state), position
 
@@ -226,6 +230,7 @@ def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_ke
         f"microbatches); training tokens: {tokens_per_step * cfg.train.steps:,}")
     log(f"mesh: {shape} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices, "
         f"backend {cfg.mesh.backend}; train and eval steps compiled in {compile_s:.1f}s")
+    log(distributed.describe())
     log(_kernel_line(stepper, T))
     if peak[0]:
         log(f"peak for MFU: {peak[0] / 1e12:.2f} TFLOP/s per device ({peak[1]})")
@@ -238,26 +243,67 @@ def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_ke
     return compile_s, counts, flops, peak
 
 
-def _setup(cfg: Config, devices, restart: bool, resume: bool, log, poison: frozenset[int],
-           started: float) -> Setup:
-    """Everything before the first step; nothing in the run directory changes before the data is read."""
-    mesh = make_mesh(cfg, devices)  # config errors before any data or compile work
+def _shared_config(cfg: Config) -> str:
+    """The resolved config every process must hold (its dist section may name the process)."""
+    return to_yaml(dataclasses.replace(cfg, dist=DistConfig()))
+
+
+def _own_shared_state(cfg: Config, restart: bool, resume: bool, tensor: int,
+                      log) -> tuple[dict, Data, _InitSource | None]:
+    """Process 0's part of setting up: what to resume, the tokenizer, the token cache and the run
+    directory. Returns (what the other processes need, as JSON, the data, the init_from source)."""
     done = _existing_checkpoints(cfg, restart, resume)
     init = _init_source(cfg) if cfg.checkpoint.init_from and not done else None
     tokenizer = init.tokenizer if init else None
     if done and not cfg.data.tokenizer:  # the run's own tokenizer, never a retrained one
         tokenizer = _run_tokenizer(cfg.run.path, done)
     data = prepare_data(cfg, log, tokenizer)  # bad input fails here, before the run directory is touched
-    vocab = check_vocab(cfg, data.tokenizer.vocab_size, mesh.shape["tensor"])
+    check_vocab(cfg, data.tokenizer.vocab_size, tensor)
     run_dir = _prepare_run_dir(cfg, restart)
     tok_path = os.path.join(run_dir, "tokenizer.model")
     if not done or not os.path.exists(tok_path):
         data.tokenizer.save(tok_path)
+    shared = {"done": done, "tokenizer": distributed.encode_bytes(data.tokenizer.proto),
+              "init": [init.run_dir, init.step] if init else None}
+    return shared, data, init
+
+
+def _shared_state(cfg: Config, group: distributed.Group, restart: bool, resume: bool, tensor: int,
+                  log) -> tuple[list[int], Data, _InitSource | None]:
+    """(checkpoints to resume, data, init_from source) on every process: process 0 decides and writes,
+    the others wait for it, then read the same tokenizer and token cache."""
+    group.agree("config", _shared_config(cfg), "resolved config")
+    if group.owner:
+        owned = {}
+
+        def make():
+            shared, owned["data"], owned["init"] = _own_shared_state(cfg, restart, resume, tensor, log)
+            return shared
+
+        shared = group.broadcast("setup", make)
+        data, init = owned["data"], owned["init"]
+    else:
+        shared = group.broadcast("setup", dict)
+        proto = distributed.decode_bytes(shared["tokenizer"])
+        data = prepare_data(cfg, log, None if cfg.data.tokenizer else Tokenizer(proto))
+        init = _InitSource(shared["init"][0], shared["init"][1], Tokenizer(proto)) if shared["init"] else None
+    group.agree("tokenizer", data.tokenizer.sha256, "tokenizer (sha256 of its model)")
+    return shared["done"], data, init
+
+
+def _setup(cfg: Config, devices, restart: bool, resume: bool, log, poison: frozenset[int],
+           started: float) -> Setup:
+    """Everything before the first step; nothing in the run directory changes before the data is read."""
+    mesh = make_mesh(cfg, devices)  # config errors before any data or compile work
+    group = distributed.Group("train")
+    done, data, init = _shared_state(cfg, group, restart, resume, mesh.shape["tensor"], log)
+    vocab = check_vocab(cfg, data.tokenizer.vocab_size, mesh.shape["tensor"])
+    run_dir = cfg.run.path
     saver = ckpt.Saver(run_dir, cfg, data.tokenizer.proto) if cfg.checkpoint.enabled else None  # fails if unwritable
     try:  # close the checkpoint manager if anything before the loop fails
         model, tx, schedule = build(cfg, vocab, mesh)
         stepper = Stepper(cfg, model, tx, schedule, mesh, wrap_step=faults.nan_step if poison else None)
-        start, state, position = _first_state(cfg, stepper, run_dir, done, init, saver, data.tokenizer, log)
+        start, state, position = _first_state(cfg, stepper, group, done, init, saver, data.tokenizer, log)
         batch_keys = (("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segment_ids else ())
                       + (("poison",) if poison else ()))
         compile_s, counts, flops, peak = _compile_and_plan(cfg, stepper, state, vocab, batch_keys, log)
@@ -270,7 +316,7 @@ def _setup(cfg: Config, devices, restart: bool, resume: bool, log, poison: froze
     return Setup(cfg=cfg, run_dir=run_dir, stepper=stepper, saver=saver, state=state, start=start,
                  position=position, train_streams=data.train_streams, weights=data.weights, valid=data.valid,
                  eos_id=data.tokenizer.eos_id, summary=summary, flops_per_token=flops["6N+attn"], peak=peak,
-                 resumed=bool(done), poison=poison)
+                 resumed=bool(done), group=group, poison=poison)
 
 
 def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = False, handle_signals: bool = False,

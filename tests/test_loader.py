@@ -28,7 +28,8 @@ def test_global_batch_is_the_same_for_1_2_and_4_processes_for_50_steps(segments)
     for step in range(50):
         full = one.batch_at(step)
         for procs in (2, 4):
-            parts = [TrainBatches(streams, 8, 16, seed=3, process_index=i, process_count=procs, weights=[3, 1],
+            n = 8 // procs
+            parts = [TrainBatches(streams, 8, 16, seed=3, rows=slice(i * n, (i + 1) * n), weights=[3, 1],
                                   eos_id=eos).batch_at(step) for i in range(procs)]
             assert all(len(p["inputs"]) == 8 // procs for p in parts)  # each process only its own rows
             for key in full:

@@ -66,7 +66,7 @@ def main() -> None:
     def on_device_sums() -> float:
         with sharding.activate(mesh):
             outs = [sums_step(params, stepper.place(b, B))
-                    for b in eval_batches(data.valid.tokens, B, T, 0, 0, 1, eos)]
+                    for b in eval_batches(data.valid.tokens, B, T, 0, None, eos)]
         got = jax.device_get(outs)
         return float(sum(np.float64(s) for s, _ in got) / sum(np.float64(c) for _, c in got))
 

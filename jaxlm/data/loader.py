@@ -35,11 +35,12 @@ def add_segments(batch: dict[str, np.ndarray], eos_id: int) -> dict[str, np.ndar
 
 class TrainBatches:
     def __init__(self, streams: list[np.ndarray] | np.ndarray, batch_size: int, seq_len: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, weights: list[float] | None = None,
-                 eos_id: int | None = None):
+                 rows: slice | None = None, weights: list[float] | None = None, eos_id: int | None = None):
         """`streams`: one token stream per source; `weights`: their sampling weights (default equal).
 
-        `eos_id` set: batches carry segment ids and positions (see `add_segments`).
+        `rows`: the rows of the global batch this process materialises (default all; see
+        `sharding.process_rows`). `eos_id` set: batches carry segment ids and positions (see
+        `add_segments`).
         """
         streams = [streams] if isinstance(streams, np.ndarray) else list(streams)
         for i, s in enumerate(streams):
@@ -47,16 +48,13 @@ class TrainBatches:
                 raise DataError(f"the training text{f' of source {i}' if len(streams) > 1 else ''} has {len(s)} "
                                 f"tokens, fewer than train.seq_len+2={seq_len + 2}; use more text or a shorter "
                                 f"train.seq_len")
-        if batch_size % process_count:
-            raise DataError(f"train.batch_size={batch_size} is not divisible by {process_count} processes")
         w = np.ones(len(streams)) if weights is None else np.asarray(weights, np.float64)
         if len(w) != len(streams) or not np.all(w > 0):
             raise DataError(f"mixture weights {list(w)} must be positive, one per source")
         self.streams, self.p = streams, w / w.sum()
         self.spans = np.array([len(s) - seq_len for s in streams])  # window offsets allowed per source
         self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
-        rows = batch_size // process_count
-        self.rows = slice(process_index * rows, (process_index + 1) * rows)
+        self.rows = slice(0, batch_size) if rows is None else rows
 
     def plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(source, offset) of each window of the global batch at `step`."""
@@ -120,9 +118,8 @@ class Windows:
 
 
 def window_batches(tokens: np.ndarray, batch_size: int, seq_len: int, stride: int | None = None,
-                   max_batches: int = 0, process_index: int = 0, process_count: int = 1,
-                   eos_id: int | None = None):
-    """Yield (window ids of the global batch, this process's rows of it) covering every target once.
+                   max_batches: int = 0, rows: slice | None = None, eos_id: int | None = None):
+    """Yield (window ids of the global batch, this process's `rows` of it) covering every target once.
 
     The last batch is filled with repeats of the last window whose mask is 0, so every
     batch has the same shape and padding is never scored. See `Windows`.
@@ -131,12 +128,12 @@ def window_batches(tokens: np.ndarray, batch_size: int, seq_len: int, stride: in
     n_batches = -(-win.count // batch_size)
     if max_batches:
         n_batches = min(n_batches, max_batches)
-    rows = batch_size // process_count
+    rows = slice(0, batch_size) if rows is None else rows
     padded = np.zeros(int(win.starts[-1]) + seq_len + 1, np.int32)
     padded[:len(tokens)] = tokens[:len(padded)]
     for b in range(n_batches):
         ids = np.arange(b * batch_size, (b + 1) * batch_size)
-        mine = ids[process_index * rows:(process_index + 1) * rows]
+        mine = ids[rows]
         pos, scored = win.positions(mine)
         window = padded[(pos[:, :1] - 1) + np.arange(seq_len + 1)]
         batch = {"inputs": window[:, :-1], "targets": window[:, 1:], "mask": scored.astype(np.int32)}
@@ -144,10 +141,9 @@ def window_batches(tokens: np.ndarray, batch_size: int, seq_len: int, stride: in
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int = 0,
-                 process_index: int = 0, process_count: int = 1, eos_id: int | None = None):
+                 rows: slice | None = None, eos_id: int | None = None):
     """This process's rows of the validation batches: windows tiling the stream (see `Windows`)."""
-    for _, batch in window_batches(tokens, batch_size, seq_len, None, max_batches, process_index,
-                                   process_count, eos_id):
+    for _, batch in window_batches(tokens, batch_size, seq_len, None, max_batches, rows, eos_id):
         yield batch
 
 
