@@ -74,7 +74,7 @@ def test_token_cache_is_built_once_and_reused(small_corpus, tmp_path):
     assert any(m.startswith("token cache: built train") for m in logs)
     again, manifest2, logs2, part = _cache_run(small_corpus, tmp_path / "c")
     assert any(m.startswith("token cache: reusing train") for m in logs2) and not any(m.startswith("token cache: built") for m in logs2)
-    assert part._docs is None  # the source text was not even read
+    assert part._docs is None and not part.splits._scans  # the source text was not even read
     np.testing.assert_array_equal(first, again)
     assert manifest == manifest2 and manifest["tokens"] == len(first) and manifest["documents"] == 5
     assert manifest["bytes"] > 0 and manifest["dtype"] == "uint16"
@@ -90,15 +90,27 @@ def test_token_cache_rebuilds_when_tokenizer_or_source_changes(small_corpus, tmp
     assert any(m.startswith("token cache: built train") for m in logs) and m3["source_fingerprint"] != m1["source_fingerprint"]
 
 
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
 def test_interrupted_or_damaged_cache_is_never_used(small_corpus, tmp_path):
     import os
+
+    from jaxlm.data.tokenizer import host_name
 
     first, _, _, _ = _cache_run(small_corpus, tmp_path / "c")
     root = tmp_path / "c" / "tokens"
     (entry,) = [p for p in root.iterdir() if ".tmp-" not in p.name]
-    # a build killed halfway: only a temporary directory, never renamed into place
-    os.rename(entry, str(entry) + ".tmp-dead")
-    (tmp_path / "c" / "tokens" / (entry.name + ".tmp-dead") / "tokens.bin").write_bytes(b"\0" * 10)
+    # a build killed halfway on this host: only a temporary directory, never renamed into place
+    dead = f"{entry}.tmp-{host_name()}-{_dead_pid()}-0123abcd"
+    os.rename(entry, dead)
+    (root / os.path.basename(dead) / "tokens.bin").write_bytes(b"\0" * 10)
     again, _, logs, _ = _cache_run(small_corpus, tmp_path / "c")
     assert any(m.startswith("token cache: built train") for m in logs)
     assert not any(".tmp-" in p.name for p in root.iterdir())  # the leftover was removed
@@ -111,16 +123,23 @@ def test_interrupted_or_damaged_cache_is_never_used(small_corpus, tmp_path):
     np.testing.assert_array_equal(first, third)
 
 
-def test_invalid_utf8_is_rejected_or_replaced_and_counted(tmp_path, caplog):
-    (tmp_path / "bad.txt").write_bytes(b"good text \xff\xfe and \xc3 more \xef\xbf\xbd kept")
-    with pytest.raises(DataError, match=r"bad.txt is not valid UTF-8 .*data.invalid_utf8=replace"):
-        load_splits(DataConfig(source=f"text:{tmp_path}/bad.txt"))
-    from jaxlm.data.sources import read_text
+@pytest.mark.parametrize("block", [1 << 20, 3])  # files are decoded in blocks: also blocks that cut characters
+def test_invalid_utf8_is_rejected_or_replaced_and_counted(tmp_path, caplog, monkeypatch, block):
+    from jaxlm.data import sources
 
+    monkeypatch.setattr(sources, "_BLOCK_BYTES", block)
+    (tmp_path / "bad.txt").write_bytes(b"good text \xff\xfe and \xc3 more \xef\xbf\xbd kept")
+    with pytest.raises(DataError, match=r"bad.txt is not valid UTF-8 \(invalid start byte at byte 10\).*"
+                                        r"data.invalid_utf8=replace"):
+        load_splits(DataConfig(source=f"text:{tmp_path}/bad.txt"))
+    (tmp_path / "cut.txt").write_bytes("ünï ✓".encode() + b"\xe2\x9c")  # a character cut off at the end
+    with pytest.raises(DataError, match=r"cut.txt is not valid UTF-8 \(unexpected end of data at byte 9\)"):
+        sources.read_text(f"{tmp_path}/cut.txt")
     with caplog.at_level("WARNING"):
-        (doc,) = read_text(f"{tmp_path}/bad.txt", invalid_utf8="replace")
+        (doc,) = sources.read_text(f"{tmp_path}/bad.txt", invalid_utf8="replace")
+    assert doc == (tmp_path / "bad.txt").read_bytes().decode("utf-8", errors="replace")
     assert doc.count("\ufffd") == 4  # three replaced sequences plus one genuine U+FFFD
-    assert "replaced 3 invalid UTF-8 sequence(s)" in caplog.text
+    assert caplog.text.count("replaced 3 invalid UTF-8 sequence(s)") == 1
 
 
 def test_jsonl_source_and_its_errors(tmp_path):
@@ -223,3 +242,257 @@ def test_books_experiment_builds_its_cache_at_5_mb_per_s_then_reuses_it(tmp_path
     again = prepare_data(cfg, log=logs.append)
     assert time.perf_counter() - t0 < 2.0 and "token cache: reusing train" in logs[-3]
     np.testing.assert_array_equal(again.train_streams[0][-1000:], data.train_streams[0][-1000:])
+
+
+def _messy_corpus(directory, rng) -> list[str]:
+    """Documents with paragraphs, runs of spaces, tabs, non-ASCII text and a few empty ones."""
+    words = "the king queen  lord lady\tgood night ünïcödé ✓ 日本語 data-set x\u00a0y 42".split(" ")
+    docs = []
+    for i in range(23):
+        paras = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(rng.randint(1, 9))]
+        docs.append("" if i % 7 == 3 else "\n\n".join(paras) + rng.choice(["", "\n", "  "]))
+    docs.insert(5, "one long document " * 3000)
+    return docs
+
+
+def _old_hold_out(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """The held-out split as whole lists, written out as jaxlm did before it streamed."""
+    if len(docs) >= 2:
+        n_valid = max(1, round(len(docs) * fraction))
+        train, valid = docs[:-n_valid], docs[-n_valid:]
+    else:
+        cut = int(len(docs[0]) * (1 - fraction))
+        brk = docs[0].rfind("\n\n", 0, cut)
+        cut = brk + 2 if brk > 0 else cut
+        train, valid = [docs[0][:cut]], [docs[0][cut:]]
+    return [d for d in train if d], [d for d in valid if d]
+
+
+def _old_paragraphs(docs: list[str], max_bytes: int) -> list[str]:
+    """Tokenizer training sentences as jaxlm sampled them from whole lists."""
+    out, total = [], 0
+    stride = max(1, sum(len(d) for d in docs) // max(max_bytes, 1))
+    for i, doc in enumerate(docs):
+        if stride > 1 and i % stride:
+            continue
+        for para in doc.split("\n\n"):
+            piece = (para + "\n\n")[:1 << 15]
+            total += len(piece)
+            if total > max_bytes:
+                return out
+            out.append(piece)
+    return out
+
+
+def _write_sources(tmp_path, docs) -> dict[str, list[str]]:
+    """The documents as a multi-file jsonl source (with blank lines), a multi-file text source with a
+    separator, and a single-document text source; source -> all its documents, read the old way."""
+    import json
+    import random
+
+    out = {}
+    for f, chunk in enumerate([docs[:9], docs[9:10], docs[10:]]):
+        lines = [json.dumps({"text": d}) for d in chunk]
+        (tmp_path / f"part{f}.jsonl").write_text("\n".join(lines[:2] + ["", "  "] + lines[2:]) + "\n")
+    out[f"jsonl:{tmp_path}/part*.jsonl"] = list(docs)
+    sep, books = "\n\n\n\n", []
+    for f, chunk in enumerate([docs[:15], docs[15:]]):
+        (tmp_path / f"book{f}.txt").write_text(sep.join(chunk), encoding="utf-8")
+        books += (tmp_path / f"book{f}.txt").read_text(encoding="utf-8").split(sep)
+    out[f"text:{tmp_path}/book*.txt"] = books
+    single = "\n\n".join(d for d in docs if d) + "\n" + " ünïcödé" * random.Random(1).randint(300, 900)
+    (tmp_path / "single.txt").write_text(single, encoding="utf-8")
+    out[f"text:{tmp_path}/single.txt"] = [single]
+    return out
+
+
+def test_streamed_cache_gives_the_ids_of_whole_document_lists(tmp_path, monkeypatch):
+    """Tokens, held-out documents and the tokenizer's training sample of a streamed build are
+    those of the old whole-list build, with blocks, encode groups and pieces cut anywhere."""
+    import random
+
+    from jaxlm.data import cache, sources, tokenizer
+
+    docs = _messy_corpus(tmp_path, random.Random(0))
+    corpora = _write_sources(tmp_path, docs)
+    monkeypatch.setattr(sources, "_BLOCK_BYTES", 997)  # blocks cut characters, separators and paragraph breaks
+    monkeypatch.setattr(cache, "_GROUP_CHARS", 5000)  # encode groups end inside documents
+    for source, all_docs in corpora.items():
+        sep = "\n\n\n\n" if "book" in source else ""
+        cfg = DataConfig(source=source, cache_dir=str(tmp_path / "c"), tokenizer_vocab=300, valid_fraction=0.2,
+                         doc_separator=sep, tokenizer_max_bytes=9_000)
+        train_docs, valid_docs = _old_hold_out(all_docs, 0.2)
+        (part,), _, _ = cache.parts(cfg)
+        assert part.splits.chars("train") == sum(map(len, train_docs))
+        assert part.splits.chars("valid") == sum(map(len, valid_docs))
+        total = part.splits.chars("train")
+        assert total // 9_000 > 1  # the stride matters
+        sample = list(tokenizer._paragraphs(part.splits.stream("train"), total, 9_000))
+        assert sample == _old_paragraphs(train_docs, 9_000)
+        tok = cache.get_tokenizer(cfg, [part], lambda m: None)
+        assert tok.sha256 == train_tokenizer(train_docs, 300, max_bytes=9_000).sha256
+        for split, expected_docs in [("train", train_docs), ("valid", valid_docs)]:
+            ids, manifest = cache.tokens(cfg, tok, part, split, lambda m: None)
+            expected = [i for d in expected_docs for i in [EOS_ID] + tok.sp.encode(d)]
+            assert np.asarray(ids).tolist() == expected, (source, split)
+            assert manifest["documents"] == len(expected_docs)
+            assert manifest["bytes"] == sum(len(d.encode("utf-8")) for d in expected_docs)
+        assert load_splits(cfg) == (train_docs, valid_docs)
+
+
+def test_separators_and_paragraph_breaks_across_blocks(tmp_path, monkeypatch):
+    from jaxlm.data import sources
+
+    text = "a\n\n\n\n\n\nb\n\n\n\n\n\n\n\nc\n\n\n\n"
+    for size in range(1, 8):
+        chunks = [text[i:i + size] for i in range(0, len(text), size)]
+        for sep in ["\n\n\n\n", "\n\n", "\n"]:
+            assert sources.join_documents(sources.split_chunks(chunks, sep)) == text.split(sep), (size, sep)
+    assert sources.join_documents(sources.split_chunks([], "\n\n")) == [""]
+    # a single document is cut at the last paragraph break before the cut, found across blocks
+    (tmp_path / "one.txt").write_text("x" * 50 + "\n\n" + "y" * 47)
+    for block in [1, 2, 3, 51, 52, 1000]:
+        monkeypatch.setattr(sources, "_BLOCK_BYTES", block)
+        assert load_splits(DataConfig(source=f"text:{tmp_path}/one.txt", valid_fraction=0.3)) == (
+            ["x" * 50 + "\n\n"], ["y" * 47]), block
+
+
+def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import time
+
+    from jaxlm.data import cache
+    from jaxlm.data.tokenizer import host_name, temporary_name, temporary_owner
+
+    name = temporary_name(str(tmp_path / "k"))
+    assert temporary_owner(os.path.basename(name)) == (host_name(), os.getpid())
+    assert temporary_owner("k.tmp-0123abcd") is None and temporary_owner("k") is None
+    host, dead, day = host_name(), _dead_pid(), 24 * 3600
+    made = {
+        f"k.tmp-{host}-{dead}-aaaa": True,  # this host, process gone: left over
+        f"k.tmp-{host}-{os.getppid()}-bbbb": False,  # this host, process alive: a build in progress
+        f"k.tmp-{host}-{os.getpid()}-cccc": False,  # this very process
+        f"k.tmp-other-host-{dead}-dddd": False,  # another host: its process may well be alive
+        f"k.tmp-other-host-{dead}-eeee": True,  # ... unless untouched for a day
+        "k.tmp-0123abcd": False,  # an older jaxlm's name: only by age
+        "k.tmp-4567abcd": True,
+        f"other.tmp-{host}-{dead}-ffff": False,  # another key
+    }
+    for n in made:
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "tokens.bin").write_bytes(b"x")
+    (tmp_path / "k.model.tmp-x-1-f").write_bytes(b"x")  # a file; and a name that only starts like ours
+    old = time.time() - day - 60
+    for n in [f"k.tmp-other-host-{dead}-eeee", "k.tmp-4567abcd"]:
+        os.utime(tmp_path / n / "tokens.bin", (old, old))
+        os.utime(tmp_path / n, (old, old))
+    os.utime(tmp_path / "k.tmp-0123abcd", (old, old))  # the directory is old, but its file was just written
+    removed = cache.remove_stale(str(tmp_path), "k")
+    assert sorted(removed) == sorted(n for n, stale in made.items() if stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [n for n, stale in made.items() if not stale] + ["k.model.tmp-x-1-f"])
+
+
+def _entry_dir(cache_dir):
+    root = cache_dir / "tokens"
+    (entry,) = [p for p in root.iterdir() if ".tmp-" not in p.name]
+    return entry
+
+
+def test_a_builder_that_loses_the_race_uses_the_winners_entry(small_corpus, tmp_path, monkeypatch):
+    import shutil
+
+    from jaxlm.data import cache
+
+    first, manifest, _, _ = _cache_run(small_corpus, tmp_path / "c")
+    entry = _entry_dir(tmp_path / "c")
+    winner = tmp_path / "winner"
+    shutil.copytree(entry, winner)
+    shutil.rmtree(entry)
+    write_entry = cache._write_entry
+
+    def racing(directory, *args):  # another process renames its entry into place while this one encodes
+        out = write_entry(directory, *args)
+        shutil.copytree(winner, entry)
+        return out
+
+    monkeypatch.setattr(cache, "_write_entry", racing)
+    again, manifest2, logs, _ = _cache_run(small_corpus, tmp_path / "c")
+    assert any("another process built train" in m for m in logs), logs
+    np.testing.assert_array_equal(first, again)
+    assert manifest2 == manifest and [p.name for p in entry.parent.iterdir()] == [entry.name]
+
+
+def test_a_damaged_entry_is_moved_aside_before_the_new_one_is_renamed_in(small_corpus, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    first, _, _, _ = _cache_run(small_corpus, tmp_path / "c")
+    entry = str(_entry_dir(tmp_path / "c"))
+    with open(os.path.join(entry, "manifest.json"), "w") as f:
+        f.write('{"tokens": ')  # cut short
+    renames, removed, rename, rmtree = [], [], os.rename, shutil.rmtree
+
+    def record_rename(src, dst):
+        renames.append((os.path.basename(src), os.path.basename(dst), os.path.isdir(dst)))
+        return rename(src, dst)
+
+    def record_rmtree(path, *args, **kwargs):
+        removed.append((os.path.basename(path), os.path.exists(os.path.join(entry, "manifest.json"))))
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", record_rename)
+    monkeypatch.setattr(shutil, "rmtree", record_rmtree)
+    again, _, logs, _ = _cache_run(small_corpus, tmp_path / "c")
+    monkeypatch.undo()
+    assert any("does not match its manifest" in m for m in logs)
+    np.testing.assert_array_equal(first, again)
+    key = os.path.basename(entry)
+    (tmp, _, _), (moved, aside, _), (tmp2, final, _) = renames
+    assert tmp == tmp2 and tmp.startswith(key + ".tmp-") and final == key  # the new one, tried twice
+    assert moved == key and aside.startswith(key + ".tmp-") and aside != tmp  # the damaged one moved aside
+    assert removed == [(aside, True)]  # deleted only once the new entry was in place
+    assert [p.name for p in _entry_dir(tmp_path / "c").parent.iterdir()] == [key]
+
+
+def test_tokenizer_files_are_written_under_unique_names_and_the_first_wins(small_corpus, tmp_path, monkeypatch):
+    import os
+
+    from jaxlm.data import cache
+    from jaxlm.data.tokenizer import host_name
+
+    tok = train_tokenizer(["the cat sat on the mat. " * 50], vocab_size=280)
+    replaced, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append(src), replace(src, dst)))
+    tok.save(str(tmp_path / "t.model"))
+    tok.save(str(tmp_path / "t.model"))
+    monkeypatch.undo()
+    assert len(set(replaced)) == 2 and all(f"t.model.tmp-{host_name()}-{os.getpid()}-" in r for r in replaced)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc0.txt", "doc1.txt", "doc2.txt", "doc3.txt",
+                                                          "doc4.txt", "doc5.txt", "t.model"]
+    # another process publishes its tokenizer while this one trains: this one uses that file
+    cfg = DataConfig(source=small_corpus, cache_dir=str(tmp_path / "c"), tokenizer_vocab=300)
+    (part,), _, _ = cache.parts(cfg)
+    train_on = cache.train_on
+    key_dir = tmp_path / "c" / "tokenizers"
+    name = cache._key("tokenizer", [part.fingerprint], 300, "bpe", cfg.tokenizer_max_bytes) + ".model"
+
+    def racing(cfg, parts):
+        mine = train_on(cfg, parts)
+        key_dir.mkdir(parents=True)
+        tok.save(str(key_dir / name))
+        return mine
+
+    logs = []
+    monkeypatch.setattr(cache, "train_on", racing)
+    got = cache.get_tokenizer(cfg, [part], logs.append)
+    assert got.sha256 == tok.sha256 and any("another process trained" in m for m in logs), logs
+    assert [p.name for p in key_dir.iterdir()] == [name]
+    # with no race, the trained tokenizer is published and then reused
+    monkeypatch.undo()
+    cfg2 = DataConfig(source=small_corpus, cache_dir=str(tmp_path / "c2"), tokenizer_vocab=300)
+    mine = cache.get_tokenizer(cfg2, [part], logs.append)
+    assert logs[-1].startswith("tokenizer: trained")
+    assert cache.get_tokenizer(cfg2, [part], logs.append).sha256 == mine.sha256 != tok.sha256
+    assert logs[-1].startswith("tokenizer: reusing")
+    assert [p.name for p in (tmp_path / "c2" / "tokenizers").iterdir()] == [name]

@@ -2,6 +2,10 @@
 
 Trained tokenizers are lossless (identity normalisation, whitespace kept, byte fallback)
 and use fixed ids for the special tokens: pad 0, unk 1, bos 2, eos 3.
+
+Files are written under a unique temporary name (`temporary_name`: host, pid and a random
+tag, so processes on several hosts sharing a file system never write the same temporary)
+and renamed into place, so a reader sees the old file or the new one, never a part.
 """
 
 from __future__ import annotations
@@ -9,14 +13,39 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
+import socket
+import uuid
+from collections.abc import Iterable
 
 import numpy as np
 import sentencepiece as spm
 
+from jaxlm.data.sources import by_document, split_chunks
 from jaxlm.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 _MAX_PIECE_INPUT = 1 << 15  # longest training "sentence" (a paragraph), in bytes
+TEMPORARY = ".tmp-"  # marks temporary names: <final name>.tmp-<host>-<pid>-<random>
+
+
+def host_name() -> str:
+    """This host's name as temporary names carry it (characters other than letters, digits, '.' and '-' become '_')."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+
+
+def temporary_name(path: str) -> str:
+    """A unique name next to `path` to write it under: `<path>.tmp-<host>-<pid>-<random>`."""
+    return f"{path}{TEMPORARY}{host_name()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def temporary_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) that made the temporary `name` (a base name from `temporary_name`); None for other names."""
+    _, sep, tag = name.partition(TEMPORARY)
+    parts = tag.rsplit("-", 2)
+    if not sep or len(parts) != 3 or not parts[0] or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
 
 
 class Tokenizer:
@@ -43,10 +72,31 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in np.asarray(ids).ravel()])
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(self.proto)
-        os.replace(tmp, path)
+        """Write the model to `path` (through a unique temporary file, then os.replace)."""
+        tmp = self.write_temporary(path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
+
+    def write_temporary(self, path: str) -> str:
+        """Write the model to a new unique temporary name next to `path`; returns that name."""
+        tmp = temporary_name(path)
+        try:
+            with open(tmp, "xb") as f:
+                f.write(self.proto)
+        except BaseException:
+            _remove(tmp)
+            raise
+        return tmp
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -60,31 +110,52 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise DataError(f"'{path}' is not a sentencepiece model: {e}") from None
 
 
-def _paragraphs(docs: list[str], max_bytes: int):
+def _head(pieces: Iterable[str], n: int) -> str:
+    """The first `n` characters of text given in pieces."""
+    head = ""
+    for piece in pieces:
+        head += piece[:n - len(head)]
+        if len(head) >= n:
+            break
+    return head
+
+
+def _paragraphs(stream: Iterable[tuple[bool, str]], total_chars: int, max_bytes: int):
     """Paragraphs (with their trailing newlines, so the tokenizer learns them) up to max_bytes.
 
-    Documents are visited in an evenly strided order so a cap samples the whole corpus.
+    Documents are visited in an evenly strided order (the stride from `total_chars`, the
+    length of the whole stream) so a cap samples the whole corpus. The same paragraphs
+    as `doc.split("\n\n")` of each whole document, each cut to `_MAX_PIECE_INPUT`.
     """
     total = 0
-    stride = max(1, sum(len(d) for d in docs) // max(max_bytes, 1))
-    for i, doc in enumerate(docs):
+    stride = max(1, total_chars // max(max_bytes, 1))
+    for i, doc in enumerate(by_document(stream)):
         if stride > 1 and i % stride:
             continue
-        for para in doc.split("\n\n"):
-            piece = (para + "\n\n")[:_MAX_PIECE_INPUT]
+        for para in by_document(split_chunks(doc, "\n\n")):
+            piece = (_head(para, _MAX_PIECE_INPUT) + "\n\n")[:_MAX_PIECE_INPUT]
             total += len(piece)
             if total > max_bytes:
                 return
             yield piece
 
 
-def train_tokenizer(docs: list[str], vocab_size: int, model_type: str = "bpe",
-                    max_bytes: int = 20_000_000) -> Tokenizer:
-    """Train on a sample of `docs` (at most `max_bytes`) and return the tokenizer."""
+def train_tokenizer(docs, vocab_size: int, model_type: str = "bpe", max_bytes: int = 20_000_000,
+                    total_chars: int | None = None) -> Tokenizer:
+    """Train on a sample of `docs` (at most `max_bytes`) and return the tokenizer.
+
+    `docs`: a list of documents; or, with `total_chars` (their length in characters, which
+    sets the sampling stride), a document stream of (starts a document, text) pairs as
+    `jaxlm.data.sources` reads them, which is read only as far as the sample goes.
+    """
+    if total_chars is None:
+        docs = list(docs)
+        total_chars = sum(map(len, docs))
+        docs = ((True, d) for d in docs)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_paragraphs(docs, max_bytes), model_writer=model, vocab_size=vocab_size,
+            sentence_iterator=_paragraphs(docs, total_chars, max_bytes), model_writer=model, vocab_size=vocab_size,
             model_type=model_type, byte_fallback=True, character_coverage=0.9995,
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=_MAX_PIECE_INPUT,
