@@ -8,7 +8,9 @@ checkpoint (run the same command again to continue).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from jaxlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, DivergedError, JaxlmError
 
@@ -19,11 +21,19 @@ to <run dir>/config.yaml. Option groups and keys (default, meaning):
 """
 
 
+def _join(dist) -> None:
+    """Join the other processes of a multi-host run (jaxlm.distributed), before any JAX computation."""
+    from jaxlm import distributed
+
+    distributed.initialize(dist)
+
+
 def _train(args) -> int:
     from jaxlm.config import load_config
     from jaxlm.train import run
 
     cfg = load_config(args.config, args.overrides)
+    _join(cfg.dist)
     try:
         result = run(cfg, restart=args.restart, resume=args.resume, handle_signals=True)
     except DivergedError as e:
@@ -33,8 +43,10 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
+    from jaxlm.config import load_config
     from jaxlm.evaluate import evaluate, table
 
+    _join(load_config(None, [o for o in args.overrides if o.startswith("dist.")]).dist)
     results = evaluate(args.path, data=args.data, split=args.split, seq_len=args.context, stride=args.stride,
                        all_checkpoints=args.all_checkpoints, ci_unit=args.ci_unit, ci_block=args.ci_block,
                        overrides=args.overrides)
@@ -142,6 +154,18 @@ def _tokenizer_train(args) -> int:
           f"bytes of {d.source} in {time.perf_counter() - t0:.1f}s; validation text {n_bytes / max(n_tokens, 1):.2f} "
           f"bytes/token; wrote {args.output} (use it with data.tokenizer={args.output})", file=sys.stderr)
     return EXIT_OK
+
+
+def _launch(args) -> int:
+    from jaxlm.errors import ConfigError
+    from jaxlm.launch import launch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ConfigError("give the command to launch after --, e.g. jaxlm launch --processes 2 -- train CONFIG")
+    if args.processes < 1 or args.devices_per_process < 0:
+        raise ConfigError("--processes must be at least 1 and --devices-per-process at least 0")
+    return launch(command, args.processes, args.devices_per_process, args.grace)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -263,6 +287,25 @@ def _add_tokenizer(sub) -> None:
     tok_train.set_defaults(func=_tokenizer_train)
 
 
+def _add_launch(sub) -> None:
+    la = sub.add_parser("launch", help="run a command as several joined local processes (development, tests)",
+                        description="Start N local processes of `jaxlm COMMAND ...`, joined into one run through "
+                                    "jax.distributed on 127.0.0.1 (CPU collectives through gloo). Output lines are "
+                                    "prefixed with [i]; SIGINT/SIGTERM are forwarded; the exit status is the first "
+                                    "failure's. On a cluster, start one `jaxlm train` per host instead (SLURM "
+                                    "srun, mpirun, a TPU pod, Kubernetes): see docs/multihost.md.",
+                        epilog="example: jaxlm launch --processes 2 --devices-per-process 4 -- train "
+                               "experiments/shakespeare.yaml mesh.fsdp=4")
+    la.add_argument("--processes", "-n", type=int, required=True, help="number of processes")
+    la.add_argument("--devices-per-process", type=int, default=0,
+                    help="CPU devices of each process (XLA's forced host device count); 0 = leave as set")
+    la.add_argument("--grace", type=float, default=90.0,
+                    help="seconds the other processes get to stop by themselves after one fails, before they "
+                         "are killed")
+    la.add_argument("command", nargs=argparse.REMAINDER, help="-- then the jaxlm command, e.g. -- train CONFIG")
+    la.set_defaults(func=_launch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description="Pretrain, evaluate and export language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -274,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(sub)
     _add_data(sub)
     _add_tokenizer(sub)
+    _add_launch(sub)
     return parser
 
 
@@ -306,6 +350,22 @@ def parse_args(argv: list[str], parser: argparse.ArgumentParser | None = None) -
     return args
 
 
+def _fail_together(code: int, message: str, peer_suspect: bool = False) -> int:
+    """In a multi-process run, a failing process tells the others (their watchdogs stop them) and ends
+    without JAX's exit barrier, which would wait for processes that are still training. An unexpected
+    error may be a collective whose peer died: the watchdog first gets the chance to name that peer."""
+    from jaxlm import distributed
+
+    if not distributed.joined():
+        return code
+    if peer_suspect:
+        distributed.await_lost_peer(lambda m: print(f"jaxlm: {m}", file=sys.stderr, flush=True))
+    distributed.report_failure(message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -313,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except JaxlmError as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _fail_together(EXIT_USER_ERROR, str(e))
+    except Exception as e:
+        traceback.print_exc()
+        return _fail_together(1, f"{type(e).__name__}: {e}", peer_suspect=True)
 
 
 if __name__ == "__main__":

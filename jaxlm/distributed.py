@@ -24,6 +24,7 @@ that names it, instead of waiting forever in a collective.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import dataclasses
 import itertools
@@ -127,7 +128,13 @@ def initialize(dist, log=None, environ=None) -> Join:
                           "dist.mode=never for one process") from None
     _joined = dataclasses.replace(join, num_processes=jax.process_count(), process_id=jax.process_index())
     Watchdog.start(dist.heartbeat_s, log or (lambda m: print(m, file=sys.stderr, flush=True)))
+    atexit.register(Watchdog.finish)  # runs before JAX's own exit handler (registered earlier)
     return _joined
+
+
+def joined() -> bool:
+    """Whether this process joined a run of several processes."""
+    return bool(_joined and _joined.cluster)
 
 
 def describe() -> str:
@@ -270,22 +277,24 @@ class Watchdog:
             beat += 1
             try:
                 self.client.key_value_set(f"{_PREFIX}/beat/{self.index}", str(beat), allow_overwrite=True)
-                lost = self.check(dict(self.client.key_value_dir_get(f"{_PREFIX}/beat/")),
-                                  dict(self.client.key_value_dir_get(f"{_PREFIX}/failed/")), time.monotonic())
+                keys = {k: dict(self.client.key_value_dir_get(f"{_PREFIX}/{k}/")) for k in ("beat", "failed", "done")}
+                lost = self.check(keys["beat"], keys["failed"], time.monotonic(), keys["done"])
             except Exception as e:  # the coordination service itself is gone (process 0 died)
                 lost = f"lost contact with the coordination service in process 0 ({str(e)[:200]})"
-            if lost:
+            if lost and not self.halt.is_set():
                 self.lost(lost)
                 return
 
-    def check(self, beats: dict[str, str], failed: dict[str, str], now: float) -> str:
-        """Why this process must stop ("" = everyone is alive), from the beat and failure keys."""
+    def check(self, beats: dict[str, str], failed: dict[str, str], now: float, done: dict | None = None) -> str:
+        """Why this process must stop ("" = everyone is alive), from the beat, failure and done keys
+        (a process that finished normally is silent, not lost)."""
         for key, why in sorted(failed.items()):
             i = int(key.rsplit("/", 1)[-1])
             if i != self.index:
                 return f"process {i} failed: {why}"
+        finished = {int(k.rsplit("/", 1)[-1]) for k in (done or {})}
         for i in range(self.count):
-            if i == self.index:
+            if i == self.index or i in finished:
                 continue
             value = beats.get(f"{_PREFIX}/beat/{i}", "")
             if i not in self.seen or self.seen[i][0] != value:
@@ -303,6 +312,28 @@ class Watchdog:
 
     def stop(self) -> None:
         self.halt.set()
+
+    @classmethod
+    def finish(cls) -> None:
+        """At a normal exit: say this process is done (its silence is not a loss), stop watching."""
+        dog = cls._instance
+        if dog is None or dog.halt.is_set():
+            return
+        dog.halt.set()
+        try:
+            dog.client.key_value_set(f"{_PREFIX}/done/{dog.index}", "1", allow_overwrite=True)
+        except Exception:  # the service is already gone
+            pass
+
+
+def await_lost_peer(log) -> None:
+    """After an error that may come from a lost process (a collective that failed because its peer is
+    gone), give the watchdog its timeout to name that process; it ends this process when it finds one."""
+    dog = Watchdog._instance
+    if dog is None:
+        return
+    log(f"checking whether another process was lost (up to {dog.timeout_s + 3:.0f}s)")
+    time.sleep(dog.timeout_s + 3)
 
 
 def report_failure(message: str) -> None:

@@ -1,0 +1,311 @@
+"""Several processes as one run, on this machine: `jaxlm launch` and `mpirun` against one process.
+
+Every multi-process run here is 2 processes x 4 CPU devices, joined through jax.distributed
+on 127.0.0.1 with gloo collectives; the reference is this test process with its 8 devices
+on the same mesh. Every subprocess has a timeout, so a hang fails the test.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from jaxlm import checkpoint as ckpt
+from jaxlm.metrics import read_metrics
+from jaxlm.train import run
+
+from conftest import tiny_config, write_corpus
+
+STEPS = 20
+TIMEOUT = 240  # seconds for any one launch
+ARGS = ["model.family=gpt2", "model.d_model=64", "model.n_layers=2", "model.n_heads=8", "model.max_seq_len=64",
+        "train.batch_size=16", "train.seq_len=32", "optim.schedule=constant", "optim.warmup_steps=0",
+        "optim.lr=1e-3", "data.tokenizer_vocab=320", f"train.steps={STEPS}", "train.log_every=1",
+        "eval.every=0", "eval.max_batches=2", "checkpoint.every=5", "checkpoint.keep=10", "run.progress=false",
+        "run.tensorboard=false", "dist.heartbeat_s=10"]
+MESHES = {"2x4x1": ["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1"],
+          "1x4x2": ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"]}
+# Writes by a process other than 0 are recorded through an audit hook (sitecustomize.py below).
+AUDIT = '''
+import os, sys
+_log, _root = os.environ.get("AUDIT_LOG"), os.environ.get("AUDIT_ROOT")
+if _log and _root:
+    _out = open(f"{_log}.{os.getpid()}", "a", buffering=1)
+    _who = os.environ.get("JAX_PROCESS_ID") or os.environ.get("OMPI_COMM_WORLD_RANK") or "?"
+    _busy = []
+    def _hook(event, args):
+        if _busy or event not in ("open", "os.rename", "os.replace", "os.mkdir", "os.remove", "shutil.rmtree"):
+            return
+        path, write = args[0], True
+        if event == "open":
+            mode, flags = args[1], args[2]
+            write = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        if not write or not isinstance(path, (str, bytes, os.PathLike)):
+            return
+        p = os.path.abspath(os.fsdecode(path))
+        if p.startswith(_root):
+            _busy.append(1)
+            _out.write(f"{_who} {event} {p}\\n")
+            _busy.pop()
+    sys.addaudithook(_hook)
+'''
+
+
+def _losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(str(run_dir)) if "loss" in r}
+
+
+def _close(got: dict, want: dict, rtol: float = 1e-6) -> None:
+    assert sorted(got) == sorted(want)
+    worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+    assert worst <= rtol, f"largest relative loss difference {worst:.2e}"
+
+
+class Launched:
+    """A `jaxlm launch` (or mpirun) subprocess whose output is collected line by line."""
+
+    def __init__(self, argv: list[str], env: dict):
+        self.lines: list[str] = []
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hit = next((line for line in list(self.lines) if text in line), None)
+            if hit:
+                return hit
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no line with {text!r}:\n{self.output()}")
+
+    def finish(self, timeout: float = TIMEOUT) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"still running after {timeout}s:\n{self.output()}") from None
+        self.reader.join(10)
+        return rc
+
+    def pid(self, index: int) -> int:
+        return int(self.wait_for(f"process {index}: pid").split()[-1])
+
+    def output(self) -> str:
+        return "".join(self.lines[-60:])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The environment of the launched processes: a fresh token cache, the audit hook on PYTHONPATH."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    (root / "corpus").mkdir()
+    source = write_corpus(root / "corpus")
+    site = root / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(AUDIT)
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "SLURM_", "JAX_COORDINATOR"))}
+    e.update(JAXLM_CACHE_DIR=str(root / "cache"), PYTHONPATH=os.pathsep.join([str(site), e.get("PYTHONPATH", "")]),
+             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "compiled"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # launches of one program compile it once
+    e.pop("XLA_FLAGS", None)
+    return {"env": e, "root": root, "source": source}
+
+
+def _argv(env, run_dir, mesh, *extra) -> list[str]:
+    return ["train", f"data.source={env['source']}", f"run.dir={run_dir}"] + ARGS + MESHES[mesh] + list(extra)
+
+
+def launch(env, run_dir, mesh, *extra, audit: str = "") -> Launched:
+    e = dict(env["env"], AUDIT_LOG=audit, AUDIT_ROOT=str(run_dir)) if audit else env["env"]
+    return Launched([sys.executable, "-m", "jaxlm.cli", "launch", "--processes", "2", "--devices-per-process", "4",
+                     "--grace", "120", "--"] + _argv(env, run_dir, mesh, *extra), e)
+
+
+def one_process(env, run_dir, mesh, *extra):
+    """The same run in this process, on its 8 devices (the token cache of the launched runs)."""
+    os.environ["JAXLM_CACHE_DIR"], old = env["env"]["JAXLM_CACHE_DIR"], os.environ["JAXLM_CACHE_DIR"]
+    try:
+        cfg = tiny_config(*[a for a in _argv(env, run_dir, mesh, *extra)[1:]])
+        return run(cfg, log=lambda m: None)
+    finally:
+        os.environ["JAXLM_CACHE_DIR"] = old
+
+
+def _reference(env, mesh):
+    """The run directory of one process with 8 devices on `mesh`, trained STEPS steps (once per module)."""
+    run_dir = env["root"] / f"one-{mesh}"
+    if not (run_dir / "metrics.jsonl").exists():
+        one_process(env, run_dir, mesh)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two(env):
+    """2 processes x 4 devices on mesh 2x4x1, starting on a cold token cache, their writes audited."""
+    run_dir = env["root"] / "two-2x4x1"
+    audit = str(env["root"] / "audit")
+    p = launch(env, run_dir, "2x4x1", audit=audit)
+    assert p.finish() == 0, p.output()
+    writes = []
+    for name in os.listdir(env["root"]):
+        if name.startswith("audit."):
+            writes += (env["root"] / name).read_text().splitlines()
+    return {"run_dir": run_dir, "lines": p.lines, "writes": writes}
+
+
+def test_two_processes_train_like_one_and_only_process_0_writes_the_run(env, two):
+    _close(_losses(two["run_dir"]), _losses(_reference(env, "2x4x1")))
+    lines = two["lines"]
+    # one tokenizer, one token cache build, by process 0; process 1 reads both
+    assert sum("tokenizer: trained" in line for line in lines) == 1
+    assert any(line.startswith("[0] tokenizer: trained") for line in lines)
+    assert not any(line.startswith("[1] token cache: built") for line in lines)
+    assert any(line.startswith("[1] token cache: reusing") for line in lines)
+    assert any("processes: 2 (explicit), this is process 1 with 4 local cpu devices" in line for line in lines)
+    by_process = {}
+    for w in two["writes"]:
+        who, _, path = w.split(" ", 2)
+        by_process.setdefault(who, []).append(os.path.relpath(path, two["run_dir"]))
+    assert by_process.get("0"), "the audit hook recorded nothing"
+    top = {p.split(os.sep)[0].split(".tmp")[0] for p in by_process["0"]}  # renamed temporaries by their target
+    assert {"config.yaml", "metrics.jsonl", "run_summary.json", "tokenizer.model", "checkpoints"} <= top
+    others = [p for who, paths in by_process.items() if who != "0" for p in paths]
+    assert not [p for p in others if not p.startswith("checkpoints")], others
+    # Orbax: every process writes its own array shards, process 0 alone the metadata and JSON items
+    assert not [p for p in others if os.sep + "meta" in p or os.sep + "tokenizer" in p or "METADATA" in p], others
+
+
+@pytest.mark.parametrize("launcher", ["launch", "mpirun"])
+def test_two_processes_on_a_tensor_mesh_train_like_one(env, launcher):
+    run_dir = env["root"] / f"two-1x4x2-{launcher}"
+    if launcher == "mpirun":
+        mpirun = shutil.which("mpirun")
+        if mpirun is None:
+            msg = "mpirun is not installed (Debian: apt-get install openmpi-bin)"
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(msg)
+            pytest.skip(msg)
+        e = dict(env["env"], XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        p = Launched([mpirun, "-n", "2", "--oversubscribe", "--allow-run-as-root", sys.executable, "-m", "jaxlm.cli"]
+                     + _argv(env, run_dir, "1x4x2"), e)
+    else:
+        p = launch(env, run_dir, "1x4x2")
+    assert p.finish() == 0, p.output()
+    if launcher == "mpirun":
+        assert "processes: 2 (Open MPI)" in "".join(p.lines)
+    _close(_losses(run_dir), _losses(_reference(env, "1x4x2")))
+
+
+def _cut_at(src, dst, step: int) -> None:
+    """A copy of run `src` as it stood when checkpoint `step` was its newest."""
+    shutil.copytree(src, dst)
+    for s in ckpt.steps(str(dst)):
+        if s > step:
+            shutil.rmtree(dst / "checkpoints" / str(s))
+
+
+def test_checkpoints_move_between_process_counts(env, two):
+    one = _reference(env, "2x4x1")
+    want = _losses(one)
+    # saved by 2 processes, resumed by 1 (8 devices)
+    from_two = env["root"] / "from-two"
+    _cut_at(two["run_dir"], from_two, 10)
+    one_process(env, from_two, "2x4x1")
+    _close(_losses(from_two), want)
+    # saved by 1 process, resumed by 2
+    from_one = env["root"] / "from-one"
+    _cut_at(one, from_one, 10)
+    p = launch(env, from_one, "2x4x1")
+    assert p.finish() == 0, p.output()
+    assert "resuming" in p.wait_for("[1] resuming") and "at step 10" in p.wait_for("[0] resuming")
+    _close(_losses(from_one), want)
+
+
+def test_sigkill_of_process_1_stops_process_0_and_the_relaunch_resumes(env, two):
+    run_dir = env["root"] / "killed"
+    p = launch(env, run_dir, "2x4x1")
+    victim = p.pid(1)
+    at = random.Random().randint(6, 14)
+    p.wait_for(f"[1] step {at}/")
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    rc = p.finish(timeout=120)
+    took = time.monotonic() - killed
+    print(f"killed process 1 after step {at}; launch ended {took:.1f}s later with {rc}")
+    assert rc != 0
+    assert took < 60
+    assert "[0] error: process 1 sent no heartbeat" in p.output() and "Relaunch the same command" in p.output()
+    assert ckpt.steps(str(run_dir)), "no checkpoint was committed before the kill"
+    again = launch(env, run_dir, "2x4x1")
+    assert again.finish() == 0, again.output()
+    again.wait_for("[0] resuming")
+    steps = [r["step"] for r in read_metrics(str(run_dir)) if "loss" in r]
+    assert steps == list(range(STEPS))  # every step exactly once
+    assert _losses(run_dir) == _losses(two["run_dir"])  # and the same as the uninterrupted launch, bitwise
+
+
+def test_sigterm_to_process_1_stops_both_at_one_step(env, two):
+    run_dir = env["root"] / "stopped"
+    p = launch(env, run_dir, "2x4x1", "checkpoint.every=0")
+    victim = p.pid(1)
+    p.wait_for("[1] step 4/")
+    os.kill(victim, signal.SIGTERM)
+    assert p.finish() == 75, p.output()
+    out = p.output()
+    stops = {line.split()[0]: line.split("after step ")[1].split()[0] for line in p.lines if "stopping after" in line}
+    assert set(stops) == {"[0]", "[1]"} and stops["[0]"] == stops["[1]"], out
+    stopped = int(stops["[0]"])
+    assert stopped < STEPS and ckpt.steps(str(run_dir)) == [stopped]
+    again = launch(env, run_dir, "2x4x1", "checkpoint.every=0")
+    assert again.finish() == 0, again.output()
+    assert f"at step {stopped}" in again.wait_for("[0] resuming")
+    assert _losses(run_dir) == _losses(two["run_dir"])  # continues bitwise
+
+
+DETECT = '''
+import json, sys
+from jaxlm import distributed
+from jaxlm.config import load_config
+join = distributed.initialize(load_config(None, ["dist.heartbeat_s=10", "dist.init_timeout_s=60"]).dist)
+import jax, jax.numpy as jnp
+from jax.experimental import multihost_utils
+total = multihost_utils.process_allgather(jnp.array([jax.process_index() + 1]))
+print(json.dumps({"cluster": join.cluster, "count": jax.process_count(), "index": jax.process_index(),
+                  "sum": int(total.sum())}))
+'''
+
+
+def test_slurm_variables_join_the_processes(env):
+    """Two processes with the variables `srun -n 2` sets: JAX's SLURM detection gives the coordinator,
+    count and index."""
+    port = 20000 + random.Random().randint(0, 20000)
+    procs = []
+    for i in range(2):
+        e = dict(env["env"], SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                 SLURM_PROCID=str(i), SLURM_LOCALID=str(i), JAX_COORDINATOR_PORT=str(port),
+                 XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        procs.append(subprocess.Popen([sys.executable, "-c", DETECT], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert [o["index"] for o in outs] == [0, 1]
+    assert all(o["cluster"] == "SLURM" and o["count"] == 2 and o["sum"] == 3 for o in outs)
