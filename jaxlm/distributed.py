@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -103,6 +104,27 @@ def detect(dist, environ=None) -> Join:
 _joined: Join | None = None
 
 
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Wait until process 0's coordination service accepts connections, or raise ConfigError.
+
+    JAX's client aborts the whole process when it cannot connect; this check turns the usual
+    cause (a wrong address, or process 0 not started) into an error message instead.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return
+        except (OSError, ValueError) as e:
+            if time.monotonic() > deadline or isinstance(e, ValueError):
+                raise ConfigError(f"joining the explicit run failed: nothing answers at coordinator {address} "
+                                  f"after {timeout_s:.0f}s ({e}); start process 0 there, or fix "
+                                  "dist.coordinator / JAX_COORDINATOR_ADDRESS or dist.init_timeout_s") from None
+            time.sleep(0.5)
+
+
 def initialize(dist, log=None, environ=None) -> Join:
     """Join the run's processes (see `detect`); a no-op for one process and when already joined.
 
@@ -117,6 +139,8 @@ def initialize(dist, log=None, environ=None) -> Join:
         return join
     import jax
 
+    if join.coordinator and join.process_id not in (None, 0):
+        _wait_for_coordinator(join.coordinator, dist.init_timeout_s)
     try:
         jax.distributed.initialize(join.coordinator, join.num_processes, join.process_id,
                                    cluster_detection_method=join.method,
