@@ -5,7 +5,6 @@ on 127.0.0.1 with gloo collectives; the reference is this test process with its 
 on the same mesh. Every subprocess has a timeout, so a hang fails the test.
 """
 
-import json
 import os
 import random
 import shutil
@@ -278,34 +277,30 @@ def test_sigterm_to_process_1_stops_both_at_one_step(env, two):
     assert _losses(run_dir) == _losses(two["run_dir"])  # continues bitwise
 
 
-DETECT = '''
-import json, sys
-from jaxlm import distributed
-from jaxlm.config import load_config
-join = distributed.initialize(load_config(None, ["dist.heartbeat_s=10", "dist.init_timeout_s=60"]).dist)
-import jax, jax.numpy as jnp
-from jax.experimental import multihost_utils
-total = multihost_utils.process_allgather(jnp.array([jax.process_index() + 1]))
-print(json.dumps({"cluster": join.cluster, "count": jax.process_count(), "index": jax.process_index(),
-                  "sum": int(total.sum())}))
-'''
+FAKE_SRUN = """#!/bin/bash
+# srun -n $SLURM_NTASKS on one machine: the variables SLURM gives each task, then wait for all
+for i in $(seq 0 $((SLURM_NTASKS - 1))); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "${@:2}" &
+done
+wait
+"""
 
 
-def test_slurm_variables_join_the_processes(env):
-    """Two processes with the variables `srun -n 2` sets: JAX's SLURM detection gives the coordinator,
-    count and index."""
+def test_the_slurm_recipe_runs_two_tasks_as_one_run(env, two, tmp_path):
+    """experiments/cluster/slurm.sbatch with a stand-in srun that starts its tasks here: JAX's SLURM
+    detection gives the coordinator, count and index, and the run trains like the launched one."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
     port = 20000 + random.Random().randint(0, 20000)
-    procs = []
-    for i in range(2):
-        e = dict(env["env"], SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
-                 SLURM_PROCID=str(i), SLURM_LOCALID=str(i), JAX_COORDINATOR_PORT=str(port),
-                 XLA_FLAGS="--xla_force_host_platform_device_count=1")
-        procs.append(subprocess.Popen([sys.executable, "-c", DETECT], env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-3000:]
-        outs.append(json.loads(out.strip().splitlines()[-1]))
-    assert [o["index"] for o in outs] == [0, 1]
-    assert all(o["cluster"] == "SLURM" and o["count"] == 2 and o["sum"] == 3 for o in outs)
+    e = dict(env["env"], PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
+             SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", JAX_COORDINATOR_PORT=str(port),
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    run_dir = tmp_path / "slurm"
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "cluster",
+                          "slurm.sbatch")
+    p = Launched(["bash", recipe] + _argv(env, run_dir, "2x4x1")[1:], e)
+    assert p.finish() == 0, p.output()
+    assert "processes: 2 (SLURM), this is process 1" in "".join(p.lines)
+    assert _losses(run_dir) == _losses(two["run_dir"])
