@@ -61,6 +61,12 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(str(run_dir)) if "loss" in r}
 
 
+def _evals(run_dir) -> dict[int, float]:
+    """Validation loss and its 95% interval by step: the scorer's rows come from every process."""
+    return {(r["step"], k): v for r in read_metrics(str(run_dir)) if "eval_loss" in r
+            for k, v in [("loss", r["eval_loss"]), ("lo", r["eval_loss_ci95"][0]), ("hi", r["eval_loss_ci95"][1])]}
+
+
 def _close(got: dict, want: dict, rtol: float = 1e-6) -> None:
     assert sorted(got) == sorted(want)
     worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
@@ -170,6 +176,7 @@ def two(env):
 
 def test_two_processes_train_like_one_and_only_process_0_writes_the_run(env, two):
     _close(_losses(two["run_dir"]), _losses(_reference(env, "2x4x1")))
+    _close(_evals(two["run_dir"]), _evals(_reference(env, "2x4x1")))
     lines = two["lines"]
     # one tokenizer, one token cache build, by process 0; process 1 reads both
     assert sum("tokenizer: trained" in line for line in lines) == 1
@@ -209,6 +216,7 @@ def test_two_processes_on_a_tensor_mesh_train_like_one(env, launcher):
     if launcher == "mpirun":
         assert "processes: 2 (Open MPI)" in "".join(p.lines)
     _close(_losses(run_dir), _losses(_reference(env, "1x4x2")))
+    _close(_evals(run_dir), _evals(_reference(env, "1x4x2")))
 
 
 def _cut_at(src, dst, step: int) -> None:
