@@ -1,5 +1,6 @@
 """How a process finds its run (cluster detection), the watchdog's rules, the launcher's bookkeeping."""
 
+import signal
 import subprocess
 import sys
 
@@ -139,3 +140,15 @@ def test_launch_kills_the_others_after_the_grace_period():
 def test_launch_needs_a_command(capsys):
     assert main(["launch", "--processes", "2"]) == 2
     assert "give the command to launch after --" in capsys.readouterr().err
+
+
+def test_launch_forwards_signals_to_every_process():
+    run = Launch(["unused"], 2, grace_s=30, log=lambda m: None)
+    code = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); "
+            "print('ready', flush=True); time.sleep(60)")
+    run.procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in run.procs:
+        assert p.stdout.readline().strip() == "ready"
+    run.forward(signal.SIGTERM, None)
+    assert run.wait() == 75
+    assert [p.returncode for p in run.procs] == [75, 75]
