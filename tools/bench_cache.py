@@ -16,7 +16,8 @@ The text is paragraphs of sentences drawn from a fixed bank of sentences of made
 trained once on a 2 MB sample by this process and passed as data.tokenizer; then a fresh
 child process builds the train and validation token cache (`jaxlm.data.cache`, as
 `jaxlm data` does) into an empty cache directory and reports its own peak RSS (ru_maxrss
-and /proc VmHWM), the seconds taken and MB/s of text. `--train-tokenizer` lets the child
+and /proc VmHWM), the seconds taken, its CPU seconds (user + system, whole process: a
+steadier measure than wall time on a busy machine) and MB/s of text. `--train-tokenizer` lets the child
 train the tokenizer itself instead (data.tokenizer_max_bytes=--tokenizer-mb).
 
 Prints one JSON line with the results (and the CPU model) on stdout.
@@ -169,7 +170,9 @@ def child(settings: dict) -> None:
     built += [cache.tokens(cfg, tok, p, "valid", log=lambda m: None)[1] for p in valid_parts]
     dt = time.perf_counter() - t0
     n_bytes = sum(m["bytes"] for m in built)
-    print(json.dumps({"seconds": round(dt, 2), "tokenizer_seconds": round(t_tok, 2), "bytes": n_bytes,
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"seconds": round(dt, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+                      "tokenizer_seconds": round(t_tok, 2), "bytes": n_bytes,
                       "tokens": sum(m["tokens"] for m in built), "documents": sum(m["documents"] for m in built),
                       "mb_per_s": round(n_bytes / MB / dt, 2),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

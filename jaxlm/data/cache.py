@@ -32,6 +32,7 @@ the first process to link its file into place wins and the others load that file
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -195,8 +196,9 @@ def remove_stale(directory: str, name: str) -> list[str]:
         if entry.startswith(name + TEMPORARY) and is_stale(path, now):
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
-            elif os.path.exists(path):
-                os.remove(path)
+            else:
+                with contextlib.suppress(FileNotFoundError):  # another process removed it first
+                    os.remove(path)
             removed.append(entry)
     return removed
 
