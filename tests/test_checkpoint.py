@@ -3,6 +3,7 @@
 import glob
 import os
 import shutil
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from jaxlm.metrics import read_metrics
 from jaxlm.step import Stepper, build
 from jaxlm.train import run
 
+from conftest import write_corpus
 from test_resume import _args, _losses
 
 
@@ -37,6 +39,19 @@ def _cfg(small_corpus, run_dir, steps, *extra):
     return load_config(None, _args(small_corpus, run_dir, steps, *extra)[1:])
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs of the `_args` config, trained once for the tests that start from them (each test
+    copies a run before changing it): `pristine` ran 10 steps (checkpoints 5 and 10), `straight`
+    ran 12 steps uninterrupted (checkpoints 5, 10 and 12)."""
+    root = tmp_path_factory.mktemp("checkpoint-runs")
+    (root / "corpus").mkdir()
+    source = write_corpus(root / "corpus")  # the documents of the small_corpus fixture
+    assert main(_args(source, root / "pristine", 10)) == 0
+    assert main(_args(source, root / "straight", 12)) == 0
+    return SimpleNamespace(source=source, pristine=root / "pristine", straight=root / "straight")
+
+
 def test_retention_keeps_the_last_k_and_every_mth(tmp_path, small_corpus):
     run_dir = tmp_path / "r"
     assert main(_args(small_corpus, run_dir, 20, "checkpoint.every=2", "checkpoint.keep=2",
@@ -44,9 +59,9 @@ def test_retention_keeps_the_last_k_and_every_mth(tmp_path, small_corpus):
     assert sorted(map(int, os.listdir(run_dir / "checkpoints"))) == [6, 12, 18, 20]
 
 
-def test_checkpoint_holds_tokenizer_config_and_position(tmp_path, small_corpus, capsys):
+def test_checkpoint_holds_tokenizer_config_and_position(tmp_path, runs, capsys):
     run_dir = tmp_path / "r"
-    assert main(_args(small_corpus, run_dir, 10)) == 0
+    shutil.copytree(runs.pristine, run_dir)
     proto = (run_dir / "tokenizer.model").read_bytes()
     assert ckpt.read_tokenizer(str(run_dir), 5) == proto
     state, meta = _restore(run_dir, 10)
@@ -56,10 +71,11 @@ def test_checkpoint_holds_tokenizer_config_and_position(tmp_path, small_corpus, 
     # the run resumes with its tokenizer.model gone: the checkpoint's copy is used
     expected = _losses(run_dir)
     (run_dir / "tokenizer.model").unlink()
-    assert main(_args(small_corpus, run_dir, 12)) == 0
+    assert main(_args(runs.source, run_dir, 12)) == 0
     assert (run_dir / "tokenizer.model").read_bytes() == proto
     got = _losses(run_dir)
     assert sorted(got) == list(range(12)) and all(got[s] == expected[s] for s in range(10))
+    assert got == _losses(runs.straight)  # and the resumed steps are bitwise those of the uninterrupted run
 
 
 def _truncate_metadata(step_dir):
@@ -80,18 +96,14 @@ def _remove_meta(step_dir):
     shutil.rmtree(os.path.join(step_dir, "meta"))
 
 
-def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, small_corpus, capsys):
-    straight = tmp_path / "straight"
-    assert main(_args(small_corpus, straight, 12)) == 0
-    expected = _losses(straight)
-    pristine = tmp_path / "pristine"
-    assert main(_args(small_corpus, pristine, 10)) == 0
+def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, runs, capsys):
+    expected = _losses(runs.straight)
     for damage in (_truncate_metadata, _flip_array_bytes, _remove_meta):
         run_dir = tmp_path / damage.__name__
-        shutil.copytree(pristine, run_dir)
+        shutil.copytree(runs.pristine, run_dir)
         damage(str(run_dir / "checkpoints" / "10"))
         capsys.readouterr()
-        assert main(_args(small_corpus, run_dir, 12)) == 0
+        assert main(_args(runs.source, run_dir, 12)) == 0
         err = capsys.readouterr().err
         assert f"warning: skipping damaged checkpoint {run_dir / 'checkpoints' / '10'}" in err, damage
         assert "from its checkpoint at step 5" in err
@@ -100,10 +112,10 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, small_cor
         assert sorted(map(int, os.listdir(run_dir / "checkpoints"))) == [5, 10, 12]
 
 
-def test_every_truncated_file_is_detected_or_harmless(tmp_path, small_corpus):
+def test_every_truncated_file_is_detected_or_harmless(tmp_path, runs):
     """Truncating any one file of a checkpoint never restores wrong values without an error."""
     run_dir = tmp_path / "r"
-    assert main(_args(small_corpus, run_dir, 5)) == 0
+    shutil.copytree(runs.pristine, run_dir)
     reference, _ = _restore(run_dir, 5)
     files = [p for p in glob.glob(str(run_dir / "checkpoints" / "5" / "**" / "*"), recursive=True)
              if os.path.isfile(p) and os.path.getsize(p) > 1]
@@ -124,31 +136,31 @@ def test_every_truncated_file_is_detected_or_harmless(tmp_path, small_corpus):
     assert detected >= 5, (detected, len(files))
 
 
-def test_unfinished_write_is_not_a_checkpoint_and_all_damaged_refuses(tmp_path, small_corpus, capsys):
+def test_unfinished_write_is_not_a_checkpoint_and_all_damaged_refuses(tmp_path, runs, capsys):
     run_dir = tmp_path / "r"
-    assert main(_args(small_corpus, run_dir, 10)) == 0
+    shutil.copytree(runs.pristine, run_dir)
     # what a write killed mid-way leaves behind: Orbax's temporary directory
     shutil.copytree(run_dir / "checkpoints" / "10", run_dir / "checkpoints" / "15.orbax-checkpoint-tmp-1")
     assert ckpt.steps(str(run_dir)) == [5, 10]
     for step in ("5", "10"):
         os.remove(run_dir / "checkpoints" / step / "state" / "_METADATA")
     capsys.readouterr()
-    assert main(_args(small_corpus, run_dir, 12)) == 2  # never silently starts from scratch
+    assert main(_args(runs.source, run_dir, 12)) == 2  # never silently starts from scratch
     err = capsys.readouterr().err
     assert "no usable checkpoint" in err and "all 2 are damaged" in err and "--restart" in err
 
 
-def test_resume_flag_requires_a_checkpoint(tmp_path, small_corpus, capsys):
+def test_resume_flag_requires_a_checkpoint(tmp_path, runs, capsys):
     run_dir = tmp_path / "r"
-    assert main(_args(small_corpus, run_dir, 5) + ["--resume"]) == 2  # nothing there yet
+    assert main(_args(runs.source, run_dir, 5) + ["--resume"]) == 2  # nothing there yet
     assert "--resume: no checkpoint in" in capsys.readouterr().err
     assert not (run_dir / "metrics.jsonl").exists()
-    assert main(_args(small_corpus, run_dir, 5)) == 0
-    assert main(_args(small_corpus, run_dir, 7) + ["--resume"]) == 0
-    assert sorted(_losses(run_dir)) == list(range(7))
+    shutil.copytree(runs.pristine, run_dir, dirs_exist_ok=True)  # a run of 10 steps there now
+    assert main(_args(runs.source, run_dir, 12) + ["--resume"]) == 0
+    assert _losses(run_dir) == _losses(runs.straight)
     shutil.rmtree(run_dir / "checkpoints")
     capsys.readouterr()
-    assert main(_args(small_corpus, run_dir, 9) + ["--resume"]) == 2
+    assert main(_args(runs.source, run_dir, 14) + ["--resume"]) == 2
     assert "--resume: no checkpoint in" in capsys.readouterr().err
 
 
