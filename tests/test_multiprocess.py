@@ -70,6 +70,7 @@ def _evals(run_dir) -> dict[int, float]:
 def _close(got: dict, want: dict, rtol: float = 1e-6) -> None:
     assert sorted(got) == sorted(want)
     worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+    print(f"largest relative difference over {len(want)} values: {worst:.2e}")
     assert worst <= rtol, f"largest relative loss difference {worst:.2e}"
 
 
