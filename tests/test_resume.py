@@ -27,10 +27,12 @@ def _args(small_corpus, run_dir, steps, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [["model.kernels=cpu"], ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+@pytest.mark.parametrize("mesh", [["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.kernels=cpu"],
                                   ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.kernels=standard"]],
-                         ids=["data8-cpu", "2x2x2-cpu", "2x2x2-standard"])
+                         ids=["2x2x2-cpu", "2x2x2-standard"])
 def test_resume_after_sigkill_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, small_corpus, mesh):
+    """On the mesh with all three axes (sharded and replicated state at once), with each kernel set.
+    Bitwise resumes on the default data=8 mesh are test_checkpoint's (damaged checkpoints, --resume)."""
     steps = 30
     straight = tmp_path / "straight"
     assert main(_args(small_corpus, straight, steps, *mesh)) == 0
@@ -100,6 +102,8 @@ def test_one_device_resume_of_an_fsdp_run(tmp_path, small_corpus):
 def test_resume_refuses_state_changes_and_needs_a_checkpoint(tmp_path, small_corpus, capsys):
     run_dir = tmp_path / "r"
     assert main(_args(small_corpus, run_dir, 5)) == 0
+    other = tmp_path / "s"
+    shutil.copytree(run_dir, other)  # the finished 5-step run, for the last part
     assert main(_args(small_corpus, run_dir, 10, "model.d_model=64")) == 2
     err = capsys.readouterr().err
     assert "cannot resume with a different model.d_model (32 -> 64)" in err and "--restart" in err
@@ -107,8 +111,6 @@ def test_resume_refuses_state_changes_and_needs_a_checkpoint(tmp_path, small_cor
     assert main(_args(small_corpus, run_dir, 10)) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
     # steps may change: a finished run continues to the new total
-    other = tmp_path / "s"
-    assert main(_args(small_corpus, other, 5)) == 0
     assert main(_args(small_corpus, other, 8)) == 0
     assert "resuming" in capsys.readouterr().err and sorted(_losses(other)) == list(range(8))
     assert sorted(os.listdir(other / "checkpoints")) == ["5", "8"]
