@@ -10,11 +10,19 @@ from jaxlm.model import rope
 from conftest import decoder, tiny_config
 
 
+_inits = {}
+
+
 def init(cfg, kernel_set="cpu", vocab=256, T=16):
-    model = decoder(cfg, vocab, kernel_set)
-    tokens = jax.random.randint(jax.random.key(1), (2, T), 0, vocab)
-    params = jax.tree.map(lambda x: x, model.init(jax.random.key(0), tokens)["params"])
-    return model, nn.unbox(params), tokens
+    """(model, params, tokens); initialised once per model config (an init costs seconds: the layer
+    scan is compiled each time), the same arrays for every test that asks (jax arrays are immutable)."""
+    key = (repr(cfg.model), cfg.train.seq_len, kernel_set, vocab, T)
+    if key not in _inits:
+        model = decoder(cfg, vocab, kernel_set)
+        tokens = jax.random.randint(jax.random.key(1), (2, T), 0, vocab)
+        params = jax.tree.map(lambda x: x, model.init(jax.random.key(0), tokens)["params"])
+        _inits[key] = model, nn.unbox(params), tokens
+    return _inits[key]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -39,16 +47,26 @@ def test_family_parameters():
     assert llama["blocks"]["attn"]["k"]["kernel"].shape == (2, 64, 2, 8)  # grouped-query: 2 kv heads
 
 
+def _remat_loss(model, tokens):
+    return lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)
+
+
+_no_remat = {}
+
+
+def _gradients_without_remat(kernel_set):
+    """(params, tokens, gradients) of the llama model without remat: computed once per kernel set."""
+    if kernel_set not in _no_remat:
+        model, params, tokens = init(tiny_config("model.family=llama"), kernel_set)
+        _no_remat[kernel_set] = params, tokens, jax.grad(_remat_loss(model, tokens))(params)
+    return _no_remat[kernel_set]
+
+
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
 def test_remat_policies_give_the_same_gradients(remat, kernel_set):
-    base = tiny_config("model.family=llama")
-    model, params, tokens = init(base, kernel_set)
+    params, tokens, g0 = _gradients_without_remat(kernel_set)
     model_r = decoder(tiny_config("model.family=llama", f"model.remat={remat}"), 256, kernel_set)
-
-    def loss(m):
-        return lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2)
-
-    g0, g1 = jax.grad(loss(model))(params), jax.grad(loss(model_r))(params)
+    g1 = jax.grad(_remat_loss(model_r, tokens))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
 
 
@@ -81,7 +99,8 @@ def test_unrolled_scan_matches_scan(kernel_set):
     cfg = tiny_config("model.n_layers=3")
     model, params, tokens = init(cfg, kernel_set)
     unrolled = decoder(tiny_config("model.n_layers=3", "model.scan_unroll=0"), 256, kernel_set)
-    assert jax.tree.structure(nn.unbox(unrolled.init(jax.random.key(0), tokens)["params"])) == jax.tree.structure(params)
+    unrolled_params = jax.eval_shape(unrolled.init, jax.random.key(0), tokens)["params"]  # its tree, not its values
+    assert jax.tree.structure(nn.unbox(unrolled_params)) == jax.tree.structure(params)
     loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2)))
     (a, ga), (b, gb) = loss(model)(params), loss(unrolled)(params)
     np.testing.assert_allclose(a, b, rtol=1e-6)
