@@ -145,6 +145,9 @@ def _rel(got, want):
     return (diff / norm) ** 0.5
 
 
+_params = {}
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("segments", [False, True], ids=["plain", "segments"])
 def test_cpu_and_standard_kernels_give_the_same_loss_and_gradients(family, segments):
@@ -154,7 +157,9 @@ def test_cpu_and_standard_kernels_give_the_same_loss_and_gradients(family, segme
     batch = _batch(vocab, B, T, segments)
     cpu, std = decoder(cfg, vocab, "cpu"), decoder(cfg, vocab, "standard")
     assert (cpu.cfg.attention, std.cfg.attention) == ("blocked", "xla")
-    params = nn.unbox(cpu.init(jax.random.key(0), batch["inputs"])["params"])
+    if family not in _params:  # one init per family (seconds each): with and without segments share it
+        _params[family] = nn.unbox(cpu.init(jax.random.key(0), batch["inputs"])["params"])
+    params = _params[family]
     (l_cpu, g_cpu), (l_std, g_std) = _loss_and_grads(cpu, params, batch), _loss_and_grads(std, params, batch)
     np.testing.assert_allclose(l_std, l_cpu, rtol=1e-5)
     assert _rel(g_std, g_cpu) <= 1e-5
@@ -237,7 +242,7 @@ def test_the_standard_program_is_plain_jax(family):
 
     def eqns(kernel_set):
         model = decoder(cfg, 256, kernel_set)
-        params = nn.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
+        params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), batch["inputs"])["params"])  # traced only
         jaxpr = jax.make_jaxpr(jax.grad(lambda p: train_loss(p, batch, model, 64.0, 0.0, 0)[0]))(params)
 
         def walk(j):

@@ -171,7 +171,7 @@ def test_bfloat16_gradient_runs_every_product_on_bfloat16_operands(family):
                       "model.n_heads=4", "model.n_kv_heads=0", "train.seq_len=64")
     model = decoder(cfg, 256, "cpu")
     tokens = jnp.zeros((4, 64), jnp.int32)
-    params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])  # compiled, never run
     batch = {"inputs": tokens, "targets": tokens}
     grad = jax.jit(jax.grad(lambda p: train_loss(p, batch, model, 256.0, 0.0, 0)[0]))
     dots = _dot_operand_dtypes(grad.lower(params).compile().as_text())
@@ -186,7 +186,7 @@ def test_scanned_bfloat16_residuals_are_not_stacked_as_bfloat16():
     cfg = tiny_config("model.dtype=bfloat16", "model.n_layers=3")
     model = decoder(cfg, 256, "cpu")
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
-    params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])  # traced, never run
     loss = lambda p: jnp.mean(model.apply({"params": p}, tokens).astype(jnp.float32) ** 2)
     jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
 
