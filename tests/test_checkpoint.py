@@ -262,8 +262,9 @@ def test_pmap_backend_checkpoints_resumes_and_skips_nan(tmp_path, small_corpus):
     train = [r for r in read_metrics(str(straight)) if "loss" in r]
     assert train[-1]["skipped_steps"] == 1 and np.isnan(train[2]["grad_norm"])
     assert len([r for r in read_metrics(str(straight)) if "eval_loss" in r]) == 4
-    resumed = tmp_path / "resumed"
-    run(_cfg(small_corpus, resumed, 4, *pmap), inject_nan={2}, log=print)
+    resumed = tmp_path / "resumed"  # the same run stopped after its checkpoint at step 4, then resumed
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "8")
     run(_cfg(small_corpus, resumed, 8, *pmap), inject_nan={2}, log=print)
     assert _losses(resumed) == expected
     state, meta = _restore(resumed, 8)
