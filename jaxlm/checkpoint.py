@@ -167,7 +167,12 @@ def steps(run_dir: str) -> list[int]:
     A plain directory listing, safe to call from one process of several (no Orbax manager,
     whose construction is collective).
     """
-    return sorted(ocp.path.step.checkpoint_steps(checkpoint_dir(run_dir)))
+    directory = checkpoint_dir(run_dir)
+    try:
+        return sorted(ocp.path.step.checkpoint_steps(directory))
+    except OSError as e:
+        raise CheckpointError(f"checkpoint directory '{directory}' cannot be read ({e.strerror or e}); fix it, "
+                              f"or choose another run.dir") from None
 
 
 def _restore(directory: str, step: int, **items):

@@ -170,7 +170,7 @@ def test_unwritable_checkpoint_directory_fails_before_training(tmp_path, small_c
     (run_dir / "checkpoints").write_text("a file where the directory should be")  # fails even as root
     assert main(_args(small_corpus, run_dir, 5)) == 2
     err = capsys.readouterr().err
-    assert f"checkpoint directory '{run_dir / 'checkpoints'}' is not writable" in err
+    assert f"checkpoint directory '{run_dir / 'checkpoints'}' cannot be read (Not a directory)" in err
     assert "compiled" not in err and not (run_dir / "metrics.jsonl").exists()
 
 
