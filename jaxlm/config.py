@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -62,6 +62,9 @@ class ModelConfig:
                         "(jax.nn.dot_product_attention's XLA path), cudnn (cuDNN flash, GPU), pallas (Pallas flash, "
                         "TPU); auto = blocked with cpu kernels, else cudnn on GPU / pallas on TPU where the shape "
                         "allows, else xla")
+    dropout: float = _f(0.0, "dropout rate on the residual branches (attention and MLP outputs) and the attention "
+                        "probabilities while training; off in evaluation and generation; its randomness is drawn "
+                        "from (train.seed, step), so resume and every mesh give the same result")
     attention_block: int = _f(0, "blocked attention: query block length (the sequence is cut into T/block "
                               "blocks); 0 = auto, a quarter of the sequence, at least 16 and at most 256")
 
@@ -178,6 +181,11 @@ class CheckpointConfig:
     enabled: bool = _f(True, "write checkpoints at all")
     init_from: str = _f("", "start a new run from another run's params (its newest usable checkpoint, or "
                         "<run>/checkpoints/<step>) with a fresh optimizer at step 0")
+    branch_from: str = _f("", "start a new run as a branch of <run>/checkpoints/<step>: its params, optimizer state, "
+                          "step and data position, under this run's own schedule and steps (e.g. the cooldown of a "
+                          "wsd run from its stable phase); the model, data and batch must be that run's")
+    at: List[int] = field(default_factory=list, metadata={"help": "also save a checkpoint after these steps, and "
+                                                                  "keep it (e.g. a sweep's branch points)"})
 
 
 @dataclass(frozen=True)
@@ -385,6 +393,15 @@ def validate(cfg: Config) -> None:
     if t.loss_chunk < -1:
         raise ConfigError(f"train.loss_chunk must be -1 (auto), 0 (plain logits) or a positive budget, got "
                           f"{t.loss_chunk}")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    c = cfg.checkpoint
+    if c.init_from and c.branch_from:
+        raise ConfigError("checkpoint.init_from (params only, fresh optimizer at step 0) and checkpoint.branch_from "
+                          "(the whole training state) exclude each other; set one")
+    bad_at = [s for s in c.at if not 0 < s <= t.steps]
+    if bad_at:
+        raise ConfigError(f"checkpoint.at steps must be in 1..train.steps={t.steps}, got {bad_at}")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
     if not 0 <= o.min_lr_ratio <= 1:
@@ -498,7 +515,7 @@ def help_text() -> str:
         cls = _SECTIONS[sec.name]
         lines.append(f"\n{sec.name}: {cls.__name__}")
         for f in dataclasses.fields(cls):
-            default = f.default
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {sec.name}.{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
     lines.append("\nmodel presets: " + ", ".join(PRESETS))
     return "\n".join(lines)
