@@ -120,8 +120,14 @@ class Saver:
         self.tokenizer = {"sha256": hashlib.sha256(tokenizer_proto).hexdigest(),
                           "sentencepiece_model_base64": base64.b64encode(tokenizer_proto).decode("ascii")}
         c = cfg.checkpoint
-        options = ocp.CheckpointManagerOptions(max_to_keep=c.keep, keep_period=c.keep_every or None,
-                                               enable_async_checkpointing=True, create=True)
+        keep = [ocp.checkpoint_managers.LatestN(c.keep)]
+        if c.keep_every:
+            keep.append(ocp.checkpoint_managers.EveryNSteps(c.keep_every))
+        if c.at:
+            keep.append(ocp.checkpoint_managers.CustomSteps(list(c.at)))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=True, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.blocked_s = 0.0  # time the training loop spent inside save()
 

@@ -161,7 +161,8 @@ class Loop:
             if self.pending is not None and not over:
                 self._flush()
             last = step + 1 == self.steps
-            save_now = bool(self.saver and self.cfg.checkpoint.every and (step + 1) % self.cfg.checkpoint.every == 0)
+            every = self.cfg.checkpoint.every
+            save_now = bool(self.saver and ((every and (step + 1) % every == 0) or step + 1 in self.cfg.checkpoint.at))
             if not over and (save_now or last or self.stop.requested):
                 over = self._settle()  # never checkpoint or end on an unchecked step
             if over:

@@ -11,6 +11,7 @@ where an init_from run is (`_init_source`), the data (`prepare_data`), the run d
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -75,8 +76,15 @@ STATE_KEYS = ("model.family", "model.vocab_size", "model.d_model", "model.n_laye
               "data.tokenizer_type", "data.tokenizer_max_bytes")
 
 
+# What a branch (checkpoint.branch_from) must share with its source run on top of STATE_KEYS: the
+# model and the data stream, so that its steps continue the source's exactly.
+BRANCH_KEYS = STATE_KEYS + ("model.dropout", "data.source", "data.valid_source", "data.valid_fraction",
+                            "data.text_field", "data.doc_separator", "data.segment_ids", "train.seed",
+                            "train.batch_size", "train.seq_len")
+
+
 def _flat(cfg: Config) -> dict:
-    return {f"{sec}.{k}": v for sec in ("model", "optim", "data")
+    return {f"{sec}.{k}": v for sec in ("model", "optim", "data", "train")
             for k, v in dataclasses.asdict(getattr(cfg, sec)).items()}
 
 
@@ -129,27 +137,37 @@ class _InitSource:
     run_dir: str
     step: int | None
     tokenizer: Tokenizer
+    branch: bool = False  # checkpoint.branch_from: the whole state, not only the params
 
 
 def _init_source(cfg: Config) -> _InitSource:
-    """Where `checkpoint.init_from` points, checked against this run's model before any work."""
-    src_dir, step = ckpt.resolve(cfg.checkpoint.init_from)
+    """Where `checkpoint.init_from` or `checkpoint.branch_from` points, checked against this run before
+    any work (a branch must have the source's model and data stream, and start before train.steps)."""
+    branch = bool(cfg.checkpoint.branch_from)
+    key, path = ("branch_from", cfg.checkpoint.branch_from) if branch else ("init_from", cfg.checkpoint.init_from)
+    src_dir, step = ckpt.resolve(path)
     done = ckpt.steps(src_dir)
     if not done or (step is not None and step not in done):
-        raise CheckpointError(f"checkpoint.init_from={cfg.checkpoint.init_from}: no committed checkpoint "
+        raise CheckpointError(f"checkpoint.{key}={path}: no committed checkpoint "
                               + (f"{step} " if step is not None else "") + f"in {ckpt.checkpoint_dir(src_dir)}")
-    model_keys = tuple(k for k in STATE_KEYS if k.startswith("model."))
+    if branch:
+        step = done[-1] if step is None else step
+        if step >= cfg.train.steps:
+            raise ConfigError(f"checkpoint.branch_from={path} is at step {step}, not before train.steps="
+                              f"{cfg.train.steps}; branch from an earlier checkpoint or train longer")
+    keys = BRANCH_KEYS if branch else tuple(k for k in STATE_KEYS if k.startswith("model."))
     src_cfg_path = os.path.join(src_dir, "config.yaml")
     if os.path.exists(src_cfg_path):
-        differ = _state_key_changes(load_config(src_cfg_path), cfg, model_keys)
+        differ = _state_key_changes(load_config(src_cfg_path), cfg, keys)
         if differ:
-            raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} has a different model: "
-                              + ", ".join(differ) + "; use the same model.* keys as that run")
+            what = "model or data stream" if branch else "model"
+            raise ConfigError(f"checkpoint.{key}={path} has a different {what}: " + ", ".join(differ)
+                              + f"; use the same keys as that run")
     tok = _run_tokenizer(src_dir, done if step is None else [step])
     if cfg.data.tokenizer and load_tokenizer(cfg.data.tokenizer).sha256 != tok.sha256:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer of {src_dir}; drop "
                           "data.tokenizer to use that run's own (token ids must mean the same)")
-    return _InitSource(src_dir, step, tok)
+    return _InitSource(src_dir, step, tok, branch)
 
 
 def _prepare_run_dir(cfg: Config, restart: bool) -> str:
@@ -170,6 +188,8 @@ def _first_state(cfg: Config, stepper: Stepper, group: distributed.Group, done: 
     """(first step, state, data position) of the run: its newest usable checkpoint of `done` (every
     process restores the same one), else a fresh init (with init_from's params in it)."""
     run_dir = cfg.run.path
+    if not done and init and init.branch:
+        return _branch_state(cfg, stepper, group, init, log)
     if not done:
         state = stepper.init_state(cfg.train.seed)
         if init:
@@ -197,6 +217,23 @@ def _first_state(cfg: Config, stepper: Stepper, group: distributed.Group, done: 
         truncate_metrics(run_dir, start)
     log(f"resuming {run_dir} from its checkpoint at step {start} (restored in {time.perf_counter() - t0:.1f}s)")
     return start, stepper.adopt(state), position
+
+
+def _branch_state(cfg: Config, stepper: Stepper, group: distributed.Group, init: _InitSource,
+                  log) -> tuple[int, object, Position]:
+    """(step, state, data position) of the checkpoint a branch starts from; its metrics before that step
+    are copied into this run's metrics.jsonl, so the run reads like one that trained straight through."""
+    t0 = time.perf_counter()
+    state, meta = ckpt.restore(init.run_dir, init.step, stepper.restore_target())
+    if group.owner:
+        history = [r for r in read_metrics(init.run_dir) if r.get("step", 0) < init.step]
+        with open(os.path.join(cfg.run.path, "metrics.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+    position = Position(offset=meta.get("data_position", init.step) - init.step,
+                        skipped=meta.get("skipped_steps", 0), rollbacks=meta.get("rollbacks", 0))
+    log(f"branching from {init.run_dir} step {init.step}: its params, optimizer state and data position "
+        f"(restored in {time.perf_counter() - t0:.1f}s)")
+    return init.step, stepper.adopt(state), position
 
 
 def _kernel_line(stepper: Stepper, seq_len: int) -> str:
@@ -253,7 +290,8 @@ def _own_shared_state(cfg: Config, restart: bool, resume: bool, tensor: int,
     """Process 0's part of setting up: what to resume, the tokenizer, the token cache and the run
     directory. Returns (what the other processes need, as JSON, the data, the init_from source)."""
     done = _existing_checkpoints(cfg, restart, resume)
-    init = _init_source(cfg) if cfg.checkpoint.init_from and not done else None
+    starts_from = cfg.checkpoint.init_from or cfg.checkpoint.branch_from
+    init = _init_source(cfg) if starts_from and not done else None
     tokenizer = init.tokenizer if init else None
     if done and not cfg.data.tokenizer:  # the run's own tokenizer, never a retrained one
         tokenizer = _run_tokenizer(cfg.run.path, done)
@@ -264,7 +302,7 @@ def _own_shared_state(cfg: Config, restart: bool, resume: bool, tensor: int,
     if not done or not os.path.exists(tok_path):
         data.tokenizer.save(tok_path)
     shared = {"done": done, "tokenizer": distributed.encode_bytes(data.tokenizer.proto),
-              "init": [init.run_dir, init.step] if init else None}
+              "init": [init.run_dir, init.step, init.branch] if init else None}
     return shared, data, init
 
 
@@ -286,7 +324,8 @@ def _shared_state(cfg: Config, group: distributed.Group, restart: bool, resume: 
         shared = group.broadcast("setup", dict)
         proto = distributed.decode_bytes(shared["tokenizer"])
         data = prepare_data(cfg, log, None if cfg.data.tokenizer else Tokenizer(proto))
-        init = _InitSource(shared["init"][0], shared["init"][1], Tokenizer(proto)) if shared["init"] else None
+        init = (_InitSource(shared["init"][0], shared["init"][1], Tokenizer(proto), shared["init"][2])
+                if shared["init"] else None)
     group.agree("tokenizer", data.tokenizer.sha256, "tokenizer (sha256 of its model)")
     return shared["done"], data, init
 

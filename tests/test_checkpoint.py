@@ -55,8 +55,8 @@ def runs(tmp_path_factory):
 def test_retention_keeps_the_last_k_and_every_mth(tmp_path, small_corpus):
     run_dir = tmp_path / "r"
     assert main(_args(small_corpus, run_dir, 20, "checkpoint.every=2", "checkpoint.keep=2",
-                      "checkpoint.keep_every=6")) == 0
-    assert sorted(map(int, os.listdir(run_dir / "checkpoints"))) == [6, 12, 18, 20]
+                      "checkpoint.keep_every=6", "checkpoint.at=[3,7]")) == 0
+    assert sorted(map(int, os.listdir(run_dir / "checkpoints"))) == [3, 6, 7, 12, 18, 20]
 
 
 def test_checkpoint_holds_tokenizer_config_and_position(tmp_path, runs, capsys):
@@ -251,6 +251,32 @@ def test_init_from_takes_params_with_a_fresh_optimizer(tmp_path, small_corpus, c
     assert main(_args(small_corpus, tmp_path / "none", 1, f"checkpoint.init_from={tmp_path}")) == 2
     assert "neither a run directory" in capsys.readouterr().err
 
+
+
+def test_wsd_branch_equals_the_straight_run_to_its_budget(tmp_path, small_corpus, capsys):
+    """A wsd run of 12 steps decays over its last 6; a 20-step wsd run is still stable at step 6, so
+    its checkpoint there, branched with train.steps=12, must continue exactly as the 12-step run."""
+    wsd = ["optim.schedule=wsd", "optim.decay_fraction=0.5", "optim.warmup_steps=2", "optim.lr=1e-2",
+           "checkpoint.every=0", "eval.max_batches=2"]
+    straight, stable, branch = tmp_path / "straight", tmp_path / "stable", tmp_path / "branch"
+    assert main(_args(small_corpus, straight, 12, *wsd)) == 0
+    assert main(_args(small_corpus, stable, 20, *wsd, "checkpoint.at=[6]")) == 0
+    assert sorted(map(int, os.listdir(stable / "checkpoints"))) == [6, 20]
+    capsys.readouterr()
+    assert main(_args(small_corpus, branch, 12, *wsd, f"checkpoint.branch_from={stable}/checkpoints/6")) == 0
+    assert f"branching from {stable} step 6" in capsys.readouterr().err
+    assert _losses(stable)[8] != _losses(straight)[8]  # the schedules differ from step 7 ...
+    assert _losses(branch) == _losses(straight)  # ... and the branch follows the 12-step one, bitwise
+    evals = [[r["eval_loss"] for r in read_metrics(str(d)) if "eval_loss" in r] for d in (branch, straight)]
+    assert evals[0] == evals[1]
+    a, b = _restore(branch, 12)[0], _restore(straight, 12)[0]
+    assert jax.tree.all(jax.tree.map(np.array_equal, (a.params, a.opt_state), (b.params, b.opt_state)))
+    # it refuses what cannot continue the source: another data stream, or a step past its own end
+    assert main(_args(small_corpus, tmp_path / "b2", 12, *wsd, "train.seed=1",
+                      f"checkpoint.branch_from={stable}/checkpoints/6")) == 2
+    assert "different model or data stream: train.seed (0 -> 1)" in capsys.readouterr().err
+    assert main(_args(small_corpus, tmp_path / "b3", 6, *wsd, f"checkpoint.branch_from={stable}/checkpoints/6")) == 2
+    assert "not before train.steps=6" in capsys.readouterr().err
 
 
 def test_pmap_backend_checkpoints_resumes_and_skips_nan(tmp_path, small_corpus):
