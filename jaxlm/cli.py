@@ -306,6 +306,49 @@ def _add_launch(sub) -> None:
     la.set_defaults(func=_launch)
 
 
+def _sweep(args) -> int:
+    from jaxlm import sweep
+    from jaxlm.errors import ConfigError
+
+    if args.target[0] == "eval":
+        if len(args.target) != 2 or not args.data:
+            raise ConfigError("usage: jaxlm sweep eval SWEEP_DIR --data SOURCE [--name NAME]")
+        sweep.rescore(args.target[1], args.data, args.name or "")
+        return EXIT_OK
+    if len(args.target) != 1 or args.data or args.name:
+        raise ConfigError("usage: jaxlm sweep SWEEP.yaml [--dir DIR] [--list | --emit slurm | --run NAME]; "
+                          "--data and --name belong to `jaxlm sweep eval SWEEP_DIR`")
+    sw = sweep.load_sweep(args.target[0], args.dir)
+    if args.list or args.emit:
+        runs = sweep.plan(sw)
+        if args.list:
+            print("\n".join(sweep.command(sw, r) for r in runs))
+        else:
+            for path in sweep.emit_slurm(sw, runs):
+                print(path)
+        return EXIT_OK
+    runs = sweep.plan(sw)
+    print(f"sweep {sw.name}: {len(runs)} runs in {sw.dir}\n" + sweep.plan_table(runs), flush=True)
+    return sweep.run_sweep(sw, only=args.run, log=lambda m: print(m, flush=True))
+
+
+def _add_sweep(sub) -> None:
+    sw = sub.add_parser("sweep", help="train a scaling-law sweep (a grid of runs), or rescore one",
+                        description="Train every unfinished run of a sweep file into one sweep directory and "
+                                    "write results.csv / results.json there; rerunning the command continues an "
+                                    "interrupted sweep. `jaxlm sweep eval SWEEP_DIR --data SOURCE` scores every "
+                                    "finished run on another corpus. The sweep file format is in docs/scaling.md.")
+    sw.add_argument("target", nargs="+", help="SWEEP.yaml, or: eval SWEEP_DIR")
+    sw.add_argument("--dir", help="sweep directory (default: the file's dir: key, else sweeps/<name>)")
+    sw.add_argument("--list", action="store_true", help="print each run's `jaxlm train` command and exit")
+    sw.add_argument("--emit", choices=("slurm",), help="write sbatch job arrays (one task per run) into "
+                                                        "<sweep dir>/slurm/ and exit")
+    sw.add_argument("--run", help="train only this run (what each job-array task does)")
+    sw.add_argument("--data", help="eval: the source to score on (tfds:NAME, text:GLOB, jsonl:GLOB)")
+    sw.add_argument("--name", help="eval: name of the rescored results (default: from the source)")
+    sw.set_defaults(func=_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description="Pretrain, evaluate and export language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_tokenizer(sub)
     _add_launch(sub)
+    _add_sweep(sub)
     return parser
 
 

@@ -164,6 +164,9 @@ class TrainConfig:
     on_bad_steps: str = _f("stop", "after max_bad_steps consecutive bad steps: stop (exit 3), or rollback to the "
                            "last checkpoint and skip the batches since it")
     max_rollbacks: int = _f(3, "rollbacks allowed in one run before it stops")
+    diverge_factor: float = _f(0.0, "stop the run as diverged (exit 3) when a logged training loss after warmup is "
+                               "above this multiple of the lowest logged since warmup; 0 = off (non-finite losses "
+                               "are train.max_bad_steps' business)")
 
 
 @dataclass(frozen=True)
@@ -385,7 +388,7 @@ def validate(cfg: Config) -> None:
         "checkpoint.every": cfg.checkpoint.every, "run.peak_tflops": cfg.run.peak_tflops,
         "checkpoint.keep_every": cfg.checkpoint.keep_every, "train.max_bad_steps": t.max_bad_steps,
         "train.max_rollbacks": t.max_rollbacks, "model.attention_block": m.attention_block,
-        "model.scan_unroll": m.scan_unroll,
+        "model.scan_unroll": m.scan_unroll, "train.diverge_factor": t.diverge_factor,
     }
     for key, v in non_negative.items():
         if v < 0:
@@ -393,6 +396,8 @@ def validate(cfg: Config) -> None:
     if t.loss_chunk < -1:
         raise ConfigError(f"train.loss_chunk must be -1 (auto), 0 (plain logits) or a positive budget, got "
                           f"{t.loss_chunk}")
+    if 0 < t.diverge_factor <= 1:
+        raise ConfigError(f"train.diverge_factor must be above 1 (or 0 = off), got {t.diverge_factor}")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     c = cfg.checkpoint

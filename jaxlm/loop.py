@@ -15,6 +15,7 @@ attributes, changed only by its own methods:
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import sys
 import time
@@ -118,7 +119,8 @@ class Loop:
         self.streak = 0  # consecutive non-finite steps
         self.pending = None  # (step, metrics) to log, fetched one step late
         self.unsettled = None  # (step, metrics) whose finiteness is read one step late
-        self.diverged = ""  # why the run stopped on non-finite steps
+        self.diverged = ""  # why the run stopped on non-finite steps or a runaway loss
+        self.lowest_loss = math.inf  # of the logged training losses after warmup (train.diverge_factor)
         self.warned_mfu = False
         self.prefetch = None
         self.waited = 0.0  # input wait of prefetchers closed by rollbacks
@@ -160,6 +162,8 @@ class Loop:
             self.unsettled = (step, metrics)
             if self.pending is not None and not over:
                 self._flush()
+                if self.diverged:  # train.diverge_factor: the loss ran away
+                    return step + 1
             last = step + 1 == self.steps
             every = self.cfg.checkpoint.every
             save_now = bool(self.saver and ((every and (step + 1) % every == 0) or step + 1 in self.cfg.checkpoint.at))
@@ -181,7 +185,7 @@ class Loop:
             if save_now and not last:
                 self._save(step + 1)
             step += 1
-            if self.stop.requested:
+            if self.stop.requested or self.diverged:
                 break
         return step
 
@@ -267,6 +271,7 @@ class Loop:
                 self.warned_mfu = True
                 self._say(note)
         self._record(rec)
+        self._check_runaway(step, rec["loss"])
         desc = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {tok_s:,.0f} tok/s" + (
             f" mfu {rec['mfu']:.1%}" if "mfu" in rec else "")
         if self.bar is not None:
@@ -357,6 +362,21 @@ class Loop:
             self.bar.reset(total=self.steps)
             self.bar.update(step)
         return step
+
+    def _check_runaway(self, step: int, loss: float) -> None:
+        """train.diverge_factor: after warmup, a logged loss above the factor times the lowest logged so
+        far (in this session) ends the run as diverged."""
+        factor = self.cfg.train.diverge_factor
+        if not factor or step < self.cfg.optim.warmup_steps:
+            return
+        if not math.isfinite(loss):  # a skipped step: the numerics guard (train.max_bad_steps) decides
+            return
+        if loss <= factor * self.lowest_loss:
+            self.lowest_loss = min(self.lowest_loss, loss)
+            return
+        self.diverged = (f"stopping at step {step + 1}: the training loss {loss:.4g} is above "
+                         f"train.diverge_factor={factor:g} x its lowest since warmup ({self.lowest_loss:.4g}); "
+                         f"lower optim.lr or raise optim.warmup_steps")
 
     def _divergence_message(self, step: int) -> str:
         rollbacks = self.position.rollbacks

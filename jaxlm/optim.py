@@ -9,11 +9,16 @@ import optax
 from jaxlm.config import OptimConfig
 
 
+def decay_start(o: OptimConfig, total_steps: int) -> int:
+    """The step at which wsd's decay begins (also where a sweep branches a shorter budget off)."""
+    return max(o.warmup_steps, int(total_steps * (1 - o.decay_fraction)))
+
+
 def make_schedule(o: OptimConfig, total_steps: int):
     """step -> learning rate. Warmup is linear from lr/warmup_steps to lr over warmup_steps."""
     warmup = o.warmup_steps
     floor = o.min_lr_ratio
-    decay_start = max(warmup, int(total_steps * (1 - o.decay_fraction)))
+    decay_start_step = decay_start(o, total_steps)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
@@ -26,7 +31,7 @@ def make_schedule(o: OptimConfig, total_steps: int):
         elif o.schedule == "linear":
             factor = 1 - (1 - floor) * progress
         elif o.schedule == "wsd":
-            q = jnp.clip((step - decay_start) / max(total_steps - decay_start, 1), 0.0, 1.0)
+            q = jnp.clip((step - decay_start_step) / max(total_steps - decay_start_step, 1), 0.0, 1.0)
             factor = 1 - (1 - floor) * q
         elif o.schedule == "inverse_sqrt":
             factor = jnp.sqrt(max(warmup, 1) / jnp.maximum(step + 1, max(warmup, 1)))
