@@ -127,8 +127,9 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None):
-        """kv: this layer's cache (k_BSKH, v_BSKH) or None; slots: (first slot written, valid_BS)."""
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None, drop_B=None):
+        """kv: this layer's cache (k_BSKH, v_BSKH) or None; slots: (first slot written, valid_BS);
+        drop_B: this layer's per-row dropout keys (training only) or None."""
         c = self.cfg
         D, N, K, H = c.d_model, c.n_heads, c.kv_heads, c.head_dim
         linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c), kernels=c.kernels)
@@ -154,7 +155,8 @@ class Attention(nn.Module):
                                                     v_BSKH.astype(q_BTNH.dtype), mask=mask)
             return out(out_BTNH), (k_BSKH, v_BSKH)
         # causal; packed documents (segment ids) do not attend to each other
-        out_BTNH = kernels.attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c)
+        probs_B = None if drop_B is None else kernels.dropout.site_keys(drop_B, kernels.dropout.PROBS)
+        out_BTNH = kernels.attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c, probs_B)
         return out(out_BTNH), None
 
 
@@ -177,16 +179,25 @@ class Mlp(nn.Module):
         return linear((F, D), ("mlp", "embed"), out_std, name="down")(h_BTF)
 
 
+def _dropout(h_BTD, drop_B, site: int, rate: float):
+    """The residual branch h with dropout at `rate` (drop_B: the layer's per-row keys), or h itself."""
+    if drop_B is None:
+        return h_BTD
+    return kernels.dropout.apply(h_BTD, kernels.dropout.site_keys(drop_B, site), rate)
+
+
 class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None, drop_B=None):
+        """drop_B: this layer's per-row dropout keys (`kernels.dropout.row_keys`) or None: no dropout."""
         c = self.cfg
         h_BTD, kv = Attention(c, name="attn")(Norm(c, name="attn_norm")(x_BTD), positions_BT, segment_ids_BT,
-                                              kv, slots)
-        x_BTD = x_BTD + h_BTD
-        x_BTD = x_BTD + Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD))
+                                              kv, slots, drop_B)
+        x_BTD = x_BTD + _dropout(h_BTD, drop_B, kernels.dropout.ATTN_OUT, c.dropout)
+        h_BTD = Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD))
+        x_BTD = x_BTD + _dropout(h_BTD, drop_B, kernels.dropout.MLP_OUT, c.dropout)
         x_BTD = _constrain(x_BTD, ("batch", "length", "act_embed"))
         return x_BTD, kv  # (carry, output) so the block can be scanned; kv: the updated cache or None
 
@@ -212,13 +223,18 @@ class Decoder(nn.Module):
 
     With `hidden=True` it returns (final hidden states x_BTD, head matrix) instead of
     logits: the embedding table [V, D] when the head is tied, else the head kernel [D, V].
+
+    `dropout=(key, rows_B)` turns dropout on (training, `cfg.dropout` > 0): key is the step's
+    (`kernels.dropout.step_key`), rows_B the global batch index of each row of tokens_BT.
+    Without it (evaluation, scoring, generation) or at rate 0 the model is deterministic and
+    its program has no dropout in it.
     """
 
     cfg: ModelConfig
     vocab_size: int
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, hidden=False):
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, hidden=False, dropout=None):
         c = self.cfg
         dt = compute_dtype(c)
         if positions_BT is None:
@@ -242,16 +258,21 @@ class Decoder(nn.Module):
         kv = slots = None
         if cache is not None:
             kv, slots = (cache["k"], cache["v"]), (cache["index"], cache["valid"])
+        # [L, B] keys, layer by layer like the parameters; no argument at all without dropout
+        drop = () if dropout is None or c.dropout == 0 or cache is not None else (
+            kernels.dropout.row_keys(dropout[0], c.n_layers, dropout[1]),)
         if c.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
-                            unroll=c.scan_unroll or c.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BTD, kv = stack(c, name="blocks")(x_BTD, positions_BT, segment_ids_BT, kv, slots)
+                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast) + (0,) * len(drop),
+                            length=c.n_layers, unroll=c.scan_unroll or c.n_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BTD, kv = stack(c, name="blocks")(x_BTD, positions_BT, segment_ids_BT, kv, slots, *drop)
         else:
             layers = []
             for i in range(c.n_layers):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x_BTD, layer_kv = block(c, name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, layer_kv, slots)
+                x_BTD, layer_kv = block(c, name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, layer_kv, slots,
+                                                              *(d[i] for d in drop))
                 layers.append(layer_kv)
             if kv is not None:
                 kv = tuple(jnp.stack([lk[j] for lk in layers]) for j in (0, 1))

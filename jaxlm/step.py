@@ -82,33 +82,40 @@ def batch_mask(batch: dict):
     return jnp.ones(batch["targets"].shape, jnp.float32)
 
 
-def token_losses(params, batch: dict, model: Decoder):
-    """(NLL, log-partition, mask) of every target of a batch, each [B, T] float32."""
+def token_losses(params, batch: dict, model: Decoder, dropout=None):
+    """(NLL, log-partition, mask) of every target of a batch, each [B, T] float32; `dropout`:
+    (key, rows_B) while training (see `Decoder`), else None."""
     logits_BTV = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                             batch.get("segment_ids")).astype(jnp.float32)
+                             batch.get("segment_ids"), **_dropout_arg(dropout)).astype(jnp.float32)
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
     return logz_BT - target_logit_BT, logz_BT, batch_mask(batch)
 
 
-def token_sums(params, batch: dict, model: Decoder):
+def _dropout_arg(dropout) -> dict:
+    """The Decoder's keyword for dropout: none at all without it, so that program is unchanged."""
+    return {} if dropout is None else {"dropout": dropout}
+
+
+def token_sums(params, batch: dict, model: Decoder, dropout=None):
     """(sum of NLL, sum of log-partition squared, number of scored tokens) over a batch."""
-    nll_BT, logz_BT, mask_BT = token_losses(params, batch, model)
+    nll_BT, logz_BT, mask_BT = token_losses(params, batch, model, dropout)
     return jnp.sum(nll_BT * mask_BT), jnp.sum(jnp.square(logz_BT) * mask_BT), jnp.sum(mask_BT)
 
 
-def train_loss(params, batch: dict, model: Decoder, count, z_loss: float, chunk: int):
+def train_loss(params, batch: dict, model: Decoder, count, z_loss: float, chunk: int, dropout=None):
     """(sum of mask*(NLL + z_loss*logZ^2) / count, sum of mask*NLL / count) over a batch.
 
     chunk > 0: the kernel set's chunked loss (cpu: `kernels.loss.fused_loss`, standard:
     `kernels.standard.chunked_loss`) walks the sequence in chunks of `chunk` positions and
-    never builds [B, T, V]; chunk == 0: the plain logits of `token_sums`.
+    never builds [B, T, V]; chunk == 0: the plain logits of `token_sums`. `dropout`:
+    (key, rows_B) or None, see `Decoder`.
     """
     if not chunk:
-        sum_nll, sum_z, _ = token_sums(params, batch, model)
+        sum_nll, sum_z, _ = token_sums(params, batch, model, dropout)
         return (sum_nll + z_loss * sum_z) / count, sum_nll / count
     x_BTD, head = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                              batch.get("segment_ids"), hidden=True)
+                              batch.get("segment_ids"), hidden=True, **_dropout_arg(dropout))
     weight_BT = batch_mask(batch) / count
     loss = kernels.ops(model.cfg.kernels).loss
     total, sum_nll, _ = loss(x_BTD, head, batch["targets"], weight_BT, z_loss * weight_BT, model.cfg.tied, chunk,
@@ -148,15 +155,31 @@ def loss_chunk(seq_len: int, rows: int, vocab_size: int, budget: int) -> int:
     return chunk_length(seq_len, rows, vocab_size, budget)
 
 
+def global_rows(batch: dict, axis_name: str | None):
+    """[B] int32: each row's index in the global batch (under pmap the step sees one device's
+    rows, which are the device's index times its rows onwards)."""
+    rows = batch["targets"].shape[0]
+    first = jax.lax.axis_index(axis_name) * rows if axis_name else 0
+    return first + jnp.arange(rows, dtype=jnp.int32)
+
+
 def train_step(state: TrainState, batch: dict, *, model: Decoder, tx, schedule: Callable,
-               z_loss: float = 0.0, accum: int = 1, axis_name: str | None = None, chunk: int = 0):
-    """One optimizer step over a global batch, accumulating `accum` microbatches with lax.scan."""
+               z_loss: float = 0.0, accum: int = 1, axis_name: str | None = None, chunk: int = 0, seed: int = 0):
+    """One optimizer step over a global batch, accumulating `accum` microbatches with lax.scan.
+
+    With model.dropout > 0 the masks come from (seed, state.step) and each row's global index
+    (`kernels.dropout`), so they are the same on any mesh or backend and for any `accum`;
+    at rate 0 none of that is in the program."""
     count = jnp.sum(batch_mask(batch))
     if axis_name:
         count = jax.lax.psum(count, axis_name)
+    key = None
+    if model.cfg.dropout > 0:
+        key = kernels.dropout.step_key(seed, state.step)
+        batch = {**batch, "rows": global_rows(batch, axis_name)}  # split into microbatches with the rows
 
     def micro_loss(params, mb):
-        return train_loss(params, mb, model, count, z_loss, chunk)
+        return train_loss(params, mb, model, count, z_loss, chunk, None if key is None else (key, mb["rows"]))
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
     if accum == 1:
@@ -246,7 +269,8 @@ class Stepper:
         self.logits_budget = logits_budget(cfg, mesh.devices.flat[0])
         self.loss_chunk = loss_chunk(cfg.train.seq_len, rows, model.vocab_size, self.logits_budget)
         step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, z_loss=cfg.optim.z_loss,
-                                 accum=cfg.train.grad_accum, chunk=self.loss_chunk, axis_name=self.axis_name)
+                                 accum=cfg.train.grad_accum, chunk=self.loss_chunk, axis_name=self.axis_name,
+                                 seed=cfg.train.seed)
         self.train_fn = wrap_step(step) if wrap_step else step
         # under pmap the step sees one device's rows; under jit the global batch
         self.eval_fn = functools.partial(eval_step, model=model, budget=self.logits_budget,

@@ -24,8 +24,8 @@ from typing import Callable
 
 from jaxlm.config import ATTENTION, KERNELS, ModelConfig
 from jaxlm.errors import ConfigError
-from jaxlm.kernels import dots, layers, loss, standard
-from jaxlm.kernels.attention import causal_attention, n_blocks
+from jaxlm.kernels import dots, dropout, layers, loss, standard
+from jaxlm.kernels.attention import causal_attention, dropped_causal_attention, n_blocks
 
 @dataclasses.dataclass(frozen=True)
 class Ops:
@@ -54,13 +54,31 @@ def ops(kernels: str) -> Ops:
                      "chooses cpu or standard where the run is set up")
 
 
-def attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, m: ModelConfig):
-    """Causal self-attention for training and scoring, by the resolved `model.attention`."""
+def attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, m: ModelConfig, drop_B=None):
+    """Causal self-attention for training and scoring, by the resolved `model.attention`.
+
+    drop_B: per-row dropout keys (training with model.dropout > 0), or None. The blocked path
+    drops probabilities inside its query blocks; xla, cudnn and pallas cannot, so training
+    with dropout takes the explicit-softmax path (`standard.dropped_attention`) instead."""
+    if drop_B is not None and m.dropout > 0:
+        return _dropped_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, m, drop_B)
     if m.attention == "blocked":
         return causal_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, n_blocks(q_BTNH.shape[1], m.attention_block))
     if m.attention in ("xla", "cudnn", "pallas"):
         return standard.attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, m.attention)
     raise ValueError(f"model.attention={m.attention!r} reached the model unresolved (see jaxlm.kernels.resolve)")
+
+
+def _dropped_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, m: ModelConfig, drop_B):
+    if m.attention == "blocked":
+        b, t, n, _ = q_BTNH.shape
+        blocks, kv = n_blocks(t, m.attention_block), k_BTKH.shape[2]
+        heads_BN = dropout.head_keys(drop_B, n)
+        c = t // blocks
+        keeps = tuple(dropout.probs_keep(heads_BN, kv, i * c, (i + 1) * c, (i + 1) * c, m.dropout)
+                      for i in range(blocks))
+        return dropped_causal_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, keeps, blocks, dropout.keep_scale(m.dropout))
+    return standard.dropped_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, drop_B, m.dropout)
 
 
 def cudnn_unsupported(m: ModelConfig, capability: tuple[int, ...] = ()) -> str:
@@ -135,4 +153,9 @@ def describe(m: ModelConfig, platform: str, seq_len: int, capability: tuple[int,
         attn += "; no flash kernel: " + (why or "model.attention=xla was asked for")
     if m.attention == "cudnn":
         attn += "; packed documents: a [B, 1, T, T] bias"
+    if m.dropout > 0:
+        attn += f"; dropout {m.dropout:g} on the residual branches and the attention probabilities"
+        if m.attention != "blocked":
+            attn += (", so training attention takes the explicit-softmax path (float32 [B, N, T, T] "
+                     "probabilities); scoring and generation keep " + m.attention)
     return f"{line}; attention: {attn}"

@@ -62,25 +62,31 @@ def _mask(i: int, c: int, s: int, seg_BT):
     return allowed
 
 
-def _forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, blocks: int):
+def _forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, blocks: int, keeps=None, scale: float = 1.0):
+    """keeps: None, or each block's surviving probabilities (bool [B, K, G, C, S]), kept ones
+    multiplied by `scale` (attention-probability dropout)."""
     q, k, v = _layout(q_BTNH, k_BTKH, v_BTKH)
     t, h = q.shape[3], q.shape[4]
     c = t // blocks
-    scale = 1.0 / np.sqrt(h)
+    sm_scale = 1.0 / np.sqrt(h)
     probs, outs = [], []
     for i in range(blocks):
         s = (i + 1) * c
         q_i = q[:, :, :, i * c:s]  # [B, K, G, C, H]
-        scores = einsum("bkgch,bksh->bkgcs", q_i, k[:, :, :s], jnp.float32) * scale
+        scores = einsum("bkgch,bksh->bkgcs", q_i, k[:, :, :s], jnp.float32) * sm_scale
         scores = jnp.where(_mask(i, c, s, seg_BT), scores, -jnp.inf)
         p = jax.nn.softmax(scores, axis=-1)  # every row keeps at least its own position
-        out = einsum("bkgcs,bksh->bkgch", p.astype(v.dtype), v[:, :, :s])
+        out = einsum("bkgcs,bksh->bkgch", _dropped(p, keeps, i, scale).astype(v.dtype), v[:, :, :s])
         probs.append(p)
         outs.append(out)
     o = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H]
     b, kv, g = o.shape[:3]
     o_BTNH = o.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h)
     return o_BTNH, (q, k, v, o, tuple(probs))
+
+
+def _dropped(p, keeps, i: int, scale: float):
+    return p if keeps is None else jnp.where(keeps[i], p * scale, 0.0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -96,9 +102,16 @@ def _fwd(q_BTNH, k_BTKH, v_BTKH, seg_BT, blocks):
 
 def _bwd(blocks, saved, do_BTNH):
     (q, k, v, o, probs), seg_BT = unstash(saved)
+    return _backward(q, k, v, o, probs, blocks, do_BTNH) + (None,)
+
+
+def _backward(q, k, v, o, probs, blocks: int, do_BTNH, keeps=None, scale: float = 1.0):
+    """(dq, dk, dv) [B, T, heads, H]. With dropout (`keeps`), O = P' V for P' = keep * P * scale:
+    dV = P'^T dO, and dP = keep * scale * (dO V^T) enters the softmax identity, whose
+    rowsum(dP * P) is still rowsum(dO * O)."""
     b, kv, g, t, h = q.shape
     c = t // blocks
-    scale = 1.0 / np.sqrt(h)
+    sm_scale = 1.0 / np.sqrt(h)
     do = do_BTNH.astype(q.dtype).reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, K, G, T]
     dq_blocks = []
@@ -107,16 +120,37 @@ def _bwd(blocks, saved, do_BTNH):
     for i, p in enumerate(probs):
         s = (i + 1) * c
         do_i = do[:, :, :, i * c:s]
-        dv = dv.at[:, :, :s].add(einsum("bkgcs,bkgch->bksh", p.astype(do.dtype), do_i, jnp.float32))
-        dp = einsum("bkgch,bksh->bkgcs", do_i, v[:, :, :s], jnp.float32)
-        ds = (p * (dp - delta[:, :, :, i * c:s, None]) * scale).astype(q.dtype)
+        dv = dv.at[:, :, :s].add(einsum("bkgcs,bkgch->bksh", _dropped(p, keeps, i, scale).astype(do.dtype), do_i,
+                                        jnp.float32))
+        dp = _dropped(einsum("bkgch,bksh->bkgcs", do_i, v[:, :, :s], jnp.float32), keeps, i, scale)
+        ds = (p * (dp - delta[:, :, :, i * c:s, None]) * sm_scale).astype(q.dtype)
         dq_blocks.append(einsum("bkgcs,bksh->bkgch", ds, k[:, :, :s]))
         dk = dk.at[:, :, :s].add(einsum("bkgcs,bkgch->bksh", ds, q[:, :, :, i * c:s], jnp.float32))
     dq = jnp.concatenate(dq_blocks, axis=3)
     dq_BTNH = dq.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h)
     dk_BTKH = dk.astype(k.dtype).transpose(0, 2, 1, 3)
     dv_BTKH = dv.astype(v.dtype).transpose(0, 2, 1, 3)
-    return dq_BTNH, dk_BTKH, dv_BTKH, None
+    return dq_BTNH, dk_BTKH, dv_BTKH
 
 
 causal_attention.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def dropped_causal_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, keeps, blocks: int, scale: float):
+    """`causal_attention` with attention-probability dropout: keeps[i] (bool [B, K, G, C, S],
+    see `dropout.probs_keep`) are query block i's surviving probabilities, scaled by `scale`."""
+    return _forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, blocks, keeps, scale)[0]
+
+
+def _dropped_fwd(q_BTNH, k_BTKH, v_BTKH, seg_BT, keeps, blocks, scale):
+    o_BTNH, res = _forward(q_BTNH, k_BTKH, v_BTKH, seg_BT, blocks, keeps, scale)
+    return o_BTNH, stash((res, keeps))
+
+
+def _dropped_bwd(blocks, scale, saved, do_BTNH):
+    (q, k, v, o, probs), keeps = unstash(saved)
+    return _backward(q, k, v, o, probs, blocks, do_BTNH, keeps, scale) + (None, None)
+
+
+dropped_causal_attention.defvjp(_dropped_fwd, _dropped_bwd)

@@ -19,6 +19,10 @@ backend (see `jaxlm.kernels.resolve`), or the Pallas flash attention kernel on T
 - `xla`: XLA's own path, which builds float32 [B, N, T, T] scores; segment ids are a
   [B, 1, T, T] mask.
 
+None of them can drop attention probabilities, so training with `model.dropout` > 0 takes
+`dropped_attention` on every one of them: the XLA path written out, float32 [B, N, T, T]
+probabilities under autodiff (scoring and generation keep the path chosen).
+
 Shape suffixes: B batch, T sequence length, N query heads, K key/value heads, H head
 dimension, C chunk length, D model width, V vocabulary.
 """
@@ -30,6 +34,8 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxlm.kernels import dropout
 
 
 def contract(x, w, n_in: int):
@@ -63,6 +69,23 @@ def attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, implementation: str):
     impl = "cudnn" if implementation == "cudnn" else "xla"
     mask = None if seg_BT is None else segment_mask(seg_BT)
     return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True, implementation=impl)
+
+
+def dropped_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, keys_B, rate: float):
+    """Causal attention with an explicit softmax whose probabilities are dropped at `rate`:
+    row b's mask is drawn from keys_B[b] (`dropout.probs_keep`, the blocked path's draws)."""
+    b, t, n, h = q_BTNH.shape
+    kv = k_BTKH.shape[2]
+    q_BKGTH = q_BTNH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgth,bskh->bkgts", q_BKGTH, k_BTKH, preferred_element_type=jnp.float32) * h ** -0.5
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None, None, None]
+    if seg_BT is not None:
+        allowed = allowed & segment_mask(seg_BT)[:, :, None]
+    p = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
+    kept = dropout.probs_keep(dropout.head_keys(keys_B, n), kv, 0, t, t, rate)
+    p = jnp.where(kept, p * dropout.keep_scale(rate), 0.0)
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p.astype(v_BTKH.dtype), v_BTKH)
+    return o_BTKGH.reshape(b, t, n, h)
 
 
 def _flash(q_BTNH, k_BTKH, v_BTKH, seg_BT):
