@@ -165,7 +165,7 @@ class TrainConfig:
                            "last checkpoint and skip the batches since it")
     max_rollbacks: int = _f(3, "rollbacks allowed in one run before it stops")
     diverge_factor: float = _f(0.0, "stop the run as diverged (exit 3) when a logged training loss after warmup is "
-                               "above this multiple of the lowest logged since warmup; 0 = off (non-finite losses "
+                               "above this multiple of the lowest logged so far; 0 = off (non-finite losses "
                                "are train.max_bad_steps' business)")
 
 

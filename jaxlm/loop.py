@@ -120,7 +120,7 @@ class Loop:
         self.pending = None  # (step, metrics) to log, fetched one step late
         self.unsettled = None  # (step, metrics) whose finiteness is read one step late
         self.diverged = ""  # why the run stopped on non-finite steps or a runaway loss
-        self.lowest_loss = math.inf  # of the logged training losses after warmup (train.diverge_factor)
+        self.lowest_loss = math.inf  # of the logged training losses (train.diverge_factor)
         self.warned_mfu = False
         self.prefetch = None
         self.waited = 0.0  # input wait of prefetchers closed by rollbacks
@@ -365,18 +365,15 @@ class Loop:
 
     def _check_runaway(self, step: int, loss: float) -> None:
         """train.diverge_factor: after warmup, a logged loss above the factor times the lowest logged so
-        far (in this session) ends the run as diverged."""
+        far (from the first step of this session) ends the run as diverged."""
         factor = self.cfg.train.diverge_factor
-        if not factor or step < self.cfg.optim.warmup_steps:
+        if not factor or not math.isfinite(loss):  # non-finite: the numerics guard (train.max_bad_steps) decides
             return
-        if not math.isfinite(loss):  # a skipped step: the numerics guard (train.max_bad_steps) decides
-            return
-        if loss <= factor * self.lowest_loss:
-            self.lowest_loss = min(self.lowest_loss, loss)
-            return
-        self.diverged = (f"stopping at step {step + 1}: the training loss {loss:.4g} is above "
-                         f"train.diverge_factor={factor:g} x its lowest since warmup ({self.lowest_loss:.4g}); "
-                         f"lower optim.lr or raise optim.warmup_steps")
+        if step >= self.cfg.optim.warmup_steps and loss > factor * self.lowest_loss:
+            self.diverged = (f"stopping at step {step + 1}: the training loss {loss:.4g} is above "
+                             f"train.diverge_factor={factor:g} x its lowest so far ({self.lowest_loss:.4g}); "
+                             f"lower optim.lr or raise optim.warmup_steps")
+        self.lowest_loss = min(self.lowest_loss, loss)
 
     def _divergence_message(self, step: int) -> str:
         rollbacks = self.position.rollbacks

@@ -1,0 +1,149 @@
+"""`jaxlm sweep`: a small wsd sweep on Tiny Shakespeare, killed in mid-sweep and finished by running the
+same command again; results, a diverging size, --list, --emit slurm, rescoring; then `jaxlm fit` and
+`jaxlm plot` on its directory."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxlm import sweep as sw
+from jaxlm.cli import main
+from jaxlm.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(ROOT, "experiments", "data", "tinyshakespeare.txt")
+
+SWEEP = f"""\
+name: ci
+overrides:
+  data.source: text:{SHAKESPEARE}
+  data.valid_fraction: 0.1
+  data.tokenizer_vocab: 512
+  model.family: llama
+  model.max_seq_len: 64
+  train.batch_size: 8
+  train.seq_len: 64
+  train.log_every: 4
+  eval.every: 0
+  optim.schedule: wsd
+  optim.decay_fraction: 0.3
+  run.tensorboard: false
+sizes:
+  - {{name: s1, d_model: 32, n_layers: 1, n_heads: 2}}
+  - {{name: s2, d_model: 48, n_layers: 2, n_heads: 3}}
+  - {{name: s3, n: 100000}}
+  - {{name: wild, d_model: 32, n_layers: 2, n_heads: 2, lr: 3.0}}
+tokens: [24000, 48000]
+seeds: [0]
+lr: {{rule: power, base: 3.0e-3, n_ref: 3.0e4, exponent: -0.2}}
+warmup: {{steps: 4}}
+resume_every: 20
+"""
+
+
+def _jaxlm(*args, **kw):
+    exe = os.path.join(os.path.dirname(sys.executable), "jaxlm")
+    return subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The sweep, SIGKILLed while its third run trains, then finished by the same command."""
+    root = tmp_path_factory.mktemp("sweep")
+    path = root / "ci.yaml"
+    path.write_text(SWEEP)
+    sweep = sw.load_sweep(str(path), str(root / "out"))
+    runs = sw.plan(sweep)
+    victim = runs[2].name
+    proc = _jaxlm("sweep", str(path), "--dir", sweep.dir, cwd=root)
+    deadline = time.time() + 600
+    while time.time() < deadline and not os.path.exists(os.path.join(sw.run_dir(sweep, victim), "metrics.jsonl")):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    first = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGKILL, first
+    second = _jaxlm("sweep", str(path), "--dir", sweep.dir, cwd=root)
+    out = second.communicate(timeout=900)[0]
+    assert second.returncode == 0, out
+    return sweep, runs, first, out
+
+
+def test_plan_shapes_rules_and_order(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(SWEEP)
+    sweep = sw.load_sweep(str(path), str(tmp_path / "out"))
+    runs = {r.name: r for r in sw.plan(sweep)}
+    assert list(runs) == ["s1-d48k-s0", "s1-d24k-s0", "s2-d48k-s0", "s2-d24k-s0", "s3-d48k-s0", "s3-d24k-s0",
+                          "wild-d48k-s0", "wild-d24k-s0"]
+    s3 = runs["s3-d48k-s0"]
+    assert "model.d_model=64" in s3.overrides and "model.n_layers=2" in s3.overrides  # aspect 32, head dim 16
+    assert abs(s3.counts["non_embedding"] / 1e5 - 1) < 0.4
+    s1, s1b = runs["s1-d48k-s0"], runs["s1-d24k-s0"]
+    assert (s1.kind, s1.steps, s1.at) == ("stable", 94, [32])  # 48000 tokens / 512 per step
+    assert (s1b.kind, s1b.branch_of, s1b.branch_step, s1b.steps) == ("branch", "s1-d48k-s0", 32, 47)  # 47 * 0.7
+    assert s1.lr == pytest.approx(3e-3 * (s1.counts["non_embedding"] / 3e4) ** -0.2)
+    assert runs["wild-d48k-s0"].lr == 3.0
+    bad = SWEEP.replace("tokens: [24000, 48000]", "tokenz: [1]")
+    path.write_text(bad)
+    with pytest.raises(ConfigError, match="unknown key 'tokenz'.*did you mean 'tokens'"):
+        sw.load_sweep(str(path))
+    path.write_text(SWEEP.replace("{name: s3, n: 100000}", "{name: s3, n: 30000}"))
+    with pytest.raises(ConfigError, match="sizes 's1' and 's3' are the same model"):
+        sw.load_sweep(str(path))
+
+
+@pytest.mark.slow
+def test_sweep_resumes_after_a_kill_and_marks_divergence(finished):
+    sweep, runs, first, out = finished
+    victim = runs[2].name
+    assert "s1-d48k-s0: done already" in out and "s1-d24k-s0: done already" in out
+    assert f"{victim}: resuming" in out or f"{victim}: training" in out
+    rows = list(csv.DictReader(open(os.path.join(sweep.dir, "results.csv"))))
+    assert [r["name"] for r in rows] == [r.name for r in runs if r.name != "wild-d24k-s0"]
+    assert "wild-d24k-s0: not run, its stable run wild-d48k-s0 is diverged" in out
+    status = {r["name"]: r["status"] for r in rows}
+    assert status.pop("wild-d48k-s0") == "diverged" and set(status.values()) == {"done"}
+    done = [r for r in rows if r["status"] == "done"]
+    for r in done:
+        assert float(r["loss_lo"]) < float(r["loss"]) < float(r["loss_hi"]) and 0 < float(r["bpb"]) < 8
+        assert int(r["tokens"]) == int(r["steps"]) * 512 and float(r["c_6N"]) == 6 * int(r["n_matmul"]) * int(r["tokens"])
+    loss = {(r["size"], int(r["tokens"])): float(r["loss"]) for r in done}
+    for size in ("s1", "s2", "s3"):  # loss falls with D at every N
+        assert loss[(size, 48128)] < loss[(size, 24064)]
+    assert loss[("s3", 48128)] < loss[("s1", 48128)]  # and with N at the longest budget
+    log = open(os.path.join(sweep.dir, "logs", "wild-d48k-s0.log")).read()
+    assert "above train.diverge_factor=1.5" in log
+
+
+@pytest.mark.slow
+def test_list_emit_slurm_and_rescore(finished, tmp_path, capsys):
+    sweep, runs, _, _ = finished
+    assert main(["sweep", sweep.path, "--dir", sweep.dir, "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(runs) and all(line.startswith("jaxlm train ") for line in lines)
+    assert "checkpoint.branch_from=" in lines[1] and "train.steps=47" in lines[1]
+    assert main(["sweep", sweep.path, "--dir", sweep.dir, "--emit", "slurm"]) == 0
+    slurm = os.path.join(sweep.dir, "slurm")
+    assert open(os.path.join(slurm, "first.txt")).read().split() == [r.name for r in runs if r.kind != "branch"]
+    assert "--dependency=afterany:$first branches.sbatch" in open(os.path.join(slurm, "submit.sh")).read()
+    # a task of the branch array, as SLURM runs it: the run is finished, so it is skipped
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID="1", JAXLM=os.path.join(os.path.dirname(sys.executable), "jaxlm"))
+    task = subprocess.run(["bash", os.path.join(slurm, "branches.sbatch")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert task.returncode == 0 and "s2-d24k-s0: done already" in task.stdout, task.stdout + task.stderr
+    # rescoring on another text: every finished run, through the evaluation harness
+    other = tmp_path / "other.txt"
+    other.write_text(open(SHAKESPEARE).read()[:20000])
+    assert main(["sweep", "eval", sweep.dir, "--data", f"text:{other}", "--name", "head"]) == 0
+    rescored = json.load(open(os.path.join(sweep.dir, "rescored", "head", "results.json")))
+    assert rescored["data"] == f"text:{other}" and len(rescored["runs"]) == 6
+    original = {r["name"]: r for r in sw.read_results(sweep.dir)}
+    assert all(r["loss"] != original[r["name"]]["loss"] and r["bpb"] > 0 for r in rescored["runs"])
