@@ -118,7 +118,7 @@ def _number(path: str, line: int, name: str, row: dict, col: str) -> float:
 
 
 def _is_sweep_csv(header: list[str]) -> bool:
-    return all(c in header for c in ("name", "size", "tokens", "loss", "status", "holdout"))
+    return "name" in header and "status" in header
 
 
 def read_sweep(source: str, convention: str = DEFAULT_CONVENTION, holdout_sizes=()) -> Points:
@@ -353,9 +353,17 @@ def minimize_batch(x0, log_n, log_d, log_loss, weights=None, *, memory: int = 10
     Each problem has its own history, line search and stopping test (relative decrease of f
     below ftol, largest gradient component below gtol, or a failed line search), like scipy's
     L-BFGS-B without bounds; numpy evaluates the problems still running in one pass. Returns the
-    end points, their objectives and the iterations each problem ran."""
+    end points, their objectives and the iterations each problem ran.
+
+    It runs in centred coordinates, a' = a - alpha m_N and b' = b - beta m_D with m the mean log N
+    and log D: the same objective with log N - m_N in place of log N, but without the strong
+    correlation of a with alpha (and b with beta) that slows L-BFGS and, from its first, unit-length
+    step, throws starts onto plateaus where one term of the law has vanished."""
     data = tuple(None if v is None else np.asarray(v, np.float64) for v in (log_n, log_d, log_loss, weights))
+    centre = np.array([np.mean(data[0]), np.mean(data[1])])
+    data = (data[0] - centre[0], data[1] - centre[1]) + data[2:]
     x_out = np.array(x0, np.float64)
+    x_out[:, :2] -= x_out[:, 3:5] * centre
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         f_out, g = huber_objective(x_out, *data)
         live = np.flatnonzero(np.isfinite(f_out) & np.isfinite(g).all(axis=1))  # rows still running
@@ -376,6 +384,7 @@ def minimize_batch(x0, log_n, log_d, log_loss, weights=None, *, memory: int = 10
                 live, x, f, g, rows = live[keep], x[keep], f[keep], g[keep], _rows(rows, keep)
                 hist.keep(keep)
     x_out[live], f_out[live] = x, f
+    x_out[:, :2] += x_out[:, 3:5] * centre
     return x_out, f_out, iters
 
 
@@ -619,11 +628,12 @@ def isoflop(points: Points, samples: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> 
     for c, r in by_c.items():
         entry = {"C": float(c), "runs": len(r), "sizes": int(len(np.unique(points.n[r])))}
         if entry["sizes"] < 3:
-            entry.update(coef=None, N_opt=None, used=False, reason=f"{entry['sizes']} sizes; a parabola needs 3")
+            entry.update(coef=None, N_opt=None, used=False,
+                         reason=f"budget C = {c:.3g} has {entry['sizes']} sizes; a parabola needs 3")
         else:
             coef, x_min, reason = _parabola(np.log(points.n[r]), points.loss[r])
             entry.update(coef=[float(v) for v in coef], N_opt=None if x_min is None else math.exp(x_min),
-                         used=x_min is not None, reason=reason)
+                         used=x_min is not None, reason=f"budget C = {c:.3g}: {reason}" if reason else "")
             if x_min is not None:
                 used[c] = x_min
         budgets.append(entry)
@@ -782,8 +792,10 @@ def _isoflop_lines(iso: dict | None) -> list[str]:
         return []
     lines = ["approach 2 (IsoFLOP parabolas):"]
     for b in iso["budgets"]:
-        what = f"N_opt = {_g(b['N_opt'])}" if b["used"] else f"refused: {b['reason']}"
-        lines.append(f"  C = {b['C']:.3g} ({b['sizes']} sizes, {b['runs']} runs): {what}")
+        if b["used"]:
+            lines.append(f"  C = {b['C']:.3g} ({b['sizes']} sizes, {b['runs']} runs): N_opt = {_g(b['N_opt'])}")
+        else:
+            lines.append(f"  refused {b['reason']} ({b['sizes']} sizes, {b['runs']} runs)")
     if iso["a"] is None:
         lines.append(f"  no exponent: {iso['reason']}")
     else:
