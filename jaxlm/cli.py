@@ -100,9 +100,33 @@ def _plot(args) -> int:
     from jaxlm.plot import plot
 
     out = args.out or (os.path.join(args.runs[0], "plots") if len(args.runs) == 1 else "plots")
-    for path in plot(args.runs, out):
+    if len(args.runs) == 1 and os.path.exists(os.path.join(args.runs[0], "results.csv")):  # a sweep directory
+        from jaxlm.fit_plot import plot_sweep
+
+        paths = plot_sweep(args.runs[0], out)
+    else:
+        paths = plot(args.runs, out)
+    for path in paths:
         print(path)
     return EXIT_OK
+
+
+def _fit(args) -> int:
+    from jaxlm import fit
+
+    return fit.command(args)
+
+
+def _add_fit(sub) -> None:
+    from jaxlm import fit
+
+    p = sub.add_parser("fit", help="fit a scaling law L(N, D) to a sweep (or any points), with intervals",
+                       description="Fit L(N, D) = E + A/N^alpha + B/D^beta (Huber on log loss, L-BFGS from a "
+                                   "grid of starts), bootstrap 95%% intervals, IsoFLOP parabolas when the sweep "
+                                   "has compute budgets, held-out predictions and compute-optimal sizes; "
+                                   "writes fit.json. See docs/scaling.md.")
+    fit.add_arguments(p)
+    p.set_defaults(func=_fit)
 
 
 def _export(args) -> int:
@@ -229,10 +253,12 @@ def _add_generate(sub) -> None:
 
 
 def _add_plot(sub) -> None:
-    pl = sub.add_parser("plot", help="plot loss and bits per byte of runs",
+    pl = sub.add_parser("plot", help="plot loss and bits per byte of runs, or a sweep's scaling figures",
                         description="Draw train and validation loss (loss.png) and validation bits per byte "
-                                    "(bpb.png) against steps, tokens and training FLOPs, every run on one figure.")
-    pl.add_argument("runs", nargs="+", help="run directories")
+                                    "(bpb.png) against steps, tokens and training FLOPs, every run on one figure. "
+                                    "Given one sweep directory (it holds results.csv): loss against compute with "
+                                    "the fitted frontier, IsoFLOP curves, fitted against measured, residuals.")
+    pl.add_argument("runs", nargs="+", help="run directories, or one sweep directory")
     pl.add_argument("--out", help="output directory (default: <run>/plots for one run, ./plots for several)")
     pl.set_defaults(func=_plot)
 
@@ -362,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer(sub)
     _add_launch(sub)
     _add_sweep(sub)
+    _add_fit(sub)
     return parser
 
 

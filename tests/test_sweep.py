@@ -39,7 +39,7 @@ sizes:
   - {{name: s2, d_model: 48, n_layers: 2, n_heads: 3}}
   - {{name: s3, n: 100000}}
   - {{name: wild, d_model: 32, n_layers: 2, n_heads: 2, lr: 3.0}}
-tokens: [24000, 48000]
+tokens: [12000, 24000, 48000]
 seeds: [0]
 lr: {{rule: power, base: 3.0e-3, n_ref: 3.0e4, exponent: -0.2}}
 warmup: {{steps: 4}}
@@ -81,17 +81,16 @@ def test_plan_shapes_rules_and_order(tmp_path):
     path.write_text(SWEEP)
     sweep = sw.load_sweep(str(path), str(tmp_path / "out"))
     runs = {r.name: r for r in sw.plan(sweep)}
-    assert list(runs) == ["s1-d48k-s0", "s1-d24k-s0", "s2-d48k-s0", "s2-d24k-s0", "s3-d48k-s0", "s3-d24k-s0",
-                          "wild-d48k-s0", "wild-d24k-s0"]
+    assert list(runs) == [f"{size}-{d}-s0" for size in ("s1", "s2", "s3", "wild") for d in ("d48k", "d24k", "d12k")]
     s3 = runs["s3-d48k-s0"]
     assert "model.d_model=64" in s3.overrides and "model.n_layers=2" in s3.overrides  # aspect 32, head dim 16
     assert abs(s3.counts["non_embedding"] / 1e5 - 1) < 0.4
     s1, s1b = runs["s1-d48k-s0"], runs["s1-d24k-s0"]
-    assert (s1.kind, s1.steps, s1.at) == ("stable", 94, [32])  # 48000 tokens / 512 per step
+    assert (s1.kind, s1.steps, s1.at) == ("stable", 94, [16, 32])  # 48000 tokens / 512 per step
     assert (s1b.kind, s1b.branch_of, s1b.branch_step, s1b.steps) == ("branch", "s1-d48k-s0", 32, 47)  # 47 * 0.7
     assert s1.lr == pytest.approx(3e-3 * (s1.counts["non_embedding"] / 3e4) ** -0.2)
     assert runs["wild-d48k-s0"].lr == 3.0
-    bad = SWEEP.replace("tokens: [24000, 48000]", "tokenz: [1]")
+    bad = SWEEP.replace("tokens: [12000, 24000, 48000]", "tokenz: [1]")
     path.write_text(bad)
     with pytest.raises(ConfigError, match="unknown key 'tokenz'.*did you mean 'tokens'"):
         sw.load_sweep(str(path))
@@ -107,7 +106,7 @@ def test_sweep_resumes_after_a_kill_and_marks_divergence(finished):
     assert "s1-d48k-s0: done already" in out and "s1-d24k-s0: done already" in out
     assert f"{victim}: resuming" in out or f"{victim}: training" in out
     rows = list(csv.DictReader(open(os.path.join(sweep.dir, "results.csv"))))
-    assert [r["name"] for r in rows] == [r.name for r in runs if r.name != "wild-d24k-s0"]
+    assert [r["name"] for r in rows] == [r.name for r in runs if r.kind != "branch" or r.size != "wild"]
     assert "wild-d24k-s0: not run, its stable run wild-d48k-s0 is diverged" in out
     status = {r["name"]: r["status"] for r in rows}
     assert status.pop("wild-d48k-s0") == "diverged" and set(status.values()) == {"done"}
@@ -117,7 +116,7 @@ def test_sweep_resumes_after_a_kill_and_marks_divergence(finished):
         assert int(r["tokens"]) == int(r["steps"]) * 512 and float(r["c_6N"]) == 6 * int(r["n_matmul"]) * int(r["tokens"])
     loss = {(r["size"], int(r["tokens"])): float(r["loss"]) for r in done}
     for size in ("s1", "s2", "s3"):  # loss falls with D at every N
-        assert loss[(size, 48128)] < loss[(size, 24064)]
+        assert loss[(size, 48128)] < loss[(size, 24064)] < loss[(size, 11776)]
     assert loss[("s3", 48128)] < loss[("s1", 48128)]  # and with N at the longest budget
     log = open(os.path.join(sweep.dir, "logs", "wild-d48k-s0.log")).read()
     assert "above train.diverge_factor=1.5" in log
@@ -135,7 +134,7 @@ def test_list_emit_slurm_and_rescore(finished, tmp_path, capsys):
     assert open(os.path.join(slurm, "first.txt")).read().split() == [r.name for r in runs if r.kind != "branch"]
     assert "--dependency=afterany:$first branches.sbatch" in open(os.path.join(slurm, "submit.sh")).read()
     # a task of the branch array, as SLURM runs it: the run is finished, so it is skipped
-    env = dict(os.environ, SLURM_ARRAY_TASK_ID="1", JAXLM=os.path.join(os.path.dirname(sys.executable), "jaxlm"))
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID="2", JAXLM=os.path.join(os.path.dirname(sys.executable), "jaxlm"))
     task = subprocess.run(["bash", os.path.join(slurm, "branches.sbatch")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert task.returncode == 0 and "s2-d24k-s0: done already" in task.stdout, task.stdout + task.stderr
@@ -144,6 +143,26 @@ def test_list_emit_slurm_and_rescore(finished, tmp_path, capsys):
     other.write_text(open(SHAKESPEARE).read()[:20000])
     assert main(["sweep", "eval", sweep.dir, "--data", f"text:{other}", "--name", "head"]) == 0
     rescored = json.load(open(os.path.join(sweep.dir, "rescored", "head", "results.json")))
-    assert rescored["data"] == f"text:{other}" and len(rescored["runs"]) == 6
+    assert rescored["data"] == f"text:{other}" and len(rescored["runs"]) == 9
     original = {r["name"]: r for r in sw.read_results(sweep.dir)}
     assert all(r["loss"] != original[r["name"]]["loss"] and r["bpb"] > 0 for r in rescored["runs"])
+
+
+@pytest.mark.slow
+def test_fit_and_plot_the_sweep_directory(finished, capsys):
+    sweep, _, _, _ = finished
+    assert main(["fit", sweep.dir, "--bootstrap", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "wild-d48k-s0" in out  # the diverged run is named as excluded
+    result = json.load(open(os.path.join(sweep.dir, "fit.json")))
+    for key in ("E", "alpha", "beta", "a"):
+        lo, hi = result[key]["ci95"]
+        assert lo <= result[key]["value"] <= hi
+    assert 0 < result["E"]["value"] < 6
+    assert main(["plot", sweep.dir]) == 0
+    paths = capsys.readouterr().out.split()
+    assert sorted(os.path.basename(p) for p in paths) == sorted(
+        ["loss_vs_compute.png", "isoflop.png", "fit_vs_measured.png", "residuals.png"])
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 10_000
