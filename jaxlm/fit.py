@@ -535,7 +535,8 @@ def scatter(n, d, loss, x) -> dict:
     inv_n = np.mean([1.0 / len(g) for g in groups])
     between2 = max(0.0, float((means ** 2).sum()) / max(len(groups) - 5, 1) - within2 * inv_n)
     return {"within": math.sqrt(within2), "between": math.sqrt(between2), "configurations": len(groups),
-            "replicated": sum(len(g) > 1 for g in groups), "rms_relative": float(np.sqrt(np.mean(np.expm1(resid) ** 2)))}
+            "replicated": sum(len(g) > 1 for g in groups),
+            "rms_relative": float(np.sqrt(np.mean(np.expm1(resid) ** 2)))}
 
 
 def prediction_interval(x, boot_x, spread: dict, n, d, seeds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from jaxlm import fit as fitting
 
 FIGURES = ("loss_vs_compute.png", "isoflop.png", "fit_vs_measured.png", "residuals.png")
 MAX_TOKEN_GROUPS = 8  # without IsoFLOP rows, more distinct D than this are binned by log D
+MAX_SIZE_COLOURS = 10  # more size labels than this are coloured by log N on a colour bar
 
 
 def plot_sweep(source, out_dir: str, fit_result: dict | None = None) -> list[str]:
@@ -84,12 +85,13 @@ def _law_x(law: dict) -> np.ndarray:
 
 
 class _Style:
-    """One colour per size label (ordered by N), or a colour scale of log N for unlabelled points."""
+    """One colour per size label (ordered by N), or a colour scale of log N for unlabelled points
+    (or more than MAX_SIZE_COLOURS labels)."""
 
     def __init__(self, points: fitting.Points, plt):
         labels = sorted({s for s in points.sizes if s},
                         key=lambda s: np.median(points.n[np.array(points.sizes) == s]))
-        self.labelled = bool(labels) and all(points.sizes)
+        self.labelled = bool(labels) and all(points.sizes) and len(labels) <= MAX_SIZE_COLOURS
         cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         self.by_size = {s: cycle[i % len(cycle)] for i, s in enumerate(labels)} if self.labelled else {}
         self.cmap = plt.get_cmap("viridis")
@@ -100,6 +102,14 @@ class _Style:
             return [self.by_size[points.sizes[i]] for i in rows]
         lo, hi = self.log_n
         return [self.cmap((np.log(points.n[i]) - lo) / (hi - lo) if hi > lo else 0.5) for i in rows]
+
+    def colour_bar(self, ax) -> None:
+        import matplotlib.cm
+        import matplotlib.colors
+
+        lo, hi = (v / np.log(10) for v in self.log_n)
+        mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(lo, hi if hi > lo else lo + 1), self.cmap)
+        ax.figure.colorbar(mappable, ax=ax, label="log10 N")
 
     def scatter(self, ax, points: fitting.Points, xs, ys, rows, legend: bool = True) -> None:
         """Fitted rows filled in their colour (one legend entry per size), held-out rows hollow in black."""
@@ -115,6 +125,8 @@ class _Style:
         elif len(fitted):
             ax.scatter([xs[pos[r]] for r in fitted], [ys[pos[r]] for r in fitted], s=22,
                        c=self.colors(points, fitted))
+            if legend:
+                self.colour_bar(ax)
         if len(held):
             ax.scatter([xs[pos[r]] for r in held], [ys[pos[r]] for r in held], s=40, facecolors="none",
                        edgecolors="black", linewidths=1.2, label="held out" if legend else None)
@@ -127,7 +139,7 @@ def _loss_vs_compute(axes, points, result, x, style) -> None:
     c = np.geomspace(points.c.min() / 3, points.c.max() * 3, 200)
     _, _, frontier = fitting.optimum(x, c, result["k"])
     ax.plot(c, frontier[0], color="black", lw=1.5, label="fitted compute-optimal L*(C)")
-    ax.set(xscale="log", yscale="log", xlabel=f"training compute C (FLOPs; {result['k_note']})", ylabel="loss",
+    ax.set(xscale="log", xlabel=f"training compute C (FLOPs; {result['k_note']})", ylabel="loss",
            title=f"loss against compute ({result['points']} runs fitted)")
     _legend(ax)
 
@@ -177,7 +189,8 @@ def _token_groups(ax, points, x, style) -> None:
 
     log_d = np.log(points.d)
     keys = np.unique(np.round(log_d, 6))
-    if len(keys) > MAX_TOKEN_GROUPS:
+    binned = len(keys) > MAX_TOKEN_GROUPS
+    if binned:
         edges = np.quantile(log_d, np.linspace(0, 1, MAX_TOKEN_GROUPS + 1))
         group = np.clip(np.searchsorted(edges, log_d, side="right") - 1, 0, MAX_TOKEN_GROUPS - 1)
     else:
@@ -192,8 +205,10 @@ def _token_groups(ax, points, x, style) -> None:
         held = rows[points.held_out[rows]]
         ax.scatter(points.n[fitted], points.loss[fitted], s=22, color=color)
         ax.scatter(points.n[held], points.loss[held], s=40, facecolors="none", edgecolors="black")
-        ax.plot(n_line, np.exp(fitting.log_loss(x, n_line, d)[0]), color=color, label=f"D = {d:.3g}")
-    ax.set_title("loss against N per token budget, with the fitted L(N, D)", fontsize=9)
+        ax.plot(n_line, np.exp(fitting.log_loss(x, n_line, d)[0]), color=color,
+                label=f"D {'~' if binned else '='} {d:.3g}")
+    what = f"{MAX_TOKEN_GROUPS} bins of log D (curves at each bin's median D)" if binned else "token budget"
+    ax.set_title(f"loss against N per {what}, with the fitted L(N, D)", fontsize=9)
 
 
 def _fit_vs_measured(axes, points, result, x, style) -> None:

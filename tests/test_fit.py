@@ -250,11 +250,14 @@ def test_holdout_and_budget_predictions(tmp_path, capsys):
         truth = float(law_loss(h["N"], h["D"]))
         assert h["predicted"] == pytest.approx(truth, rel=0.01)
         assert h["relative_error"] == pytest.approx((h["predicted"] - h["measured"]) / h["measured"])
-        assert h["ci95"][0] < h["predicted"] < h["ci95"][1] and h["inside"] == (h["ci95"][0] <= h["measured"] <= h["ci95"][1])
+        lo, hi = h["ci95"]
+        assert lo < h["predicted"] < hi and h["inside"] == (lo <= h["measured"] <= hi)
     assert sum(h["inside"] for h in held.values()) >= 4
     for b in r["budgets"]:
         n_true, d_true, l_true = (v[0, 0] for v in fitting.optimum(TRUE_X, [b["C"]]))
-        assert b["N_opt"]["value"] == pytest.approx(n_true, rel=0.3) and b["loss"]["value"] == pytest.approx(l_true, rel=0.01)
+        assert b["N_opt"]["value"] == pytest.approx(n_true, rel=0.15)
+        assert b["D_opt"]["value"] == pytest.approx(d_true, rel=0.15)
+        assert b["loss"]["value"] == pytest.approx(l_true, rel=0.01)
         lo, hi = b["N_opt"]["ci95"]
         assert lo < b["N_opt"]["value"] < hi
         assert b["N_opt"]["value"] * b["D_opt"]["value"] * 6 == pytest.approx(b["C"])
@@ -295,7 +298,8 @@ def test_bad_inputs_say_what_to_change(tmp_path):
     with pytest.raises(ConfigError, match=r"no column 'tokens'.*its columns are: 'name', 'size'"):
         fitting.load_source(str(sweep))
     with pytest.raises(ConfigError, match=r"no column 'c_palm' \(needed by --convention palm\)"):
-        fitting.load_source(str(write_results(tmp_path / "nopalm", rows, fitting.SWEEP_COLUMNS[:11] + fitting.SWEEP_COLUMNS[12:])), "palm")
+        no_palm = [c for c in fitting.SWEEP_COLUMNS if c != "c_palm"]
+        fitting.load_source(str(write_results(tmp_path / "nopalm", rows, no_palm)), "palm")
     csv_path = tmp_path / "points.csv"
     csv_path.write_text("N,D,loss\n1e5,1e6,3.0\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"no column 'tokens_seen'.*its columns are: 'N', 'D', 'loss'"):
