@@ -396,17 +396,7 @@ def validate(cfg: Config) -> None:
     if t.loss_chunk < -1:
         raise ConfigError(f"train.loss_chunk must be -1 (auto), 0 (plain logits) or a positive budget, got "
                           f"{t.loss_chunk}")
-    if 0 < t.diverge_factor <= 1:
-        raise ConfigError(f"train.diverge_factor must be above 1 (or 0 = off), got {t.diverge_factor}")
-    if not 0 <= m.dropout < 1:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    c = cfg.checkpoint
-    if c.init_from and c.branch_from:
-        raise ConfigError("checkpoint.init_from (params only, fresh optimizer at step 0) and checkpoint.branch_from "
-                          "(the whole training state) exclude each other; set one")
-    bad_at = [s for s in c.at if not 0 < s <= t.steps]
-    if bad_at:
-        raise ConfigError(f"checkpoint.at steps must be in 1..train.steps={t.steps}, got {bad_at}")
+    _validate_training(cfg)
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
     if not 0 <= o.min_lr_ratio <= 1:
@@ -453,6 +443,22 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be a positive size or -1 (the rest), got {v}")
     if list(sizes.values()).count(-1) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+def _validate_training(cfg: Config) -> None:
+    """The checks of dropout, divergence and where a run starts from."""
+    t, m = cfg.train, cfg.model
+    if 0 < t.diverge_factor <= 1:
+        raise ConfigError(f"train.diverge_factor must be above 1 (or 0 = off), got {t.diverge_factor}")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    c = cfg.checkpoint
+    if c.init_from and c.branch_from:
+        raise ConfigError("checkpoint.init_from (params only, fresh optimizer at step 0) and checkpoint.branch_from "
+                          "(the whole training state) exclude each other; set one")
+    bad_at = [s for s in c.at if not 0 < s <= t.steps]
+    if bad_at:
+        raise ConfigError(f"checkpoint.at steps must be in 1..train.steps={t.steps}, got {bad_at}")
 
 
 def _divisors(n: int) -> list[int]:
