@@ -127,9 +127,9 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None, drop_B=None):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None, drop=None):
         """kv: this layer's cache (k_BSKH, v_BSKH) or None; slots: (first slot written, valid_BS);
-        drop_B: this layer's per-row dropout keys (training only) or None."""
+        drop: this layer's dropout keys [sites, B, 2] (training only) or None."""
         c = self.cfg
         D, N, K, H = c.d_model, c.n_heads, c.kv_heads, c.head_dim
         linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c), kernels=c.kernels)
@@ -155,8 +155,8 @@ class Attention(nn.Module):
                                                     v_BSKH.astype(q_BTNH.dtype), mask=mask)
             return out(out_BTNH), (k_BSKH, v_BSKH)
         # causal; packed documents (segment ids) do not attend to each other
-        probs_B = None if drop_B is None else kernels.dropout.site_keys(drop_B, kernels.dropout.PROBS)
-        out_BTNH = kernels.attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c, probs_B)
+        probs_B2 = None if drop is None else drop[kernels.dropout.PROBS]
+        out_BTNH = kernels.attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c, probs_B2)
         return out(out_BTNH), None
 
 
@@ -179,25 +179,27 @@ class Mlp(nn.Module):
         return linear((F, D), ("mlp", "embed"), out_std, name="down")(h_BTF)
 
 
-def _dropout(h_BTD, drop_B, site: int, rate: float):
-    """The residual branch h with dropout at `rate` (drop_B: the layer's per-row keys), or h itself."""
-    if drop_B is None:
-        return h_BTD
-    return kernels.dropout.apply(h_BTD, kernels.dropout.site_keys(drop_B, site), rate)
+def _dropout(h_BTD, kept_BTD, rate: float):
+    """The residual branch h with dropout at `rate` (kept: its surviving elements), or h itself."""
+    return h_BTD if kept_BTD is None else kernels.dropout.apply(h_BTD, kept_BTD, rate)
 
 
 class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None, drop_B=None):
-        """drop_B: this layer's per-row dropout keys (`kernels.dropout.row_keys`) or None: no dropout."""
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None, drop=None):
+        """drop: this layer's dropout keys [sites, B, 2] (a slice of `kernels.dropout.row_keys`), or
+        None: no dropout."""
         c = self.cfg
+        kept = [None, None]  # the surviving elements of the attention and the MLP branch
+        if drop is not None:  # both masks in one hash: sites ATTN_OUT and MLP_OUT are 0 and 1
+            kept = kernels.dropout.residual_keep(drop[:2], x_BTD.shape[1], x_BTD.shape[2], c.dropout)
         h_BTD, kv = Attention(c, name="attn")(Norm(c, name="attn_norm")(x_BTD), positions_BT, segment_ids_BT,
-                                              kv, slots, drop_B)
-        x_BTD = x_BTD + _dropout(h_BTD, drop_B, kernels.dropout.ATTN_OUT, c.dropout)
+                                              kv, slots, drop)
+        x_BTD = x_BTD + _dropout(h_BTD, kept[kernels.dropout.ATTN_OUT], c.dropout)
         h_BTD = Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD))
-        x_BTD = x_BTD + _dropout(h_BTD, drop_B, kernels.dropout.MLP_OUT, c.dropout)
+        x_BTD = x_BTD + _dropout(h_BTD, kept[kernels.dropout.MLP_OUT], c.dropout)
         x_BTD = _constrain(x_BTD, ("batch", "length", "act_embed"))
         return x_BTD, kv  # (carry, output) so the block can be scanned; kv: the updated cache or None
 
@@ -258,7 +260,7 @@ class Decoder(nn.Module):
         kv = slots = None
         if cache is not None:
             kv, slots = (cache["k"], cache["v"]), (cache["index"], cache["valid"])
-        # [L, B] keys, layer by layer like the parameters; no argument at all without dropout
+        # keys [L, sites, B, 2], layer by layer like the parameters; no argument at all without dropout
         drop = () if dropout is None or c.dropout == 0 or cache is not None else (
             kernels.dropout.row_keys(dropout[0], c.n_layers, dropout[1]),)
         if c.scan_layers:
