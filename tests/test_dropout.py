@@ -4,7 +4,6 @@
 import os
 import shutil
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -268,34 +267,31 @@ def test_scoring_and_generation_ignore_dropout(dropout_run):
 
 
 @pytest.mark.skipif(not os.environ.get("JAXLM_DROPOUT_BENCH"), reason="a measurement: JAXLM_DROPOUT_BENCH=1 runs it")
-def test_step_time_cost_of_dropout_on_the_quickstart_model():
-    """experiments/shakespeare.yaml's model, batch 32 x 128, one device: dropout 0.1 against 0,
-    alternated A B A B, median step times; prints the ratio (docs/training.md#dropout)."""
-    def stepper(rate):
-        cfg = load_config("experiments/shakespeare.yaml", ["mesh.data=1", f"model.dropout={rate}"])
-        mesh = make_mesh(cfg, jax.devices()[:1])
-        model, tx, schedule = build(cfg, 1024, mesh)
-        s = Stepper(cfg, model, tx, schedule, mesh)
-        state = s.init_state(0)
-        B, T = cfg.train.batch_size, cfg.train.seq_len
-        s.compile(state, {"inputs": (B, T), "targets": (B, T)})
-        toks = np.random.default_rng(0).integers(0, 1024, (B, T + 1)).astype(np.int32)
-        return s, state, s.place({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, B)
+def test_step_time_cost_of_dropout_on_the_quickstart_model(tmp_path):
+    """`jaxlm train experiments/shakespeare.yaml` (batch 32 x 128, one CPU device, as a user runs it)
+    with model.dropout=0 and 0.1, alternated A B A B in fresh processes; each run's median step time
+    (steps 5 onwards, from metrics.jsonl), then the median over runs of each kind. Prints the ratio
+    (docs/training.md#dropout); asserts only that dropout costs less than the step itself."""
+    import subprocess
+    import sys
 
-    runs = {rate: list(stepper(rate)) for rate in (0.0, 0.1)}
-    times = {rate: [] for rate in runs}
-    rounds, steps = int(os.environ.get("JAXLM_DROPOUT_BENCH_ROUNDS", 6)), 10
-    for r in range(rounds + 1):
-        for rate, run in runs.items():
-            s, state, batch = run
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                state, m = s.train(state, batch)
-            jax.block_until_ready(m)
-            if r:  # round 0 warms up
-                times[rate].append((time.perf_counter() - t0) / steps)
-            run[1] = state
+    from jaxlm.metrics import read_metrics
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, jaxlm's own settings
+    steps, rounds = 40, int(os.environ.get("JAXLM_DROPOUT_BENCH_ROUNDS", 3))
+    times = {0.0: [], 0.1: []}
+    for r in range(rounds):
+        for rate in times:
+            run_dir = tmp_path / f"r{r}-{rate}"
+            subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", "experiments/shakespeare.yaml",
+                            f"model.dropout={rate}", f"run.dir={run_dir}", f"train.steps={steps}", "train.log_every=1",
+                            "eval.every=0", "eval.max_batches=1", "checkpoint.enabled=false", "run.progress=false",
+                            "run.tensorboard=false"], cwd=root, env=env, check=True, capture_output=True, timeout=900)
+            per_step = [32 * 128 / x["tokens_per_s"] for x in read_metrics(str(run_dir))
+                        if x.get("tokens_per_s") and x["step"] >= 5]
+            times[rate].append(statistics.median(per_step))
     med = {rate: statistics.median(t) for rate, t in times.items()}
-    print(f"median step: dropout 0 {med[0.0] * 1e3:.0f} ms, dropout 0.1 {med[0.1] * 1e3:.0f} ms, "
-          f"ratio {med[0.1] / med[0.0]:.3f}; rounds {times}")
+    print(f"median step: dropout 0 {med[0.0] * 1e3:.0f} ms, dropout 0.1 {med[0.1] * 1e3:.0f} ms, ratio "
+          f"{med[0.1] / med[0.0]:.3f}; per run (A B A B): {times}")
     assert med[0.1] < 2 * med[0.0]

@@ -57,7 +57,8 @@ def ops(kernels: str) -> Ops:
 def attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, m: ModelConfig, drop_B=None):
     """Causal self-attention for training and scoring, by the resolved `model.attention`.
 
-    drop_B: per-row dropout keys (training with model.dropout > 0), or None. The blocked path
+    drop_B: the rows' dropout key data [B, 2] for the probabilities (training with model.dropout
+    > 0, see `dropout.row_keys`), or None. The blocked path
     drops probabilities inside its query blocks; xla, cudnn and pallas cannot, so training
     with dropout takes the explicit-softmax path (`standard.dropped_attention`) instead."""
     if drop_B is not None and m.dropout > 0:
@@ -73,9 +74,8 @@ def _dropped_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, m: ModelConfig, drop_B):
     if m.attention == "blocked":
         b, t, n, _ = q_BTNH.shape
         blocks, kv = n_blocks(t, m.attention_block), k_BTKH.shape[2]
-        heads_BN = dropout.head_keys(drop_B, n)
         c = t // blocks
-        keeps = tuple(dropout.probs_keep(heads_BN, kv, i * c, (i + 1) * c, (i + 1) * c, m.dropout)
+        keeps = tuple(dropout.probs_keep(drop_B, n, kv, t, i * c, (i + 1) * c, (i + 1) * c, m.dropout)
                       for i in range(blocks))
         return dropped_causal_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, keeps, blocks, dropout.keep_scale(m.dropout))
     return standard.dropped_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, drop_B, m.dropout)

@@ -71,9 +71,10 @@ def attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, implementation: str):
     return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True, implementation=impl)
 
 
-def dropped_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, keys_B, rate: float):
+def dropped_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, keys_B2, rate: float):
     """Causal attention with an explicit softmax whose probabilities are dropped at `rate`:
-    row b's mask is drawn from keys_B[b] (`dropout.probs_keep`, the blocked path's draws)."""
+    row b's mask is drawn from its key data keys_B2[b] (`dropout.probs_keep`: the blocked path's
+    draws)."""
     b, t, n, h = q_BTNH.shape
     kv = k_BTKH.shape[2]
     q_BKGTH = q_BTNH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
@@ -82,7 +83,7 @@ def dropped_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, keys_B, rate: float):
     if seg_BT is not None:
         allowed = allowed & segment_mask(seg_BT)[:, :, None]
     p = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
-    kept = dropout.probs_keep(dropout.head_keys(keys_B, n), kv, 0, t, t, rate)
+    kept = dropout.probs_keep(keys_B2, n, kv, t, 0, t, t, rate)
     p = jnp.where(kept, p * dropout.keep_scale(rate), 0.0)
     o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p.astype(v_BTKH.dtype), v_BTKH)
     return o_BTKGH.reshape(b, t, n, h)
