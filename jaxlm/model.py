@@ -6,6 +6,9 @@ defaults for biases and tied embeddings. Parameters and block-boundary activatio
 logical axis names only; `sharding.py` maps them onto the mesh. The operations that differ
 between kernel sets (products, norms, activations, attention) come from `jaxlm.kernels`,
 by the resolved `cfg.kernels` and `cfg.attention`; the parameter tree is the same for both.
+Dropout (`cfg.dropout`) acts only when the caller passes `dropout=(key, rows)` (the train
+step): on the attention and MLP outputs before the residual adds, and on the attention
+probabilities; without it the model is deterministic.
 
 Shape suffixes: B batch, T sequence length, D model width, N query heads, K key/value
 heads, H head dimension, F MLP width, V vocabulary.

@@ -11,6 +11,10 @@
   jax.nn activations under autodiff, and the attention kernel of the backend.
 - `auto`: `cpu` on the CPU backend, `standard` on GPUs and TPUs.
 
+Dropout (`model.dropout`, training only) is shared by both sets: `dropout` draws the masks
+from (seed, step, layer, site, global row, position); `attention` drops probabilities in
+the blocked kernel, and sends xla / cudnn / pallas training to an explicit softmax.
+
 `resolve` turns `auto` (and `model.attention=auto`) into concrete values once, where a run
 or an inference session is set up, from the platform of its devices; the model only
 ever receives resolved values (`ops` refuses `auto`). `describe` is the line the plan
@@ -57,10 +61,10 @@ def ops(kernels: str) -> Ops:
 def attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, m: ModelConfig, drop_B=None):
     """Causal self-attention for training and scoring, by the resolved `model.attention`.
 
-    drop_B: the rows' dropout key data [B, 2] for the probabilities (training with model.dropout
-    > 0, see `dropout.row_keys`), or None. The blocked path
-    drops probabilities inside its query blocks; xla, cudnn and pallas cannot, so training
-    with dropout takes the explicit-softmax path (`standard.dropped_attention`) instead."""
+    drop_B: the rows' dropout key data [B, 2] for the probabilities (training with
+    model.dropout > 0, see `dropout.row_keys`), or None. The blocked path drops probabilities
+    inside its query blocks; xla, cudnn and pallas cannot, so training with dropout takes the
+    explicit-softmax path (`standard.dropped_attention`) instead."""
     if drop_B is not None and m.dropout > 0:
         return _dropped_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, m, drop_B)
     if m.attention == "blocked":

@@ -9,6 +9,10 @@ for 4 blocks). The backward pass is written out: from the saved probabilities P 
 output O it forms dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ = dS K and
 dK = dS^T Q, the standard identities (as in FlashAttention's backward pass).
 
+`dropped_causal_attention` is the same kernel with attention-probability dropout: O = P' V
+for P' = keep * P / (keep probability), the masks given per query block (`dropout.probs_keep`);
+the backward pass uses P' for dV and keep * (dO V^T) / (keep probability) as dP.
+
 Inputs are [B, T, heads, head_dim] like jax.nn.dot_product_attention; grouped-query
 attention (fewer key/value heads) shares each key/value head among n_heads / kv_heads
 query heads. Segment ids (packed documents) restrict attention to the same document.
