@@ -131,6 +131,16 @@ def _layout_masks():
             "probs_block": probs(keys[0], 16, 24), "probs_layer1": probs(keys[1], 0, 32)}
 
 
+def test_the_plan_names_the_training_attention_path():
+    import dataclasses
+
+    m = dataclasses.replace(tiny_config(RATE, "model.dtype=bfloat16").model, kernels="standard")
+    line = kernels.describe(kernels.resolve(m, "gpu", 256, (9, 0)), "gpu", 256, (9, 0))
+    assert "cuDNN flash" in line and "dropout 0.1" in line and "explicit-softmax path" in line
+    cpu = kernels.describe(kernels.resolve(dataclasses.replace(m, kernels="cpu"), "cpu", 256), "cpu", 256)
+    assert "dropout 0.1" in cpu and "explicit-softmax" not in cpu
+
+
 def test_blocked_attention_drops_the_probabilities_the_explicit_path_drops():
     """The blocked kernel's written-out backward pass with dropout equals autodiff of the
     explicit-softmax path (used by xla, cudnn and pallas while training) on the same masks:
@@ -196,9 +206,10 @@ def _train(cfg, n_devices, n_steps=2):
 
 
 def _mesh_cfg(mesh=(1, 1, 1), accum=2, backend="jit", kernel_set="cpu"):
-    return tiny_config(RATE, "optim.eps=1e-6", f"train.grad_accum={accum}", f"mesh.data={mesh[0]}",
-                       f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}", f"mesh.backend={backend}",
-                       f"model.kernels={kernel_set}")
+    # loss_chunk: the chunked loss, whose model call returns hidden states (as test_step's runs)
+    return tiny_config(RATE, "optim.eps=1e-6", "train.loss_chunk=4096", f"train.grad_accum={accum}",
+                       f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}",
+                       f"mesh.backend={backend}", f"model.kernels={kernel_set}")
 
 
 def _reference():
