@@ -33,7 +33,7 @@ from jaxlm.errors import ConfigError
 
 SWEEP_KEYS = ("name", "dir", "base", "overrides", "sizes", "shape_rule", "tokens", "compute", "seeds", "lr",
               "warmup", "diverge_factor", "branch", "resume_every", "isoflop_convention")
-SIZE_KEYS = ("name", "n", "holdout", "lr")
+SIZE_KEYS = ("name", "n", "holdout", "lr", "tokens")
 CONVENTIONS = ("6N", "6N+attn", "palm")
 RESULT_COLUMNS = ("name", "size", "n_total", "n_non_embedding", "n_embedding", "n_head", "n_matmul", "tokens",
                   "steps", "c_6N", "c_6N+attn", "c_palm", "loss", "loss_lo", "loss_hi", "bpb", "bpb_lo", "bpb_hi",
@@ -47,6 +47,7 @@ class Size:
     model: dict  # model.* keys (without the prefix)
     holdout: bool = False
     lr: float | None = None
+    tokens: tuple[float, ...] = ()  # this size's own token budgets (instead of the sweep's)
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,8 @@ def _sizes(raw, shape_rule, base_model: ModelConfig, vocab: int) -> tuple[Size, 
         if same:
             raise ConfigError(f"sweep sizes '{same[0]}' and '{name}' are the same model {model}"
                               + (" (the shape rule rounds 'n' to whole layers)" if "n" in entry else ""))
-        sizes.append(Size(name, model, bool(entry.get("holdout", False)), None if lr is None else float(lr)))
+        sizes.append(Size(name, model, bool(entry.get("holdout", False)), None if lr is None else float(lr),
+                          _numbers(entry.get("tokens"), f"sizes[{i}].tokens")))
     return tuple(sizes)
 
 
@@ -291,8 +293,9 @@ def plan(sweep: Sweep) -> list[PlannedRun]:
         tps = cfg.train.batch_size * cfg.train.seq_len
         counts = model_param_counts(cfg.model, cfg.model.vocab_size or cfg.data.tokenizer_vocab)
         flops = flops_per_token_conventions(cfg.model, counts, cfg.train.seq_len)
-        budgets = [(f"d{_human(d)}", d, None) for d in sweep.tokens]
-        budgets += [(f"c{c:.2g}".replace("+", ""), c / flops[sweep.isoflop_convention], c) for c in sweep.compute]
+        budgets = [(f"d{_human(d)}", d, None) for d in size.tokens or sweep.tokens]
+        if not size.tokens:  # a size with its own token budgets has no IsoFLOP runs
+            budgets += [(f"c{c:.2g}".replace("+", ""), c / flops[sweep.isoflop_convention], c) for c in sweep.compute]
         lr = _lr(sweep, size, counts["non_embedding"])
         for seed in sweep.seeds:
             group = [PlannedRun(name=f"{size.name}-{label}-s{seed}", size=size.name, budget=label, seed=seed,

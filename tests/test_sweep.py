@@ -90,6 +90,9 @@ def test_plan_shapes_rules_and_order(tmp_path):
     assert (s1b.kind, s1b.branch_of, s1b.branch_step, s1b.steps) == ("branch", "s1-d48k-s0", 32, 47)  # 47 * 0.7
     assert s1.lr == pytest.approx(3e-3 * (s1.counts["non_embedding"] / 3e4) ** -0.2)
     assert runs["wild-d48k-s0"].lr == 3.0
+    path.write_text(SWEEP.replace("lr: 3.0}", "lr: 3.0, tokens: [12000]}"))  # a size with its own budgets
+    own = [r for r in sw.plan(sw.load_sweep(str(path))) if r.size == "wild"]
+    assert [(r.name, r.kind, r.steps) for r in own] == [("wild-d12k-s0", "straight", 23)]
     bad = SWEEP.replace("tokens: [12000, 24000, 48000]", "tokenz: [1]")
     path.write_text(bad)
     with pytest.raises(ConfigError, match="unknown key 'tokenz'.*did you mean 'tokens'"):
