@@ -419,7 +419,9 @@ def optimum(x, c, k: float = 6.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def params(x) -> dict:
     """{E, A, B, alpha, beta, a} of one parameter row."""
     a, b, e, alpha, beta = (float(v) for v in x)
-    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta,
+    big = math.log(np.finfo(np.float64).max)  # a bootstrap sample may run A or B off to infinity
+    ex = lambda v: math.exp(v) if v < big else math.inf  # noqa: E731
+    return {"E": ex(e), "A": ex(a), "B": ex(b), "alpha": alpha, "beta": beta,
             "a": beta / (alpha + beta) if alpha + beta else float("nan")}
 
 
@@ -504,12 +506,14 @@ def bootstrap_laws(n, d, loss, fits: list[LawFit], samples: int, seed: int = 0) 
 
 
 def ci95(values) -> list[float]:
-    """The 2.5% and 97.5% percentiles of the finite values (nan when there are none)."""
+    """The 2.5% and 97.5% percentiles of the values that are not nan (an infinite bound, written as
+    null in fit.json, says the bootstrap could not bound it); nan when there are none."""
     v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
+    v = v[~np.isnan(v)]
     if not v.size:
         return [float("nan"), float("nan")]
-    return [float(q) for q in np.percentile(v, [2.5, 97.5])]
+    method = "linear" if np.isfinite(v).all() else "inverted_cdf"  # interpolating with inf gives nan
+    return [float(q) for q in np.percentile(v, [2.5, 97.5], method=method)]
 
 
 def _groups(n, d) -> dict:

@@ -276,6 +276,15 @@ def test_the_closed_form_optimum_is_the_numeric_minimum():
             assert k * n * d == pytest.approx(c)
 
 
+def test_a_bootstrap_sample_with_an_unbounded_coefficient_gives_an_infinite_bound():
+    from jaxlm import fit as fitting
+
+    p = fitting.params([800.0, 5.0, 0.5, 0.3, 0.3])  # log A = 800: A overflows a float
+    assert p["A"] == float("inf") and p["B"] == pytest.approx(np.exp(5.0)) and p["a"] == pytest.approx(0.5)
+    lo, hi = fitting.ci95([1.0, 2.0, 3.0] * 10 + [float("inf")] * 10)
+    assert lo == 1.0 and hi == float("inf")  # kept, not dropped (dropping would narrow the interval)
+
+
 def test_conventions_pick_n_and_c(tmp_path):
     sweep = write_results(tmp_path / "s", grid_rows(np.geomspace(1e4, 1e7, 4), np.geomspace(1e6, 1e9, 3)))
     total = fitting.load_source(str(sweep))
