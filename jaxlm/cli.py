@@ -114,7 +114,13 @@ def _plot(args) -> int:
 def _fit(args) -> int:
     from jaxlm import fit
 
-    return fit.command(args)
+    points, result, out = fit.command(args)
+    if args.plot:
+        from jaxlm.fit_plot import plot_sweep
+
+        for path in plot_sweep(points, os.path.join(out, "plots"), result):
+            print(path)
+    return EXIT_OK
 
 
 def _add_fit(sub) -> None:

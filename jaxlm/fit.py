@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from jaxlm.errors import EXIT_OK, ConfigError
+from jaxlm.errors import ConfigError
 
 HUBER_DELTA = 1e-3
 BEST_RTOL = 1e-6  # a start "reaches the best" when its objective is within this relative tolerance
@@ -862,17 +862,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--plot", action="store_true", help="also draw the sweep figures into OUT/plots")
 
 
-def command(args) -> int:
-    """`jaxlm fit`: fit, print the table, write fit.json (and the figures with --plot)."""
+def command(args) -> tuple[Points, dict, str]:
+    """`jaxlm fit` without its figures: fit, print the table, write fit.json. Returns (points, the
+    fit, the output directory), from which `jaxlm fit --plot` draws (jaxlm.fit_plot)."""
     points = load_source(args.source, args.convention, args.holdout, args.n_col, args.loss_col, args.d_col,
                          args.c_col)
     result = fit(points, bootstrap=args.bootstrap, seed=args.seed, budgets=args.budget)
     out = args.out or os.path.dirname(os.path.abspath(points.source))
     print(format_table(result))
     print(f"wrote {write_result(result, out)}")
-    if args.plot:
-        from jaxlm.fit_plot import plot_sweep
-
-        for path in plot_sweep(points, os.path.join(out, "plots"), result):
-            print(path)
-    return EXIT_OK
+    return points, result, out

@@ -10,6 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from jaxlm import cli
 from jaxlm import fit as fitting
 from jaxlm import fit_plot
 from jaxlm.errors import ConfigError
@@ -152,7 +153,7 @@ def chinchilla_fit(tmp_path_factory):
         writer.writerows(rows)
     args = parse([str(points), "--n-col", "Model Size", "--c-col", "Training FLOP", "--loss-col", "loss",
                   "--bootstrap", "20", "--budget", "5.76e23"])
-    assert fitting.command(args) == 0
+    assert cli._fit(args) == 0
     return json.loads((out / "fit.json").read_text(encoding="utf-8"))
 
 
@@ -208,7 +209,7 @@ def test_isoflop_profiles_give_the_exponent_and_an_edge_budget_is_refused(tmp_pa
     edge = isoflop_rows([3e16], [np.geomspace(1 / 64, 1 / 2, 5)], noise=0.005, seed=1)
     edge = [dict(r, name="e" + r["name"], size="e" + r["size"]) for r in edge]
     sweep = write_results(tmp_path / "iso", centred + edge)
-    assert fitting.command(parse([str(sweep), "--bootstrap", "50"])) == 0
+    assert cli._fit(parse([str(sweep), "--bootstrap", "50"])) == 0
     out = capsys.readouterr().out
     r = json.loads((sweep / "fit.json").read_text(encoding="utf-8"))
     iso = r["isoflop"]
@@ -239,7 +240,7 @@ def test_holdout_and_budget_predictions(tmp_path, capsys):
     out_dir = tmp_path / "out"
     args = parse([str(sweep), "--holdout", "s4", "--budget", "1e17", "--budget", "3e18", "--bootstrap", "60",
                   "--out", str(out_dir)])
-    assert fitting.command(args) == 0
+    assert cli._fit(args) == 0
     text = capsys.readouterr().out
     assert f"excluded 1 diverged run: {rows[5]['name']}; 1 failed run: {rows[7]['name']}" in text
     r = json.loads((out_dir / "fit.json").read_text(encoding="utf-8"))
@@ -356,7 +357,7 @@ def _assert_pngs(paths, out_dir):
 def test_plot_sweep_draws_a_grid_sweep_and_reuses_its_fit_json(tmp_path, monkeypatch):
     rows = grid_rows(np.geomspace(1e4, 1e7, 4), np.geomspace(1e6, 1e9, 3), noise=0.005)
     sweep = write_results(tmp_path / "sweep", rows)
-    assert fitting.command(parse([str(sweep), "--holdout", "s3", "--bootstrap", "0", "--plot"])) == 0
+    assert cli._fit(parse([str(sweep), "--holdout", "s3", "--bootstrap", "0", "--plot"])) == 0
     _assert_pngs(sorted((str(p) for p in (sweep / "plots").glob("*.png")),
                         key=lambda p: fit_plot.FIGURES.index(p.split("/")[-1])), sweep / "plots")
 
