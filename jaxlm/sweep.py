@@ -195,10 +195,11 @@ def load_sweep(path: str, sweep_dir: str | None = None) -> Sweep:
         raise ConfigError(f"sweep 'diverge_factor' must be above 1, got {factor}")
     vocab = cfg.model.vocab_size or cfg.data.tokenizer_vocab
     sizes = _sizes(raw.get("sizes"), raw.get("shape_rule") or {}, cfg.model, vocab)
-    _check_rule(raw.get("lr", cfg.optim.lr), raw.get("warmup", {"steps": cfg.optim.warmup_steps}))
+    lr, warmup = raw.get("lr", cfg.optim.lr), raw.get("warmup", {"steps": cfg.optim.warmup_steps})
+    _check_rule(lr, warmup)
     return Sweep(name=name, path=os.path.abspath(path), dir=sweep_dir or raw.get("dir") or os.path.join("sweeps", name),
                  base=base, overrides=overrides, sizes=sizes, tokens=tokens, compute=compute, seeds=seeds,
-                 lr=raw.get("lr", cfg.optim.lr), warmup=raw.get("warmup", {"steps": cfg.optim.warmup_steps}),
+                 lr=lr, warmup=warmup,
                  diverge_factor=factor, branch=bool(raw.get("branch", True)),
                  resume_every=int(raw.get("resume_every", 200)), isoflop_convention=convention)
 
@@ -299,9 +300,9 @@ def plan(sweep: Sweep) -> list[PlannedRun]:
         lr = _lr(sweep, size, counts["non_embedding"])
         for seed in sweep.seeds:
             group = [PlannedRun(name=f"{size.name}-{label}-s{seed}", size=size.name, budget=label, seed=seed,
-                                steps=max(1, round(d / tps)), tokens=max(1, round(d / tps)) * tps, lr=lr, warmup=0,
-                                holdout=size.holdout, isoflop_c=c, counts=counts, flops=flops)
-                     for label, d, c in budgets]
+                                steps=steps, tokens=steps * tps, lr=lr, warmup=0, holdout=size.holdout,
+                                isoflop_c=c, counts=counts, flops=flops)
+                     for label, steps, c in ((label, max(1, round(d / tps)), c) for label, d, c in budgets)]
             shortest = min(r.steps for r in group)
             for r in group:
                 r.warmup = _warmup(sweep, shortest if _branching(sweep, cfg) else r.steps, counts["non_embedding"],
@@ -491,9 +492,9 @@ def run_sweep(sweep: Sweep, only: str | None = None, log=print) -> int:
         if status in ("done", "diverged"):
             log(f"[{i}/{len(todo)}] {r.name}: {status} already")
             continue
-        if r.kind == "branch" and run_status(sweep, by_name[r.branch_of]) in ("diverged", "failed", "new"):
-            log(f"[{i}/{len(todo)}] {r.name}: not run, its stable run {r.branch_of} is "
-                f"{run_status(sweep, by_name[r.branch_of])}")
+        source = run_status(sweep, by_name[r.branch_of]) if r.kind == "branch" else ""
+        if source in ("diverged", "failed", "new"):
+            log(f"[{i}/{len(todo)}] {r.name}: not run, its stable run {r.branch_of} is {source}")
             continue
         log(f"[{i}/{len(todo)}] {r.name}: {'resuming' if status == 'partial' else 'training'} {r.steps} steps "
             f"({_human(r.tokens)} tokens, N={r.counts['non_embedding']:,} non-embedding, lr {r.lr:.3g}"
