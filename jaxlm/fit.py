@@ -589,6 +589,48 @@ def budget_predictions(x, boot_x, budgets, k: float) -> list[dict]:
             for j, c in enumerate(budgets)]
 
 
+def throughputs(path: str) -> dict:
+    """Per size of a sweep's results.csv: training tokens per second of wall time, the median of
+    tokens / wall_s over its finished straight and stable runs (start-up, compilation and evaluation
+    included; a branch is left out, as its wall time covers only its cooldown)."""
+    header, rows = _read_csv(path)
+    _require_columns(path, header, ["size", "tokens", "wall_s", "status"], " (needed by --seconds)")
+    rates: dict = {}
+    for line, row in enumerate(rows, start=2):
+        if (row["status"] or "").strip() != "done" or (row.get("kind") or "").strip() == "branch":
+            continue
+        tokens, wall = (_number(path, line, row.get("name", ""), row, col) for col in ("tokens", "wall_s"))
+        rates.setdefault(row["size"], []).append(tokens / wall)
+    return {size: float(np.median(r)) for size, r in rates.items()}
+
+
+def time_predictions(points: Points, x, boot_x, spread: dict, seconds: float) -> dict:
+    """What each size of a sweep reaches in `seconds` of wall time on the machine that ran it:
+    D = seconds x its measured throughput, the law's loss there with a one-seed 95% prediction
+    interval (and bits per byte, at the runs' median ratio of the two), and the best size."""
+    rates = throughputs(points.source)
+    header, rows = _read_csv(points.source)
+    ratio = None
+    if "bpb" in header:
+        names = set(points.names)
+        r = [float(row["bpb"]) / float(row["loss"]) for row in rows if row["name"] in names and row["bpb"]]
+        ratio = float(np.median(r)) if r else None
+    out = []
+    for size in dict.fromkeys(points.sizes):
+        if size not in rates:
+            continue
+        idx = [i for i, s in enumerate(points.sizes) if s == size]
+        n, d = points.n[idx[0]], seconds * rates[size]
+        pred, lo, hi = (float(v[0]) for v in prediction_interval(x, boot_x, spread, [n], [d], [1]))
+        out.append({"size": size, "N": float(n), "tokens_per_s": rates[size], "D": float(d),
+                    "D_max_run": float(points.d[idx].max()), "beyond_grid": bool(d > points.d[idx].max() * 1.05),
+                    "loss": pred, "ci95": [lo, hi],
+                    "bpb": None if ratio is None else pred * ratio,
+                    "bpb_ci95": [None, None] if ratio is None else [lo * ratio, hi * ratio]})
+    best = min(out, key=lambda r: r["loss"])["size"] if out else None
+    return {"seconds": seconds, "sizes": out, "best": best, "bpb_per_nat": ratio}
+
+
 def _value(value, samples) -> dict:
     return {"value": _num(value), "ci95": ci95(samples) if len(samples) else [None, None]}
 
@@ -667,7 +709,8 @@ def isoflop(points: Points, samples: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> 
 # ------------------------------------------------------------------------------------------- the fit
 
 
-def fit(points: Points, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, budgets=(), starts=None) -> dict:
+def fit(points: Points, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, budgets=(), starts=None,
+        seconds: float | None = None) -> dict:
     """Approach 3 with bootstrap intervals, approach 2 when there are IsoFLOP rows, held-out
     predictions and budget optima: the content of fit.json (see docs/scaling.md#fitting)."""
     import time
@@ -677,6 +720,11 @@ def fit(points: Points, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, budge
     bad = [c for c in budgets if not (math.isfinite(c) and c > 0)]
     if bad:
         raise FitError(f"--budget {bad[0]}: a compute budget must be a positive number of FLOPs, e.g. 1e18")
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        raise FitError(f"--seconds {seconds}: give a positive wall time in seconds, e.g. 300")
+    if seconds is not None and points.columns is not None:
+        raise FitError("--seconds needs a sweep's results.csv: the throughput of each size comes from its runs' "
+                       "tokens and wall_s")
     check_fittable(points)
     m = points.fitted
     n, d, loss = points.n[m], points.d[m], points.loss[m]
@@ -710,6 +758,8 @@ def fit(points: Points, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, budge
     result["isoflop"] = isoflop(points, bootstrap, seed)
     result["holdout"] = holdout_predictions(points, law_fit.x, boot, spread)
     result["budgets"] = budget_predictions(law_fit.x, boot, budgets, points.k)
+    if seconds is not None:
+        result["time_budget"] = time_predictions(points, law_fit.x, boot, spread, seconds)
     result["seconds"] = {"fit": t1 - t0, "bootstrap": t2 - t1, "rest": time.perf_counter() - t3}
     return result
 
@@ -789,6 +839,7 @@ def format_table(result: dict) -> str:
     lines.append(f"scatter in log L: {sc['between']:.3g} between configurations, {sc['within']:.3g} between "
                  f"seeds ({sc['replicated']} of {sc['configurations']} configurations have several seeds)")
     lines += _isoflop_lines(result["isoflop"]) + _holdout_lines(result["holdout"]) + _budget_lines(result)
+    lines += _time_lines(result.get("time_budget"))
     return "\n".join(lines)
 
 
@@ -834,6 +885,31 @@ def _budget_lines(result: dict) -> list[str]:
     return lines
 
 
+def _time_lines(tb: dict | None) -> list[str]:
+    if not tb:
+        return []
+    bpb = tb["bpb_per_nat"] is not None
+    lines = [f"in {tb['seconds']:g} s of wall time (D = seconds x each size's measured tokens/s; 95% prediction "
+             "interval of one run):",
+             f"  {'size':10s}{'N':>10s}{'tokens/s':>10s}{'D':>10s}{'D/N':>7s}{'loss':>9s}{'interval':>20s}"
+             + (f"{'bpb':>8s}{'interval':>20s}" if bpb else "")]
+    for r in tb["sizes"]:
+        row = (f"  {r['size']:10s}{_g(r['N'], 3):>10s}{r['tokens_per_s']:>10.0f}{_g(r['D'], 3):>10s}"
+               f"{r['D'] / r['N']:>7.1f}{r['loss']:>9.4f}{_pair(r['ci95']):>20s}")
+        if bpb:
+            row += f"{r['bpb']:>8.4f}{_pair(r['bpb_ci95']):>20s}"
+        if r["beyond_grid"]:
+            row += f"  beyond its runs (largest D {_g(r['D_max_run'], 3)})"
+        lines.append(row)
+    if tb["best"] is not None:
+        lines.append(f"  best in {tb['seconds']:g} s: {tb['best']}")
+    return lines
+
+
+def _pair(v) -> str:
+    return f"[{v[0]:.4f}, {v[1]:.4f}]"
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -854,6 +930,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget", action="append", type=float, default=[], metavar="C",
                         help="report the compute-optimal N*, D*, L* of this budget in FLOPs, e.g. 1e18 "
                              "(repeatable)")
+    parser.add_argument("--seconds", type=float, default=None, metavar="S",
+                        help="sweep only: what each size reaches in S seconds of wall time at the throughput its "
+                             "runs measured, and the best size (e.g. 300)")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, metavar="K",
                         help=f"bootstrap samples for the intervals (default {DEFAULT_BOOTSTRAP}; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
@@ -867,7 +946,8 @@ def command(args) -> tuple[Points, dict, str]:
     fit, the output directory), from which `jaxlm fit --plot` draws (jaxlm.fit_plot)."""
     points = load_source(args.source, args.convention, args.holdout, args.n_col, args.loss_col, args.d_col,
                          args.c_col)
-    result = fit(points, bootstrap=args.bootstrap, seed=args.seed, budgets=args.budget)
+    result = fit(points, bootstrap=args.bootstrap, seed=args.seed, budgets=args.budget,
+                 seconds=getattr(args, "seconds", None))
     out = args.out or os.path.dirname(os.path.abspath(points.source))
     print(format_table(result))
     print(f"wrote {write_result(result, out)}")

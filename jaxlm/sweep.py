@@ -184,8 +184,6 @@ def load_sweep(path: str, sweep_dir: str | None = None) -> Sweep:
     cfg = load_config(base, overrides)
     name = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
     tokens, compute = _numbers(raw.get("tokens"), "tokens"), _numbers(raw.get("compute"), "compute")
-    if not tokens and not compute:
-        raise ConfigError("sweep needs budgets: 'tokens' (token budgets D) and/or 'compute' (IsoFLOP budgets C)")
     seeds = _numbers(raw.get("seeds", [cfg.train.seed]), "seeds", int)
     convention = str(raw.get("isoflop_convention", "6N+attn"))
     if convention not in CONVENTIONS:
@@ -195,6 +193,10 @@ def load_sweep(path: str, sweep_dir: str | None = None) -> Sweep:
         raise ConfigError(f"sweep 'diverge_factor' must be above 1, got {factor}")
     vocab = cfg.model.vocab_size or cfg.data.tokenizer_vocab
     sizes = _sizes(raw.get("sizes"), raw.get("shape_rule") or {}, cfg.model, vocab)
+    bare = [s.name for s in sizes if not s.tokens]
+    if bare and not tokens and not compute:
+        raise ConfigError(f"sweep needs budgets: 'tokens' (token budgets D) and/or 'compute' (IsoFLOP budgets C), "
+                          f"or 'tokens' in every size (size '{bare[0]}' has none)")
     lr, warmup = raw.get("lr", cfg.optim.lr), raw.get("warmup", {"steps": cfg.optim.warmup_steps})
     _check_rule(lr, warmup)
     return Sweep(name=name, path=os.path.abspath(path), dir=sweep_dir or raw.get("dir") or os.path.join("sweeps", name),
