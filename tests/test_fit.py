@@ -265,6 +265,38 @@ def test_holdout_and_budget_predictions(tmp_path, capsys):
     assert "held out" in text and "compute-optimal" in text
 
 
+def test_seconds_turn_each_sizes_measured_speed_into_tokens_and_pick_the_best(tmp_path, capsys):
+    sizes = np.geomspace(1e4, 1e7, 5)
+    rows = grid_rows(sizes, np.geomspace(1e6, 1e9, 4), noise=0.003)
+    rate = {f"s{i}": 3e11 / n for i, n in enumerate(sizes)}  # tokens per second, slower for larger N
+    for row in rows:
+        row["wall_s"], row["kind"] = row["tokens"] / rate[row["size"]], "straight"
+    rows[0]["kind"], rows[0]["wall_s"] = "branch", 1.0  # a branch's wall time is its cooldown only: ignored
+    sweep = write_results(tmp_path / "sweep", rows, columns=fitting.SWEEP_COLUMNS + ("kind",))
+    seconds = 3000.0
+    assert cli._fit(parse([str(sweep), "--seconds", str(seconds), "--bootstrap", "40"])) == 0
+    text = capsys.readouterr().out
+    tb = json.loads((sweep / "fit.json").read_text(encoding="utf-8"))["time_budget"]
+    assert tb["seconds"] == seconds and [r["size"] for r in tb["sizes"]] == list(rate)
+    truth = {}
+    for r in tb["sizes"]:
+        assert r["tokens_per_s"] == pytest.approx(rate[r["size"]])
+        assert r["D"] == pytest.approx(seconds * rate[r["size"]])
+        truth[r["size"]] = float(law_loss(r["N"], r["D"]))
+        assert r["loss"] == pytest.approx(truth[r["size"]], rel=0.01)
+        assert r["ci95"][0] < r["loss"] < r["ci95"][1]
+        assert r["bpb"] == pytest.approx(r["loss"] / math.log(2) / 4)
+        assert r["beyond_grid"] == (r["D"] > 1.05e9)
+    assert tb["best"] == min(truth, key=truth.get) == min(tb["sizes"], key=lambda r: r["loss"])["size"]
+    assert f"best in {seconds:g} s: {tb['best']}" in text
+    points = tmp_path / "points.csv"
+    points.write_text("n,d,loss\n" + "".join(f"{r['n_total']},{r['tokens']},{r['loss']}\n" for r in rows))
+    with pytest.raises(ConfigError, match="--seconds needs a sweep's results.csv"):
+        cli._fit(parse([str(points), "--n-col", "n", "--d-col", "d", "--loss-col", "loss", "--seconds", "60"]))
+    with pytest.raises(ConfigError, match="--seconds -1"):
+        cli._fit(parse([str(sweep), "--seconds", "-1"]))
+
+
 def test_the_closed_form_optimum_is_the_numeric_minimum():
     from scipy.optimize import minimize_scalar
 

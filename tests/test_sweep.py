@@ -93,6 +93,15 @@ def test_plan_shapes_rules_and_order(tmp_path):
     path.write_text(SWEEP.replace("lr: 3.0}", "lr: 3.0, tokens: [12000]}"))  # a size with its own budgets
     own = [r for r in sw.plan(sw.load_sweep(str(path))) if r.size == "wild"]
     assert [(r.name, r.kind, r.steps) for r in own] == [("wild-d12k-s0", "straight", 23)]
+    own_only = SWEEP.replace("tokens: [12000, 24000, 48000]\n", "").replace("lr: 3.0}", "lr: 3.0, tokens: [12000]}")
+    path.write_text(own_only)  # no sweep-wide budgets: every size needs its own
+    with pytest.raises(ConfigError, match="or 'tokens' in every size \\(size 's1' has none\\)"):
+        sw.load_sweep(str(path))
+    for key in ("n_heads: 2", "n_heads: 3", "n: 100000"):
+        own_only = own_only.replace(key + "}", key + ", tokens: [6000]}")
+    path.write_text(own_only)
+    assert [(r.size, r.tokens) for r in sw.plan(sw.load_sweep(str(path)))] == [
+        ("s1", 6144), ("s2", 6144), ("s3", 6144), ("wild", 11776)]  # whole steps of 512 tokens
     bad = SWEEP.replace("tokens: [12000, 24000, 48000]", "tokenz: [1]")
     path.write_text(bad)
     with pytest.raises(ConfigError, match="unknown key 'tokenz'.*did you mean 'tokens'"):
