@@ -413,7 +413,9 @@ def _flat_yaml(text: str) -> dict:
 
 def check_drift(sweep: Sweep, runs: list[PlannedRun]) -> None:
     """Refuse to continue a sweep directory whose runs were trained with another config than the file
-    now gives them (a finished run would be counted under the new settings)."""
+    now gives them (a finished run would be counted under the new settings). A key the stored config
+    lacks is no change when the file gives it its default: a setting added to jaxlm after the run."""
+    defaults = _flat_yaml(to_yaml(Config()))
     for r in runs:
         path = os.path.join(run_dir(sweep, r.name), "config.yaml")
         if not os.path.exists(path):
@@ -422,7 +424,7 @@ def check_drift(sweep: Sweep, runs: list[PlannedRun]) -> None:
             old = _flat_yaml(f.read())
         new = _flat_yaml(to_yaml(run_config(sweep, r)))
         differ = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(old.keys() | new.keys())
-                  if old.get(k) != new.get(k)]
+                  if old.get(k) != new.get(k) and not (k not in old and new.get(k) == defaults.get(k))]
         if differ:
             raise ConfigError(f"run {r.name} in {sweep.dir} was trained with another config than the sweep file now "
                               f"gives it: {', '.join(differ[:5])}; restore the file, use another --dir, or "

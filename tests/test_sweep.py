@@ -3,6 +3,7 @@ same command again; results, a diverging size, --list, --emit slurm, rescoring; 
 `jaxlm plot` on its directory."""
 
 import csv
+import pathlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from jaxlm import sweep as sw
 from jaxlm.cli import main
+from jaxlm.config import to_yaml
 from jaxlm.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,6 +111,32 @@ def test_plan_shapes_rules_and_order(tmp_path):
     path.write_text(SWEEP.replace("{name: s3, n: 100000}", "{name: s3, n: 30000}"))
     with pytest.raises(ConfigError, match="sizes 's1' and 's3' are the same model"):
         sw.load_sweep(str(path))
+
+
+def test_a_changed_sweep_file_is_refused_but_a_newer_jaxlm_default_is_not(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(SWEEP)
+    sweep = sw.load_sweep(str(path), str(tmp_path / "out"))
+    runs = sw.plan(sweep)
+    stored = pathlib.Path(sw.run_dir(sweep, runs[0].name)) / "config.yaml"
+    stored.parent.mkdir(parents=True)
+    text = to_yaml(sw.run_config(sweep, runs[0]))
+    stored.write_text(text)
+    sw.check_drift(sweep, runs)
+    # a run written before model.dropout existed: its config lacks the key, the file gives the default
+    assert "  dropout: 0.0\n" in text
+    stored.write_text(text.replace("  dropout: 0.0\n", ""))
+    sw.check_drift(sweep, runs)
+    # ... but a sweep that now sets it is another experiment
+    path.write_text(SWEEP.replace("  eval.every: 0\n", "  eval.every: 0\n  model.dropout: 0.1\n"))
+    changed = sw.load_sweep(str(path), sweep.dir)
+    with pytest.raises(ConfigError, match=r"trained with another config .*model.dropout \(None -> 0.1\)"):
+        sw.check_drift(changed, sw.plan(changed))
+    path.write_text(SWEEP.replace("base: 3.0e-3", "base: 1.0e-3"))
+    stored.write_text(text)
+    changed = sw.load_sweep(str(path), sweep.dir)
+    with pytest.raises(ConfigError, match=r"optim.lr \("):
+        sw.check_drift(changed, sw.plan(changed))
 
 
 @pytest.mark.slow
