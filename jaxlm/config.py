@@ -33,6 +33,7 @@ SCHEDULES = ("constant", "cosine", "linear", "wsd", "inverse_sqrt")
 BACKENDS = ("jit", "pmap")
 WANDB_MODES = ("online", "offline", "disabled")
 DIST_MODES = ("auto", "always", "never")
+PARAMETRIZATIONS = ("sp", "mup")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,21 @@ class ModelConfig:
                         "from (train.seed, step), so resume and every mesh give the same result")
     attention_block: int = _f(0, "blocked attention: query block length (the sequence is cut into T/block "
                               "blocks); 0 = auto, a quarter of the sequence, at least 16 and at most 256")
+    parametrization: str = _f("sp", "sp (standard) or mup (maximal update parametrization, docs/mup.md): with "
+                              "m = d_model / mup_base_width, hidden matrices start with init variance / m and take "
+                              "Adam's lr / m, the logits are multiplied by mup_output_mult / m, attention scores "
+                              "by mup_attn_mult / head_dim, Adam's eps is divided by m; an lr tuned at the base "
+                              "width carries over to wider models")
+    mup_base_width: int = _f(0, "mup: the width the lr and init were tuned at (m = d_model / this); 0 = d_model "
+                             "(m = 1); the MLP and attention widths are assumed to grow with d_model")
+    mup_base_head_dim: int = _f(0, "mup: the head dim at the base width, where the attention scale "
+                                "mup_attn_mult / head_dim equals 1/sqrt(head_dim); 0 = this model's head dim (the "
+                                "width grows by adding heads)")
+    mup_attn_mult: float = _f(0.0, "mup: alpha_attn, attention scores are alpha_attn / head_dim * q.k; "
+                              "0 = sqrt(mup_base_head_dim), the standard scale at the base head dim")
+    mup_output_mult: float = _f(1.0, "mup: alpha_out, the logits are alpha_out / m * h.W_out")
+    mup_zero_init: bool = _f(True, "mup: initialise the query and an untied readout (head) to zero (a tied head "
+                             "is the embedding table and keeps its init); ignored under sp")
 
     @property
     def head_dim(self) -> int:
@@ -397,6 +413,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.loss_chunk must be -1 (auto), 0 (plain logits) or a positive budget, got "
                           f"{t.loss_chunk}")
     _validate_training(cfg)
+    _validate_mup(m)
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
     if not 0 <= o.min_lr_ratio <= 1:
@@ -459,6 +476,16 @@ def _validate_training(cfg: Config) -> None:
     bad_at = [s for s in c.at if not 0 < s <= t.steps]
     if bad_at:
         raise ConfigError(f"checkpoint.at steps must be in 1..train.steps={t.steps}, got {bad_at}")
+
+
+def _validate_mup(m: ModelConfig) -> None:
+    _choice("model.parametrization", m.parametrization, PARAMETRIZATIONS)
+    for key, v in {"model.mup_base_width": m.mup_base_width, "model.mup_base_head_dim": m.mup_base_head_dim,
+                   "model.mup_attn_mult": m.mup_attn_mult}.items():
+        if v < 0:
+            raise ConfigError(f"{key} must be >= 0 (0 = the default), got {v}")
+    if m.mup_output_mult <= 0:
+        raise ConfigError(f"model.mup_output_mult (alpha_out) must be > 0, got {m.mup_output_mult}")
 
 
 def _divisors(n: int) -> list[int]:

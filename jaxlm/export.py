@@ -23,6 +23,12 @@ gpt2 -> GPT2LMHeadModel
   GPT-2 always has biases: a jaxlm model without them exports zeros (the same function).
 
 A model the target cannot represent (GPT-2 with grouped-query attention) is refused.
+
+A µP model (model.parametrization=mup, docs/mup.md) multiplies q by alpha_attn / sqrt(head_dim)
+and the final hidden states by alpha_out / m in its forward pass; the hf export folds both into
+weights that feed nothing else (the q projection's kernel and bias, the final norm's scale and
+bias), so transformers' standard models compute the same logits with a tied head too. The
+safetensors export writes the stored parameters as they are (multipliers not folded).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import time
 import jax
 import numpy as np
 
+from jaxlm import mup
 from jaxlm.config import ModelConfig, load_config, to_yaml
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import ConfigError, JaxlmError
@@ -75,10 +82,26 @@ def check_exportable(cfg: ModelConfig) -> None:
         raise ExportError(f"no Hugging Face mapping for model.family={cfg.family}")
 
 
+def fold_mup(p: dict, cfg: ModelConfig) -> dict:
+    """numpy params with µP's forward multipliers folded in: q's kernel and bias times
+    `mup.query_mult`, the final norm's scale and bias times `mup.output_mult` (both 1 under sp)."""
+    q, out = mup.query_mult(cfg), mup.output_mult(cfg)
+
+    def fold(path, x):
+        keys = tuple(str(getattr(k, "key", k)) for k in path)
+        if keys[0] == "final_norm" and out != 1.0:
+            return x * np.float32(out)
+        if keys[-3:-1] == ("attn", "q") and q != 1.0:
+            return x * np.float32(q)
+        return x
+
+    return jax.tree_util.tree_map_with_path(fold, p)
+
+
 def to_hf(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """HF state dict (name -> float32 array) of jaxlm params."""
+    """HF state dict (name -> float32 array) of jaxlm params (µP multipliers folded in, see `fold_mup`)."""
     check_exportable(cfg)
-    p = _np(params)
+    p = fold_mup(_np(params), cfg)
     D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
     out: dict[str, np.ndarray] = {}
     if cfg.family == "llama":

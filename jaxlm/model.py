@@ -8,7 +8,9 @@ between kernel sets (products, norms, activations, attention) come from `jaxlm.k
 by the resolved `cfg.kernels` and `cfg.attention`; the parameter tree is the same for both.
 Dropout (`cfg.dropout`) acts only when the caller passes `dropout=(key, rows)` (the train
 step): on the attention and MLP outputs before the residual adds, and on the attention
-probabilities; without it the model is deterministic.
+probabilities; without it the model is deterministic. Under `cfg.parametrization=mup` the init of
+each matrix and the two forward multipliers (on q, on the final hidden states) come from `jaxlm.mup`;
+under sp, or wherever a multiplier is exactly 1, they are not in the program.
 
 Shape suffixes: B batch, T sequence length, D model width, N query heads, K key/value
 heads, H head dimension, F MLP width, V vocabulary.
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlm import kernels
+from jaxlm import kernels, mup
 from jaxlm.config import ModelConfig
 
 
@@ -31,7 +33,10 @@ def compute_dtype(cfg: ModelConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
-def _normal(std: float, names: tuple):
+def _normal(std: float | None, names: tuple):
+    """A normal init of `std`; None: zeros (µP's zero-initialised query and readout)."""
+    if std is None:
+        return _zeros(names)
     return nn.with_logical_partitioning(nn.initializers.normal(std), names)
 
 
@@ -107,7 +112,7 @@ class Linear(nn.Module):
 
     shape: tuple[int, ...]
     names: tuple[str, ...]
-    std: float
+    std: float | None  # None: zero init
     use_bias: bool
     dtype: jnp.dtype
     kernels: str
@@ -136,16 +141,20 @@ class Attention(nn.Module):
         c = self.cfg
         D, N, K, H = c.d_model, c.n_heads, c.kv_heads, c.head_dim
         linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c), kernels=c.kernels)
-        q_BTNH = linear((D, N, H), ("embed", "heads", "head_dim"), c.init_std, name="q")(x_BTD)
-        k_BTKH = linear((D, K, H), ("embed", "kv_heads", "head_dim"), c.init_std, name="k")(x_BTD)
-        v_BTKH = linear((D, K, H), ("embed", "kv_heads", "head_dim"), c.init_std, name="v")(x_BTD)
+        std = mup.init_std(c, "hidden", c.init_std)
+        q_BTNH = linear((D, N, H), ("embed", "heads", "head_dim"), mup.init_std(c, "query", c.init_std),
+                        name="q")(x_BTD)
+        k_BTKH = linear((D, K, H), ("embed", "kv_heads", "head_dim"), std, name="k")(x_BTD)
+        v_BTKH = linear((D, K, H), ("embed", "kv_heads", "head_dim"), std, name="v")(x_BTD)
         if c.family == "llama":
             q_BTNH = rope(q_BTNH, positions_BT, c.rope_theta)
             k_BTKH = rope(k_BTKH, positions_BT, c.rope_theta)
+        if mup.query_mult(c) != 1.0:  # µP: scores alpha_attn / H * q.k, the kernels scaling by 1/sqrt(H)
+            q_BTNH = q_BTNH * jnp.asarray(mup.query_mult(c), q_BTNH.dtype)
         q_BTNH = _constrain(q_BTNH, ("batch", "length", "act_heads", "head_dim"))
         k_BTKH = _constrain(k_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
         v_BTKH = _constrain(v_BTKH, ("batch", "length", "act_kv_heads", "head_dim"))
-        out_std = c.init_std / (2 * c.n_layers) ** 0.5
+        out_std = mup.init_std(c, "hidden", c.init_std / (2 * c.n_layers) ** 0.5)
         out = linear((N, H, D), ("heads", "head_dim", "embed"), out_std, n_in=2, name="o")
         if kv is not None:  # decoding: write this call's keys and values into the cache, attend over it
             index, valid_BS = slots
@@ -171,14 +180,14 @@ class Mlp(nn.Module):
         c = self.cfg
         D, F = c.d_model, c.ff_dim
         linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c), kernels=c.kernels)
-        up = functools.partial(linear, (D, F), ("embed", "mlp"), c.init_std)
+        up = functools.partial(linear, (D, F), ("embed", "mlp"), mup.init_std(c, "hidden", c.init_std))
         ops = kernels.ops(c.kernels)
         if c.family == "llama":
             h_BTF = ops.swiglu(up(name="gate")(x_BTD), up(name="up")(x_BTD))
         else:
             h_BTF = ops.gelu(up(name="up")(x_BTD))
         h_BTF = _constrain(h_BTF, ("batch", "length", "act_mlp"))
-        out_std = c.init_std / (2 * c.n_layers) ** 0.5
+        out_std = mup.init_std(c, "hidden", c.init_std / (2 * c.n_layers) ** 0.5)
         return linear((F, D), ("mlp", "embed"), out_std, name="down")(h_BTF)
 
 
@@ -283,9 +292,11 @@ class Decoder(nn.Module):
                 kv = tuple(jnp.stack([lk[j] for lk in layers]) for j in (0, 1))
 
         x_BTD = Norm(c, name="final_norm")(x_BTD)
+        if mup.output_mult(c) != 1.0:  # µP: logits alpha_out / m * h.W, on h so every loss path sees it
+            x_BTD = x_BTD * jnp.asarray(mup.output_mult(c), x_BTD.dtype)
         if not c.tied:
-            head = Linear((c.d_model, self.vocab_size), ("embed", "vocab"), c.init_std, use_bias=False,
-                          dtype=dt, kernels=c.kernels, name="head")
+            head = Linear((c.d_model, self.vocab_size), ("embed", "vocab"), mup.init_std(c, "readout", c.init_std),
+                          use_bias=False, dtype=dt, kernels=c.kernels, name="head")
         if hidden:  # the loss applies the head itself, in chunks of the sequence (see step.train_loss)
             return x_BTD, (embed.embedding if c.tied else head.kernel)
         if c.tied:

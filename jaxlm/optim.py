@@ -1,4 +1,5 @@
-"""Optax optimizer: learning-rate schedules with linear warmup, AdamW with a decay mask, clipping."""
+"""Optax optimizer: learning-rate schedules with linear warmup, AdamW with a decay mask, clipping,
+and under model.parametrization=mup the per-leaf lr multipliers of `jaxlm.mup` (docs/mup.md)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm.config import OptimConfig
+from jaxlm import mup
+from jaxlm.config import ModelConfig, OptimConfig
 
 
 def decay_start(o: OptimConfig, total_steps: int) -> int:
@@ -54,12 +56,36 @@ def decay_mask(params, decay_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def make_optimizer(o: OptimConfig, total_steps: int):
-    """(optax transformation, schedule)."""
-    schedule = make_schedule(o, total_steps)
-    tx = optax.chain(
-        optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                    mask=lambda p: decay_mask(p, o.decay_embeddings)),
+def scale_by_table(m: ModelConfig) -> optax.GradientTransformation:
+    """Each leaf's update times its µP lr multiplier (`mup.table`, built from the update tree);
+    leaves whose multiplier is 1 are passed through untouched."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, k: u if k == 1.0 else u * jnp.asarray(k, u.dtype), updates,
+                            mup.lr_multipliers(updates, m)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _mup_adamw(o: OptimConfig, m: ModelConfig, schedule) -> optax.GradientTransformation:
+    """optax.adamw's chain with eps / m and the µP lr multipliers between Adam and the decoupled weight
+    decay: a leaf moves by lr * (adam * k + wd * p), so its lr is scaled by k while lr * wd stays."""
+    return optax.chain(
+        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=mup.adam_eps(o.eps, m)),
+        scale_by_table(m),
+        optax.add_decayed_weights(o.weight_decay, lambda p: decay_mask(p, o.decay_embeddings)),
+        optax.scale_by_learning_rate(schedule),
     )
+
+
+def make_optimizer(o: OptimConfig, total_steps: int, model: ModelConfig | None = None):
+    """(optax transformation, schedule); `model` with parametrization=mup adds µP's multipliers."""
+    schedule = make_schedule(o, total_steps)
+    if model is not None and mup.is_mup(model):
+        adam = _mup_adamw(o, model, schedule)
+    else:
+        adam = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                           mask=lambda p: decay_mask(p, o.decay_embeddings))
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(), adam)
     return tx, schedule

@@ -41,7 +41,7 @@ def build(cfg: Config, vocab_size: int, mesh):
     on. The model's kernels and attention are resolved here, once, for the mesh's devices
     (`jaxlm.kernels.resolve`): the model itself never asks which backend it runs on."""
     model = Decoder(kernels.resolve_for(cfg.model, mesh.devices.flat[0], cfg.train.seq_len), vocab_size)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model)
     return model, tx, schedule
 
 

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt
-from jaxlm import distributed, faults, kernels
+from jaxlm import distributed, faults, kernels, mup
 from jaxlm.config import Config, DistConfig, check_vocab, load_config, to_yaml
 from jaxlm.data import cache
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
@@ -72,8 +72,12 @@ def prepare_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> 
 # Keys that shape the train state or the token ids: a run cannot resume across a change in them.
 STATE_KEYS = ("model.family", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
               "model.n_kv_heads", "model.d_ff", "model.max_seq_len", "model.bias", "model.tie_embeddings",
-              "model.scan_layers", "optim.grad_clip", "optim.decay_embeddings", "data.tokenizer_vocab",
-              "data.tokenizer_type", "data.tokenizer_max_bytes")
+              "model.scan_layers", "model.parametrization", "optim.grad_clip", "optim.decay_embeddings",
+              "data.tokenizer_vocab", "data.tokenizer_type", "data.tokenizer_max_bytes")
+
+# STATE_KEYS that shape only the optimizer state (mup's chain has a step of its own), which init_from leaves
+# behind: it takes the params alone, whose tree is the same under sp and mup.
+OPTIMIZER_STATE_KEYS = ("model.parametrization",)
 
 
 # What a branch (checkpoint.branch_from) must share with its source run on top of STATE_KEYS: the
@@ -155,7 +159,8 @@ def _init_source(cfg: Config) -> _InitSource:
         if step >= cfg.train.steps:
             raise ConfigError(f"checkpoint.branch_from={path} is at step {step}, not before train.steps="
                               f"{cfg.train.steps}; branch from an earlier checkpoint or train longer")
-    keys = BRANCH_KEYS if branch else tuple(k for k in STATE_KEYS if k.startswith("model."))
+    keys = BRANCH_KEYS if branch else tuple(k for k in STATE_KEYS
+                                            if k.startswith("model.") and k not in OPTIMIZER_STATE_KEYS)
     src_cfg_path = os.path.join(src_dir, "config.yaml")
     if os.path.exists(src_cfg_path):
         differ = _state_key_changes(load_config(src_cfg_path), cfg, keys)
@@ -253,7 +258,8 @@ def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_ke
     eval_rows = cfg.eval.batch_size or B
     compile_s = stepper.compile(state, {k: (B, T) for k in batch_keys}, {k: (eval_rows, T) for k in eval_keys})
     mesh = stepper.mesh
-    counts = count_params(stepper.params(state), cfg.model.tied)
+    params = stepper.params(state)
+    counts = count_params(params, cfg.model.tied)
     flops = flops_per_token_conventions(cfg.model, counts, T)
     peak = peak_flops_info(mesh.devices.flat[0], cfg.run.peak_tflops, cfg.model.dtype)
     tokens_per_step = B * T
@@ -269,6 +275,9 @@ def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_ke
         f"backend {cfg.mesh.backend}; train and eval steps compiled in {compile_s:.1f}s")
     log(distributed.describe())
     log(_kernel_line(stepper, T))
+    if mup.is_mup(cfg.model):
+        for line in mup.describe(params, cfg.model):
+            log(line)
     if peak[0]:
         log(f"peak for MFU: {peak[0] / 1e12:.2f} TFLOP/s per device ({peak[1]})")
     mem = stepper.compiled_memory

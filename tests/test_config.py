@@ -118,7 +118,7 @@ def test_stable_interface_keys_exist():
     keys = set(all_keys())
     stable = ["run.name", "run.dir", "train.steps", "train.seed", "train.batch_size", "train.seq_len",
               "eval.every", "checkpoint.every", "mesh.data", "mesh.fsdp", "mesh.tensor", "optim.lr",
-              "model.preset", "data.source"]
+              "model.preset", "data.source", "model.kernels", "model.parametrization"]
     assert set(stable) <= keys
 
 
