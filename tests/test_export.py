@@ -87,6 +87,39 @@ def test_train_export_transformers_round_trip(family, trained_run, llama_run, tm
     assert any(len(g) == 32 for g in ours_greedy)  # at least one went the full 32 tokens
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_mup_export_folds_the_multipliers_so_transformers_logits_match(family, tmp_path, capsys):
+    """A µP run (m = 32/8 = 4, alpha_out 2, attention scale off the standard one; gpt2 tied, llama untied
+    with grouped-query attention) exported as hf: transformers' logits equal ours within 1e-4, and the same
+    weights read as a standard model would not."""
+    import dataclasses
+
+    from conftest import write_corpus
+    from jaxlm.model import Decoder
+
+    source = write_corpus(tmp_path, seed=3)
+    run_dir, out = tmp_path / "run", tmp_path / "hf"
+    attn = ["model.mup_base_head_dim=2"] if family == "gpt2" else ["model.mup_attn_mult=1.5", "model.n_kv_heads=2"]
+    assert main(["train", f"data.source={source}", f"run.dir={run_dir}", "train.steps=12", "eval.every=0",
+                 f"model.family={family}", "model.parametrization=mup", "model.mup_base_width=8",
+                 "model.mup_output_mult=2.0", "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant",
+                 "run.tensorboard=false"] + attn + TINY_CLI) == 0
+    assert "parametrization: mup, m = d_model/base = 32/8 = 4;" in capsys.readouterr().err  # the plan
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    m = load(str(run_dir), devices=jax.devices()[:1])
+    assert m.model.cfg.parametrization == "mup" and m.model.cfg.tied == (family == "gpt2")
+    assert np.any(np.asarray(m.params["blocks"]["attn"]["q"]["kernel"]))  # trained away from its zero init
+    prompts = [encode_prompt(m.tokenizer, t) for t in PROMPTS]
+    batch = np.array([p[:min(map(len, prompts))] for p in prompts], np.int32)
+    ours = np.asarray(m.model.apply({"params": m.params}, jnp.asarray(batch)))
+    err = float(np.max(np.abs(ours - _hf_logits(model, batch))))
+    print(f"mup {family}: max abs logit error {err:.2e}")
+    assert err <= 1e-4
+    sp = Decoder(dataclasses.replace(m.model.cfg, parametrization="sp"), m.model.vocab_size)
+    assert float(np.max(np.abs(ours - np.asarray(sp.apply({"params": m.params}, jnp.asarray(batch)))))) > 1e-2
+
+
 @pytest.fixture(scope="module")
 def exported(request, tmp_path_factory):
     """family -> (jaxlm Loaded, export directory): each run exported once, llama trained only when asked for."""
