@@ -745,6 +745,7 @@ def fit(points: Points, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, budge
         "held_out_runs": [points.names[i] for i in np.flatnonzero(points.held_out)],
         "excluded": points.excluded,
         "law": {key: best[key] for key in ("E", "A", "B", "alpha", "beta")},
+        "law_log": dict(zip(PARAM_NAMES, map(float, law_fit.x))),  # log A, log B, log E: finite where A overflows
     }
     for key in ("E", "alpha", "beta", "a", "A", "B"):
         result[key] = _value(best[key], [s[key] for s in samples])

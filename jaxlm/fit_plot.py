@@ -31,7 +31,7 @@ def plot_sweep(source, out_dir: str, fit_result: dict | None = None) -> list[str
     import matplotlib.pyplot as plt
 
     points, result = _inputs(source, out_dir, fit_result)
-    x = _law_x(result["law"])
+    x = _law_x(result)
     style = _Style(points, plt)
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -80,7 +80,12 @@ def _saved_fit(path: str, out_dir: str) -> dict | None:
     return None
 
 
-def _law_x(law: dict) -> np.ndarray:
+def _law_x(result: dict) -> np.ndarray:
+    """The law's (log A, log B, log E, alpha, beta): from `law_log` (finite even when A or B
+    overflows a float, as in a degenerate fit), else from `law` (a fit.json written before)."""
+    if result.get("law_log"):
+        return np.array([result["law_log"][k] for k in fitting.PARAM_NAMES], np.float64)
+    law = {k: np.inf if v is None else v for k, v in result["law"].items()}
     return np.array([np.log(law["A"]), np.log(law["B"]), np.log(law["E"]), law["alpha"], law["beta"]])
 
 

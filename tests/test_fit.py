@@ -405,6 +405,22 @@ def test_plot_sweep_draws_a_grid_sweep_and_reuses_its_fit_json(tmp_path, monkeyp
     assert fit_plot._saved_fit(str(sweep / "results.csv"), str(out)) is None
 
 
+def test_a_law_whose_coefficient_overflows_is_still_drawn(tmp_path):
+    rows = grid_rows(np.geomspace(1e4, 1e7, 4), np.geomspace(1e6, 1e9, 3), noise=0.003)
+    sweep = write_results(tmp_path / "sweep", rows)
+    result = fitting.fit(fitting.load_source(str(sweep)), bootstrap=0)
+    assert [result["law_log"][k] for k in fitting.PARAM_NAMES] == pytest.approx(list(fit_plot._law_x(result)))
+    # a degenerate fit (alpha in the hundreds) stores A = exp(a) as null: the plot uses law_log
+    degenerate = json.loads(json.dumps(fitting._jsonable(result)))
+    degenerate["law"]["A"] = None
+    degenerate["law_log"].update(a=2000.0, alpha=300.0)
+    x = fit_plot._law_x(degenerate)
+    assert np.all(np.isfinite(x)) and np.all(np.isfinite(fitting.log_loss(x, [1e5], [1e7])))
+    del degenerate["law_log"]  # a fit.json written before law_log: an infinite A, no crash
+    assert fit_plot._law_x(degenerate)[0] == np.inf
+    _assert_pngs(fit_plot.plot_sweep(str(sweep), str(tmp_path / "plots"), result), tmp_path / "plots")
+
+
 def test_plot_sweep_draws_isoflop_profiles(tmp_path):
     rows = isoflop_rows([1e15, 1e16, 1e17], np.geomspace(1 / 8, 8, 5), noise=0.005)
     sweep = write_results(tmp_path / "iso", rows)
