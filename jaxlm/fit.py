@@ -589,11 +589,11 @@ def budget_predictions(x, boot_x, budgets, k: float) -> list[dict]:
             for j, c in enumerate(budgets)]
 
 
-def throughputs(path: str) -> dict:
-    """Per size of a sweep's results.csv: training tokens per second of wall time, the median of
-    tokens / wall_s over its finished straight and stable runs (start-up, compilation and evaluation
-    included; a branch is left out, as its wall time covers only its cooldown)."""
-    header, rows = _read_csv(path)
+def throughputs(path: str, header: list[str], rows: list[dict]) -> dict:
+    """Per size of a sweep's results.csv (read as header, rows): training tokens per second of wall
+    time, the median of tokens / wall_s over its finished straight and stable runs (start-up,
+    compilation and evaluation included; a branch is left out, as its wall time covers only its
+    cooldown)."""
     _require_columns(path, header, ["size", "tokens", "wall_s", "status"], " (needed by --seconds)")
     rates: dict = {}
     for line, row in enumerate(rows, start=2):
@@ -608,8 +608,8 @@ def time_predictions(points: Points, x, boot_x, spread: dict, seconds: float) ->
     """What each size of a sweep reaches in `seconds` of wall time on the machine that ran it:
     D = seconds x its measured throughput, the law's loss there with a one-seed 95% prediction
     interval (and bits per byte, at the runs' median ratio of the two), and the best size."""
-    rates = throughputs(points.source)
     header, rows = _read_csv(points.source)
+    rates = throughputs(points.source, header, rows)
     ratio = None
     if "bpb" in header:
         names = set(points.names)
