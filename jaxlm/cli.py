@@ -360,7 +360,9 @@ def _sweep(args) -> int:
                 print(path)
         return EXIT_OK
     runs = sweep.plan(sw)
-    print(f"sweep {sw.name}: {len(runs)} runs in {sw.dir}\n" + sweep.plan_table(runs), flush=True)
+    note = sweep.mup_note(sw)
+    print(f"sweep {sw.name}: {len(runs)} runs in {sw.dir}\n" + (note + "\n" if note else "") + sweep.plan_table(runs),
+          flush=True)
     return sweep.run_sweep(sw, only=args.run, log=lambda m: print(m, flush=True))
 
 

@@ -66,13 +66,10 @@ def state_shardings(model: Decoder, tx, mesh, seq_len: int):
     return sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
 
 
-def create_state(model: Decoder, tx, mesh, seed: int, seq_len: int):
-    """Initialise the train state directly into its shardings (never on one device first)."""
-    shardings = state_shardings(model, tx, mesh, seq_len)
+def state_init(model: Decoder, tx, mesh, seq_len: int, shardings):
+    """seed key -> the train state, jitted straight into its shardings (never on one device first)."""
     init = _mesh_init(model, tx, mesh, seq_len)
-    with sharding.activate(mesh):
-        state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.key(seed))
-    return state, shardings
+    return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)
 
 
 def batch_mask(batch: dict):
@@ -297,7 +294,7 @@ class JitStepper(Stepper):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._train = self._eval = None
+        self._train = self._eval = self._init = None
         self._shardings = None
 
     @property
@@ -307,8 +304,10 @@ class JitStepper(Stepper):
         return self._shardings
 
     def init_state(self, seed: int):
-        state, self._shardings = create_state(self.model, self.tx, self.mesh, seed, self.cfg.train.seq_len)
-        return state
+        if self._init is None:  # compiled once: every seed (a sweep's, a test's) reuses the program
+            self._init = state_init(self.model, self.tx, self.mesh, self.cfg.train.seq_len, self.state_shardings)
+        with sharding.activate(self.mesh):
+            return self._init(jax.random.key(seed))
 
     def abstract_state(self, seed: int = 0):
         """The train state as sharded ShapeDtypeStructs: compile without allocating it."""

@@ -32,7 +32,8 @@ from jaxlm.config import Config, ModelConfig, load_config, to_yaml
 from jaxlm.errors import ConfigError
 
 SWEEP_KEYS = ("name", "dir", "base", "overrides", "sizes", "shape_rule", "tokens", "compute", "seeds", "lr",
-              "warmup", "diverge_factor", "branch", "resume_every", "isoflop_convention")
+              "warmup", "diverge_factor", "branch", "resume_every", "isoflop_convention", "parametrization",
+              "mup_base_width", "mup_base_head_dim")
 SIZE_KEYS = ("name", "n", "holdout", "lr", "tokens")
 CONVENTIONS = ("6N", "6N+attn", "palm")
 RESULT_COLUMNS = ("name", "size", "n_total", "n_non_embedding", "n_embedding", "n_head", "n_matmul", "tokens",
@@ -67,6 +68,8 @@ class Sweep:
     branch: bool = True
     resume_every: int = 200
     isoflop_convention: str = "6N+attn"
+    parametrization: str = "sp"
+    mup_base: tuple[int, int] = (0, 0)  # mup: (base width, base head dim) every size's multipliers count from
 
 
 @dataclass
@@ -199,11 +202,55 @@ def load_sweep(path: str, sweep_dir: str | None = None) -> Sweep:
                           f"or 'tokens' in every size (size '{bare[0]}' has none)")
     lr, warmup = raw.get("lr", cfg.optim.lr), raw.get("warmup", {"steps": cfg.optim.warmup_steps})
     _check_rule(lr, warmup)
+    parametrization = str(raw.get("parametrization", cfg.model.parametrization))
+    mup_base = _mup_base(raw, parametrization, lr, sizes, cfg.model)
     return Sweep(name=name, path=os.path.abspath(path), dir=sweep_dir or raw.get("dir") or os.path.join("sweeps", name),
                  base=base, overrides=overrides, sizes=sizes, tokens=tokens, compute=compute, seeds=seeds,
                  lr=lr, warmup=warmup,
                  diverge_factor=factor, branch=bool(raw.get("branch", True)),
-                 resume_every=int(raw.get("resume_every", 200)), isoflop_convention=convention)
+                 resume_every=int(raw.get("resume_every", 200)), isoflop_convention=convention,
+                 parametrization=parametrization, mup_base=mup_base)
+
+
+def _mup_base(raw: dict, parametrization: str, lr, sizes: tuple[Size, ...], base_model: ModelConfig) -> tuple[int, int]:
+    """(base width, base head dim) of a µP sweep: given, or the first size's. µP is what makes one
+    learning rate right for every width, so a µP sweep takes one number for `lr`, and no size its own."""
+    if parametrization not in ("sp", "mup"):
+        raise ConfigError(f"sweep 'parametrization: {parametrization}' is not one of sp, mup")
+    if parametrization == "sp":
+        extra = [k for k in ("mup_base_width", "mup_base_head_dim") if k in raw]
+        if extra:
+            raise ConfigError(f"sweep '{extra[0]}' needs 'parametrization: mup'")
+        return (0, 0)
+    if isinstance(lr, dict):
+        raise ConfigError("a µP sweep ('parametrization: mup') takes one learning rate for every size, tuned at the "
+                          "base width (e.g. 'lr: 3.0e-3'), not an lr rule: µP transfers it across width")
+    own = [s.name for s in sizes if s.lr is not None]
+    if own:
+        raise ConfigError(f"a µP sweep takes one learning rate for every size; size '{own[0]}' has its own 'lr'")
+    first = dataclasses.replace(base_model, **sizes[0].model)
+    width = int(raw.get("mup_base_width", first.d_model))
+    head_dim = int(raw.get("mup_base_head_dim", first.head_dim))
+    if width <= 0 or head_dim <= 0:
+        raise ConfigError(f"sweep 'mup_base_width' and 'mup_base_head_dim' must be positive, got {width}, {head_dim}")
+    return (width, head_dim)
+
+
+def mup_note(sweep: Sweep) -> str:
+    """One line for the plan of a µP sweep: the base and the width multipliers, and a warning when
+    the sizes also differ in depth, which µP (as implemented) does not parametrize."""
+    if sweep.parametrization != "mup":
+        return ""
+    cfg = load_config(sweep.base, list(sweep.overrides))
+    models = [dataclasses.replace(cfg.model, **s.model) for s in sweep.sizes]
+    width, head_dim = sweep.mup_base
+    note = (f"mup: one lr for every size, base width {width} (head dim {head_dim}); m = "
+            + ", ".join(f"{s.name} {m.d_model / width:g}" for s, m in zip(sweep.sizes, models)))
+    depths = sorted({m.n_layers for m in models})
+    if len(depths) > 1:
+        note += (f"; the sizes also differ in depth ({depths[0]} to {depths[-1]} layers), which µP does not "
+                 f"parametrize here: the lr transfers across width only")
+    return note
 
 
 def _check_rule(lr, warmup) -> None:
@@ -279,6 +326,9 @@ def _human(x: float) -> str:
 
 def _size_config(sweep: Sweep, size: Size) -> tuple[Config, list[str]]:
     model = [f"model.{k}={_dot_value(v)}" for k, v in size.model.items()]
+    if sweep.parametrization == "mup":
+        model += ["model.parametrization=mup", f"model.mup_base_width={sweep.mup_base[0]}",
+                  f"model.mup_base_head_dim={sweep.mup_base[1]}"]
     try:
         return load_config(sweep.base, list(sweep.overrides) + model), model
     except ConfigError as e:

@@ -206,3 +206,64 @@ def test_fit_and_plot_the_sweep_directory(finished, capsys):
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 10_000
+
+
+MUP_SWEEP = f"""\
+name: mup
+parametrization: mup
+overrides:
+  data.source: text:{SHAKESPEARE}
+  data.valid_fraction: 0.1
+  data.tokenizer_vocab: 512
+  model.max_seq_len: 32
+  train.batch_size: 8
+  train.seq_len: 32
+  train.log_every: 2
+  eval.every: 0
+  optim.schedule: constant
+  run.tensorboard: false
+sizes:
+  - {{name: w32, d_model: 32, n_layers: 1, n_heads: 2}}
+  - {{name: w64, d_model: 64, n_layers: 1, n_heads: 4}}
+tokens: [1024]
+seeds: [0]
+lr: 4.0e-3
+warmup: 0
+"""
+
+
+def test_a_mup_sweep_takes_one_lr_for_every_width_and_trains_under_mup(tmp_path, capsys):
+    path = tmp_path / "m.yaml"
+    path.write_text(MUP_SWEEP)
+    sweep = sw.load_sweep(str(path), str(tmp_path / "out"))
+    runs = sw.plan(sweep)
+    assert [r.name for r in runs] == ["w32-d1.02k-s0", "w64-d1.02k-s0"] and {r.lr for r in runs} == {4e-3}
+    for r in runs:  # the first size is the base: m = 1 and m = 2, head dim 16 at both
+        cfg = sw.run_config(sweep, r)
+        assert (cfg.model.parametrization, cfg.model.mup_base_width, cfg.model.mup_base_head_dim) == ("mup", 32, 16)
+    assert sw.mup_note(sweep) == "mup: one lr for every size, base width 32 (head dim 16); m = w32 1, w64 2"
+    # the base may be named; sizes of several depths are allowed, with a warning in the plan
+    path.write_text(MUP_SWEEP.replace("lr: 4.0e-3", "lr: 4.0e-3\nmup_base_width: 16\nmup_base_head_dim: 8")
+                    .replace("d_model: 64, n_layers: 1", "d_model: 64, n_layers: 2"))
+    deeper = sw.load_sweep(str(path))
+    assert sw.run_config(deeper, sw.plan(deeper)[1]).model.mup_base_width == 16
+    assert "differ in depth (1 to 2 layers), which µP does not parametrize" in sw.mup_note(deeper)
+    for text, match in [(MUP_SWEEP.replace("lr: 4.0e-3", "lr: {rule: power, base: 3.0e-3, n_ref: 3.0e4, "
+                                           "exponent: -0.2}"), "one learning rate for every size"),
+                        (MUP_SWEEP.replace("n_heads: 4}", "n_heads: 4, lr: 1.0e-3}"), "size 'w64' has its own 'lr'"),
+                        (MUP_SWEEP.replace("parametrization: mup", "parametrization: nup"), "not one of sp, mup"),
+                        (MUP_SWEEP.replace("parametrization: mup", "mup_base_width: 32"), "needs 'parametrization: mup'")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            sw.load_sweep(str(path))
+    path.write_text(MUP_SWEEP)
+    assert main(["sweep", str(path), "--dir", sweep.dir]) == 0
+    out = capsys.readouterr().out
+    assert "mup: one lr for every size, base width 32" in out and "2 of 2 runs done" in out
+    rows = sw.read_results(sweep.dir)
+    assert [(r["name"], r["status"], float(r["lr"])) for r in rows] == [("w32-d1.02k-s0", "done", 4e-3),
+                                                                        ("w64-d1.02k-s0", "done", 4e-3)]
+    stored = open(os.path.join(sw.run_dir(sweep, "w64-d1.02k-s0"), "config.yaml")).read()
+    assert "parametrization: mup" in stored and "mup_base_width: 32" in stored
+    plan = open(os.path.join(sweep.dir, "logs", "w64-d1.02k-s0.log")).read()
+    assert "m = d_model/base = 64/32 = 2" in plan

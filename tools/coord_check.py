@@ -1,7 +1,7 @@
 """Coordinate check: activation scales against width under sp and mup, a few Adam steps in.
 
     python tools/coord_check.py [--widths 64 128 256 512] [--head-dim 16] [--layers 2] [--steps 10]
-        [--seeds 5] [--lr 0.01] [--family gpt2] [--out coord_check.json] [--plot coord_check.png]
+        [--seeds 5] [--lr 0.004] [--family gpt2] [--out coord_check.json] [--plot coord_check.png]
 
 For each parametrization, width and seed it trains a fresh model (one CPU device, layers not
 scanned, the first width as µP's base width) with jaxlm's own train step and optimizer, and
@@ -12,8 +12,8 @@ before each step records the mean |x| over a fixed batch of:
   MLP output (the residual branches before they are added);
 - the logits.
 
-The data are byte tokens (vocabulary 256) of Tiny Shakespeare ($JAXLM_SHARED_DATA/tinyshakespeare/
-input.txt), or a synthetic text when it is missing. For each tensor and step it fits the slope of
+The data are byte tokens (vocabulary 256) of Tiny Shakespeare (the copy the quickstart ships,
+experiments/data/tinyshakespeare.txt), so every machine checks on the same text. For each tensor and step it fits the slope of
 log2(mean |x|) (the mean over seeds) against log2(width): about 0 when the scale does not grow
 with width (µP's promise), about +1 when it grows in proportion (sp's updates). Writes the
 values and slopes as JSON, draws one row of panels per parametrization (scale against width, one
@@ -40,16 +40,13 @@ from jaxlm.step import Stepper, build
 VOCAB = 256
 
 
+TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments", "data", "tinyshakespeare.txt")
+
+
 def corpus() -> np.ndarray:
-    root = os.environ.get("JAXLM_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
-    path = os.path.join(root, "tinyshakespeare", "input.txt")
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            return np.frombuffer(f.read(), np.uint8).astype(np.int32)
-    rng = np.random.default_rng(0)
-    words = b"the king queen lord lady good night day love death sword crown heart mind fair".split()
-    text = b" ".join(words[i] for i in rng.integers(0, len(words), 200_000))
-    return np.frombuffer(text, np.uint8).astype(np.int32)
+    """Byte tokens of the quickstart's Tiny Shakespeare."""
+    with open(TEXT, "rb") as f:
+        return np.frombuffer(f.read(), np.uint8).astype(np.int32)
 
 
 def batch(tokens: np.ndarray, rng: np.random.Generator, rows: int, length: int) -> dict:
@@ -179,14 +176,14 @@ def plot(args, table: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--head-dim", type=int, default=16)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=0.0)
     p.add_argument("--batch", type=int, default=8)
@@ -195,7 +192,13 @@ def main() -> None:
     p.add_argument("--parametrizations", nargs="+", default=["sp", "mup"])
     p.add_argument("--out", default="coord_check.json")
     p.add_argument("--plot", default="", help="PNG path of the panels; empty = no figure")
-    args = p.parse_args()
+    return p
+
+
+def run(args) -> dict:
+    """Train every parametrization and width from every seed; the summarized table."""
+    if any(w % args.head_dim for w in args.widths):
+        raise SystemExit(f"every width must be a multiple of --head-dim {args.head_dim}")
     tokens = corpus()
     runs = {}
     for par in args.parametrizations:
@@ -205,17 +208,26 @@ def main() -> None:
             runs[par][w] = [one_run(args, stepper, measure, seed, tokens) for seed in range(args.seeds)]
             print(f"{par} width {w}: loss after {args.steps} steps "
                   f"{np.mean([r['loss'][0] for r in runs[par][w]]):.3f}", file=sys.stderr, flush=True)
-    table = summarize(args, runs)
+    return summarize(args, runs)
+
+
+def later_slopes(table: dict, first_step: int = 2) -> dict[str, dict[str, list[float]]]:
+    """{parametrization: {tensor: the slopes of steps >= first_step}} (zero-valued steps left out)."""
+    return {par: {n: [s for s in t["slope"][first_step:] if s is not None] for n, t in tensors.items()
+                  if n != "final_loss"} for par, tensors in table.items()}
+
+
+def main() -> None:
+    args = parser().parse_args()
+    table = run(args)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"settings": vars(args), "table": table}, f, indent=1)
     if args.plot:
         plot(args, table, args.plot)
-    for par, tensors in table.items():
-        for n, t in tensors.items():
-            if n != "final_loss":
-                later = [s for s in t["slope"][2:] if s is not None]
-                print(f"{par:4} {n:18} log2 slope per width doubling, steps >= 2: "
-                      + " ".join(f"{s:+.2f}" for s in later) + (f"  (max |.| {max(map(abs, later)):.2f})" if later else ""))
+    for par, tensors in later_slopes(table).items():
+        for n, later in tensors.items():
+            print(f"{par:4} {n:18} log2 slope per width doubling, steps >= 2: "
+                  + " ".join(f"{s:+.2f}" for s in later) + (f"  (max |.| {max(map(abs, later)):.2f})" if later else ""))
 
 
 if __name__ == "__main__":

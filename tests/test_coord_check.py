@@ -1,0 +1,46 @@
+"""The µP coordinate check (tools/coord_check.py) at the settings µP is accepted on: widths 64 to 512,
+2 layers, head dim 16, Adam, 5 seeds, 10 steps, at a learning rate that trains every width. Under mup
+no recorded tensor's scale may grow or shrink with width (|log2 slope per doubling| <= 0.35 at
+steps >= 2); under sp the attention and MLP outputs must grow (slope >= +1.0), so the check fails
+in both directions: a µP that stopped scaling, or a check that stopped seeing sp's growth."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import coord_check  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    args = coord_check.parser().parse_args(["--widths", "64", "128", "256", "512", "--layers", "2", "--head-dim", "16",
+                                            "--steps", "10", "--seeds", "5"])
+    return coord_check.run(args)
+
+
+@pytest.mark.slow
+def test_mup_activation_scales_do_not_move_with_width(table):
+    slopes = coord_check.later_slopes(table)["mup"]
+    assert set(slopes) == {"embedding", "logits"} | {f"block{i}.{n}" for i in (0, 1)
+                                                     for n in ("attn_scores", "attn_out", "mlp_out")}
+    for name, values in slopes.items():
+        assert len(values) == 8, name  # steps 2..9 all measured (no zero scale after the first update)
+        assert max(map(abs, values)) <= 0.35, (name, values)
+
+
+@pytest.mark.slow
+def test_sp_attention_and_mlp_outputs_grow_with_width(table):
+    slopes = coord_check.later_slopes(table)["sp"]
+    for name in (f"block{i}.{n}" for i in (0, 1) for n in ("attn_out", "mlp_out")):
+        assert min(slopes[name]) >= 1.0, (name, slopes[name])
+
+
+@pytest.mark.slow
+def test_the_check_runs_at_a_learning_rate_that_trains_every_width(table):
+    start = math.log(256)  # a uniform guess over bytes
+    for par in ("sp", "mup"):
+        for width, loss in table[par]["final_loss"].items():
+            assert loss < start - 1.5, (par, width, loss)  # 10 steps from 5.55 nats

@@ -1,0 +1,242 @@
+"""Learning-rate transfer across width: the loss against the learning rate at several widths, sp and mup.
+
+    python tools/lr_transfer.py [--widths 64 128 256] [--log2-lrs -10 -9 ... -3] [--seeds 2]
+        [--steps 400] [--layers 2] [--head-dim 16] [--family llama] [--out lr_transfer.json]
+        [--plot lr_transfer.png]
+
+For each parametrization, width, learning rate and seed it trains a fresh model (one CPU device)
+with jaxlm's own train step and optimizer on byte tokens of Tiny Shakespeare (the first 90%; a
+synthetic text when the file is missing) and scores the validation loss on fixed windows of the
+last 10%. The training batches depend on the seed only, so every width and learning rate of a
+seed sees the same tokens. Under `mup` the first width is the base width. A run whose loss is
+not finite counts as diverged.
+
+For each parametrization and width the optimum is the vertex of a parabola fitted (least
+squares) to the seed-mean validation loss against log2(lr), over the best learning rate and up
+to two neighbours on each side; a best learning rate at the edge of the grid is reported as
+such. Writes every run's loss and the optima as JSON, draws loss against log2(lr) (one panel per
+parametrization, one line per width) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from coord_check import batch, corpus  # noqa: E402
+
+from jaxlm.config import load_config  # noqa: E402
+from jaxlm.sharding import make_mesh  # noqa: E402
+from jaxlm.step import Stepper, build  # noqa: E402
+
+VOCAB = 256
+
+
+def config(args, parametrization: str, width: int, lr: float):
+    return load_config(None, [
+        f"model.family={args.family}", f"model.d_model={width}", f"model.n_heads={width // args.head_dim}",
+        f"model.n_layers={args.layers}", f"model.max_seq_len={args.seq_len}", f"model.kernels={args.kernels}",
+        f"model.d_ff={round(args.mlp_ratio * width)}",
+        f"model.parametrization={parametrization}", f"model.mup_base_width={args.widths[0]}",
+        f"train.batch_size={args.batch}", f"train.seq_len={args.seq_len}", f"train.steps={args.steps}",
+        "mesh.data=1", f"optim.lr={lr}", f"optim.schedule={args.schedule}",
+        f"optim.warmup_steps={round(args.warmup * args.steps)}", f"optim.weight_decay={args.weight_decay}",
+        f"optim.grad_clip={args.grad_clip}"])
+
+
+def split(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cut = int(0.9 * len(tokens))
+    return tokens[:cut], tokens[cut:]
+
+
+def valid_batches(args, valid: np.ndarray) -> list[dict]:
+    """Fixed, non-overlapping windows of the held-out tokens, in batches of the training shape."""
+    rows = args.eval_batches * args.batch
+    stride = (len(valid) - args.seq_len - 1) // rows
+    windows = np.stack([valid[i * stride:i * stride + args.seq_len + 1] for i in range(rows)])
+    return [{"inputs": w[:, :-1], "targets": w[:, 1:]} for w in np.split(windows, args.eval_batches)]
+
+
+def one_run(args, parametrization: str, width: int, lr: float, batches: list[dict], valid: list[dict]) -> dict:
+    cfg = config(args, parametrization, width, lr)
+    mesh = make_mesh(cfg, jax.devices()[:1])
+    model, tx, schedule = build(cfg, VOCAB, mesh)
+    stepper = Stepper(cfg, model, tx, schedule, mesh)
+    state = stepper.init_state(cfg.train.seed)
+    train_loss = float("nan")
+    for b in batches:
+        state, metrics = stepper.train(state, stepper.place(b, args.batch))
+    train_loss = float(jax.device_get(metrics["loss"]))
+    params = stepper.params(state)
+    nll = sum(float(np.sum(np.asarray(jax.device_get(stepper.eval_step(params, stepper.place(v, args.batch))),
+                                      np.float64))) for v in valid)
+    loss = nll / (len(valid) * args.batch * args.seq_len)
+    ok = math.isfinite(loss) and math.isfinite(train_loss)
+    return {"train_loss": train_loss if ok else None, "valid_loss": loss if ok else None}
+
+
+def vertex(log2_lrs: list[float], losses: list[float | None]) -> dict:
+    """The parabola vertex in log2(lr) over the best point and up to two finite neighbours a side."""
+    finite = [(x, y) for x, y in zip(log2_lrs, losses) if y is not None]
+    if not finite:
+        return {"best_log2_lr": None, "vertex_log2_lr": None, "at_edge": True}
+    best = min(range(len(finite)), key=lambda i: finite[i][1])
+    near = finite[max(0, best - 2):best + 3]
+    out = {"best_log2_lr": finite[best][0], "best_loss": finite[best][1], "vertex_log2_lr": None,
+           "at_edge": finite[best][0] in (log2_lrs[0], log2_lrs[-1])}
+    if len(near) >= 3:
+        a, b, c = np.polyfit([x for x, _ in near], [y for _, y in near], 2)
+        v = -b / (2 * a) if a > 0 else None
+        if v is not None and near[0][0] <= v <= near[-1][0]:
+            out.update(vertex_log2_lr=float(v), vertex_loss=float(c - b * b / (4 * a)))
+    return out
+
+
+def summarize(args, runs: dict) -> dict:
+    """{parametrization: {width: {"mean": [per lr], "optimum": vertex(...)}}, "shift": ...}."""
+    out = {}
+    for par, by_width in runs.items():
+        out[par] = {}
+        for w, by_lr in by_width.items():
+            mean = []
+            for lr in args.log2_lrs:
+                vals = [r["valid_loss"] for r in by_lr[str(lr)]]
+                mean.append(None if any(v is None for v in vals) else float(np.mean(vals)))
+            out[par][w] = {"mean": mean, "optimum": vertex(args.log2_lrs, mean)}
+        opts = [out[par][str(w)]["optimum"]["vertex_log2_lr"] for w in args.widths]
+        out[par]["shift"] = None if None in opts else max(opts) - min(opts)
+    return out
+
+
+def plot(args, table: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pars = list(table)
+    fig, axes = plt.subplots(1, len(pars), figsize=(4.5 * len(pars), 3.6), squeeze=False, sharey=True)
+    colors = plt.cm.viridis(np.linspace(0, 0.85, len(args.widths)))
+    for ax, par in zip(axes[0], pars):
+        for w, color in zip(args.widths, colors):
+            t = table[par][str(w)]
+            xs = [x for x, y in zip(args.log2_lrs, t["mean"]) if y is not None]
+            ax.plot(xs, [y for y in t["mean"] if y is not None], marker="o", color=color, label=f"width {w}")
+            v = t["optimum"].get("vertex_log2_lr")
+            if v is not None:
+                ax.axvline(v, color=color, linestyle=":", linewidth=1)
+        ax.set_title(f"{par}: optimum shift {table[par]['shift']:.2f}" if table[par]["shift"] is not None
+                     else par, fontsize=9)
+        ax.set_xlabel("log2 learning rate")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("validation loss (nats per byte)")
+    finite = [y for par in pars for w in args.widths for y in table[par][str(w)]["mean"] if y is not None]
+    axes[0][0].set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 1.5))
+    fig.suptitle(f"learning-rate transfer: {args.family}, {args.layers} layers, head dim {args.head_dim}, "
+                 f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, {args.seeds} seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(args, table: dict) -> str:
+    lines = ["parametrization  width  " + " ".join(f"{lr:>7}" for lr in args.log2_lrs) + "   best  vertex"]
+    for par in table:
+        for w in args.widths:
+            t = table[par][str(w)]
+            o = t["optimum"]
+            cells = " ".join(f"{y:7.4f}" if y is not None else "   diverged"[-7:] for y in t["mean"])
+            vtx = f"{o['vertex_log2_lr']:+.2f}" if o.get("vertex_log2_lr") is not None else "  none"
+            edge = " (edge)" if o["at_edge"] else ""
+            lines.append(f"{par:15}  {w:5}  {cells}  {o['best_log2_lr']:+5}  {vtx}{edge}")
+        shift = table[par]["shift"]
+        lines.append(f"{par:15}  optimum shift across widths (log2): "
+                     + (f"{shift:.2f}" if shift is not None else "undefined (a width has no vertex)"))
+    return "\n".join(lines)
+
+
+SAME = ("widths", "log2_lrs", "seeds", "steps", "batch", "seq_len", "layers", "head_dim", "family", "mlp_ratio",
+        "kernels",
+        "schedule", "warmup", "weight_decay", "grad_clip", "eval_batches")
+
+
+def previous_runs(args) -> dict:
+    """The runs already in --out (an interrupted grid continues), refused when its settings differ."""
+    if not os.path.exists(args.out):
+        return {}
+    with open(args.out, encoding="utf-8") as f:
+        old = json.load(f)
+    differ = [k for k in SAME if old["settings"].get(k) != vars(args)[k]]
+    if differ:
+        raise SystemExit(f"{args.out} holds runs of other settings ({', '.join(differ)}): use another --out")
+    return old.get("runs", {})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--log2-lrs", type=int, nargs="+", default=list(range(-10, -2)))
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=16)
+    p.add_argument("--family", choices=("gpt2", "llama"), default="llama")
+    p.add_argument("--mlp-ratio", type=float, default=3.0,
+                   help="MLP width / d_model at every width (µP's one m assumes it does not change)")
+    p.add_argument("--kernels", default="auto")
+    p.add_argument("--schedule", default="cosine")
+    p.add_argument("--warmup", type=float, default=0.1, help="warmup steps as a fraction of --steps")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=0.0)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--parametrizations", nargs="+", default=["sp", "mup"])
+    p.add_argument("--out", default="lr_transfer.json")
+    p.add_argument("--plot", default="", help="PNG path of the figure; empty = no figure")
+    args = p.parse_args()
+    if any(w % args.head_dim for w in args.widths):
+        p.error(f"every width must be a multiple of --head-dim {args.head_dim}")
+    train, held = split(corpus())
+    valid = valid_batches(args, held)
+    seed_batches = {}
+    for s in range(args.seeds):  # a seed's batches: the same tokens for every width and learning rate
+        rng = np.random.default_rng(s)
+        seed_batches[s] = [batch(train, rng, args.batch, args.seq_len) for _ in range(args.steps)]
+    runs = previous_runs(args)
+    total, done, start = len(args.parametrizations) * len(args.widths) * len(args.log2_lrs) * args.seeds, 0, time.time()
+    for par in args.parametrizations:
+        for w in args.widths:
+            for lr in args.log2_lrs:
+                cell = runs.setdefault(par, {}).setdefault(str(w), {}).setdefault(str(lr), [])
+                for seed in range(args.seeds):
+                    done += 1
+                    if seed < len(cell):
+                        continue
+                    t0 = time.time()
+                    r = one_run(args, par, w, 2.0 ** lr, seed_batches[seed], valid)
+                    cell.append(dict(r, seed=seed, seconds=round(time.time() - t0, 2)))
+                    print(f"[{done}/{total}] {par} width {w} lr 2^{lr} seed {seed}: valid "
+                          f"{r['valid_loss'] if r['valid_loss'] is None else round(r['valid_loss'], 4)} "
+                          f"({time.time() - t0:.1f} s, {time.time() - start:.0f} s in all)", file=sys.stderr,
+                          flush=True)
+                    with open(args.out + ".tmp", "w", encoding="utf-8") as f:
+                        json.dump({"settings": vars(args), "runs": runs}, f, indent=1)
+                    os.replace(args.out + ".tmp", args.out)
+    table = summarize(args, {par: runs[par] for par in args.parametrizations})
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump({"settings": vars(args), "runs": runs, "table": table}, f, indent=1)
+    if args.plot:
+        plot(args, table, args.plot)
+    print(report(args, table))
+
+
+if __name__ == "__main__":
+    main()
