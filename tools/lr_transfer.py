@@ -8,8 +8,9 @@ For each parametrization, width, learning rate and seed it trains a fresh model 
 with jaxlm's own train step and optimizer on byte tokens of Tiny Shakespeare (the first 90%; a
 synthetic text when the file is missing) and scores the validation loss on fixed windows of the
 last 10%. The training batches depend on the seed only, so every width and learning rate of a
-seed sees the same tokens. Under `mup` the first width is the base width. A run whose loss is
-not finite counts as diverged.
+seed sees the same tokens. Under `mup` (and `mup-nozero`: µP without the zero init of the query
+and readout) the first width is the base width. A run whose loss is not finite counts as
+diverged.
 
 For each parametrization and width the optimum is the vertex of a parabola fitted (least
 squares) to the seed-mean validation loss against log2(lr), over the best learning rate and up
@@ -45,8 +46,9 @@ def config(args, parametrization: str, width: int, lr: float):
         f"model.family={args.family}", f"model.d_model={width}", f"model.n_heads={width // args.head_dim}",
         f"model.n_layers={args.layers}", f"model.max_seq_len={args.seq_len}", f"model.kernels={args.kernels}",
         f"model.d_ff={round(args.mlp_ratio * width)}",
-        f"model.parametrization={parametrization}", f"model.mup_base_width={args.widths[0]}",
-        f"train.batch_size={args.batch}", f"train.seq_len={args.seq_len}", f"train.steps={args.steps}",
+        f"model.parametrization={parametrization.split('-')[0]}", f"model.mup_base_width={args.widths[0]}",
+        f"model.mup_zero_init={str(parametrization != 'mup-nozero').lower()}", f"train.batch_size={args.batch}",
+        f"train.seq_len={args.seq_len}", f"train.steps={args.steps}",
         "mesh.data=1", f"optim.lr={lr}", f"optim.schedule={args.schedule}",
         f"optim.warmup_steps={round(args.warmup * args.steps)}", f"optim.weight_decay={args.weight_decay}",
         f"optim.grad_clip={args.grad_clip}"])
@@ -198,7 +200,8 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=0.0)
     p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--parametrizations", nargs="+", default=["sp", "mup"])
+    p.add_argument("--parametrizations", nargs="+", default=["sp", "mup"], choices=("sp", "mup", "mup-nozero"),
+                   help="mup-nozero: mup with model.mup_zero_init=false (query and readout start as under sp)")
     p.add_argument("--out", default="lr_transfer.json")
     p.add_argument("--plot", default="", help="PNG path of the figure; empty = no figure")
     args = p.parse_args()
