@@ -198,7 +198,9 @@ def test_fit_and_plot_the_sweep_directory(finished, capsys):
     for key in ("E", "alpha", "beta", "a"):
         lo, hi = result[key]["ci95"]
         assert lo <= result[key]["value"] <= hi
-    assert 0 < result["E"]["value"] < 6
+    # E = exp(log E) is never negative, and this 9-run sweep pins it down poorly: on some CPUs (a 2-core
+    # Intel Xeon with AMX, jax 0.10.2) its float32 losses drive log E so far down that E is 0.0
+    assert 0 <= result["E"]["value"] < 6 and 0 < result["alpha"]["value"] and 0 < result["beta"]["value"]
     assert main(["plot", sweep.dir]) == 0
     paths = capsys.readouterr().out.split()
     assert sorted(os.path.basename(p) for p in paths) == sorted(
