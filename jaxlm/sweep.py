@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from jaxlm.config import Config, ModelConfig, load_config, to_yaml
+from jaxlm.config import PARAMETRIZATIONS, Config, ModelConfig, load_config, to_yaml
 from jaxlm.errors import ConfigError
 
 SWEEP_KEYS = ("name", "dir", "base", "overrides", "sizes", "shape_rule", "tokens", "compute", "seeds", "lr",
@@ -215,8 +215,8 @@ def load_sweep(path: str, sweep_dir: str | None = None) -> Sweep:
 def _mup_base(raw: dict, parametrization: str, lr, sizes: tuple[Size, ...], base_model: ModelConfig) -> tuple[int, int]:
     """(base width, base head dim) of a µP sweep: given, or the first size's. µP is what makes one
     learning rate right for every width, so a µP sweep takes one number for `lr`, and no size its own."""
-    if parametrization not in ("sp", "mup"):
-        raise ConfigError(f"sweep 'parametrization: {parametrization}' is not one of sp, mup")
+    if parametrization not in PARAMETRIZATIONS:
+        raise ConfigError(f"sweep 'parametrization: {parametrization}' is not one of {', '.join(PARAMETRIZATIONS)}")
     if parametrization == "sp":
         extra = [k for k in ("mup_base_width", "mup_base_head_dim") if k in raw]
         if extra:
