@@ -2,7 +2,7 @@
 
     python tools/lr_transfer.py [--widths 64 128 256] [--log2-lrs -10 -9 ... -3] [--seeds 2]
         [--steps 400] [--layers 2] [--head-dim 16] [--family llama] [--out lr_transfer.json]
-        [--plot lr_transfer.png]
+        [--plot lr_transfer.png] [--run-seeds 1] [--merge a.json b.json]
 
 For each parametrization, width, learning rate and seed it trains a fresh model (one CPU device)
 with jaxlm's own train step and optimizer on byte tokens of Tiny Shakespeare (the first 90%; a
@@ -15,7 +15,9 @@ diverged.
 For each parametrization and width the optimum is the vertex of a parabola fitted (least
 squares) to the seed-mean validation loss against log2(lr), over the best learning rate and up
 to two neighbours on each side; a best learning rate at the edge of the grid is reported as
-such. Writes every run's loss and the optima as JSON, draws loss against log2(lr) (one panel per
+such. Two processes can share a grid: each trains some of the seeds (`--run-seeds 0`,
+`--run-seeds 1`) into its own --out, and `--merge a.json b.json --out all.json` joins them and
+reports. Writes every run's loss and the optima as JSON, draws loss against log2(lr) (one panel per
 parametrization, one line per width) and prints the table.
 """
 
@@ -111,6 +113,9 @@ def summarize(args, runs: dict) -> dict:
             mean = []
             for lr in args.log2_lrs:
                 vals = [r["valid_loss"] for r in by_lr[str(lr)]]
+                if sorted(r["seed"] for r in by_lr[str(lr)]) != list(range(args.seeds)):
+                    raise SystemExit(f"{par} width {w} lr 2^{lr}: seeds {[r['seed'] for r in by_lr[str(lr)]]} of "
+                                     f"{args.seeds}; the grid is not complete")
                 mean.append(None if any(v is None for v in vals) else float(np.mean(vals)))
             out[par][w] = {"mean": mean, "optimum": vertex(args.log2_lrs, mean)}
         opts = [out[par][str(w)]["optimum"]["vertex_log2_lr"] for w in args.widths]
@@ -169,16 +174,31 @@ SAME = ("widths", "log2_lrs", "seeds", "steps", "batch", "seq_len", "layers", "h
         "schedule", "warmup", "weight_decay", "grad_clip", "eval_batches")
 
 
-def previous_runs(args) -> dict:
-    """The runs already in --out (an interrupted grid continues), refused when its settings differ."""
-    if not os.path.exists(args.out):
+def previous_runs(args, path: str) -> dict:
+    """The runs already in `path` (an interrupted grid continues), refused when its settings differ."""
+    if not os.path.exists(path):
         return {}
-    with open(args.out, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         old = json.load(f)
     differ = [k for k in SAME if old["settings"].get(k) != vars(args)[k]]
     if differ:
-        raise SystemExit(f"{args.out} holds runs of other settings ({', '.join(differ)}): use another --out")
+        raise SystemExit(f"{path} holds runs of other settings ({', '.join(differ)}): use another --out")
     return old.get("runs", {})
+
+
+def merge(args, runs: dict) -> dict:
+    """`runs` joined with the runs of every --merge file (a cell's seeds from whichever file has them)."""
+    for path in args.merge:
+        if not os.path.exists(path):
+            raise SystemExit(f"--merge: no such file {path}")
+        for par, by_width in previous_runs(args, path).items():
+            for w, by_lr in by_width.items():
+                for lr, cell in by_lr.items():
+                    mine = runs.setdefault(par, {}).setdefault(w, {}).setdefault(lr, [])
+                    have = {r["seed"] for r in mine}
+                    mine.extend(r for r in cell if r["seed"] not in have)
+                    mine.sort(key=lambda r: r["seed"])
+    return runs
 
 
 def main() -> None:
@@ -204,24 +224,35 @@ def main() -> None:
                    help="mup-nozero: mup with model.mup_zero_init=false (query and readout start as under sp)")
     p.add_argument("--out", default="lr_transfer.json")
     p.add_argument("--plot", default="", help="PNG path of the figure; empty = no figure")
+    p.add_argument("--run-seeds", type=int, nargs="+", default=None,
+                   help="train only these of the seeds 0..--seeds-1 (another process trains the rest)")
+    p.add_argument("--merge", nargs="+", default=[],
+                   help="join the runs of these JSON files (same settings) into --out and report; trains nothing")
     args = p.parse_args()
+    run_seeds = list(range(args.seeds)) if args.run_seeds is None else args.run_seeds
+    if any(not 0 <= s < args.seeds for s in run_seeds):
+        p.error(f"--run-seeds must lie in 0..{args.seeds - 1}")
     if any(w % args.head_dim for w in args.widths):
         p.error(f"every width must be a multiple of --head-dim {args.head_dim}")
+    if args.merge:
+        runs = merge(args, previous_runs(args, args.out))
+        finish(args, runs)
+        return
     train, held = split(corpus())
     valid = valid_batches(args, held)
     seed_batches = {}
-    for s in range(args.seeds):  # a seed's batches: the same tokens for every width and learning rate
+    for s in run_seeds:  # a seed's batches: the same tokens for every width and learning rate
         rng = np.random.default_rng(s)
         seed_batches[s] = [batch(train, rng, args.batch, args.seq_len) for _ in range(args.steps)]
-    runs = previous_runs(args)
-    total, done, start = len(args.parametrizations) * len(args.widths) * len(args.log2_lrs) * args.seeds, 0, time.time()
+    runs = previous_runs(args, args.out)
+    total, done, start = len(args.parametrizations) * len(args.widths) * len(args.log2_lrs) * len(run_seeds), 0, time.time()
     for par in args.parametrizations:
         for w in args.widths:
             for lr in args.log2_lrs:
                 cell = runs.setdefault(par, {}).setdefault(str(w), {}).setdefault(str(lr), [])
-                for seed in range(args.seeds):
+                for seed in run_seeds:
                     done += 1
-                    if seed < len(cell):
+                    if any(r["seed"] == seed for r in cell):
                         continue
                     t0 = time.time()
                     r = one_run(args, par, w, 2.0 ** lr, seed_batches[seed], valid)
@@ -233,6 +264,17 @@ def main() -> None:
                     with open(args.out + ".tmp", "w", encoding="utf-8") as f:
                         json.dump({"settings": vars(args), "runs": runs}, f, indent=1)
                     os.replace(args.out + ".tmp", args.out)
+    if args.run_seeds is not None:
+        print(f"{args.out}: seeds {run_seeds} done; join the other seeds' files with --merge", file=sys.stderr)
+        return
+    finish(args, runs)
+
+
+def finish(args, runs: dict) -> None:
+    """The table of the complete grid in --out (with every run), the figure, the printed report."""
+    missing = [p for p in args.parametrizations if p not in runs]
+    if missing:
+        raise SystemExit(f"no runs of {', '.join(missing)}")
     table = summarize(args, {par: runs[par] for par in args.parametrizations})
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"settings": vars(args), "runs": runs, "table": table}, f, indent=1)
