@@ -4,6 +4,7 @@ The CLI prints a JaxlmError without a traceback and exits with EXIT_USER_ERROR.
 """
 
 EXIT_OK = 0
+EXIT_RUNS_FAILED = 1  # jaxlm sweep: the sweep went through, but a run failed or was not run (see its log)
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3  # stopped after too many consecutive non-finite steps (and rollbacks, if enabled)
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after writing a checkpoint (EX_TEMPFAIL: run again)

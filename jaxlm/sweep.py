@@ -530,7 +530,7 @@ def _describe_end(sweep: Sweep, r: PlannedRun, status: str, seconds: float) -> s
 
 def run_sweep(sweep: Sweep, only: str | None = None, log=print) -> int:
     """Train every unfinished run (or only `only`), then write results.csv/.json. Returns the exit code."""
-    from jaxlm.errors import EXIT_OK, EXIT_PREEMPTED
+    from jaxlm.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_RUNS_FAILED
 
     runs = plan(sweep)
     by_name = {r.name: r for r in runs}
@@ -568,6 +568,11 @@ def run_sweep(sweep: Sweep, only: str | None = None, log=print) -> int:
                   if any(row["status"] == s for row in rows))
         + (f", {len(left)} not finished" if left else "")
         + f"; results in {os.path.join(sweep.dir, 'results.csv')} ({time.perf_counter() - t0:.0f}s)")
+    unfinished = [n for n in left if only in (None, n)]
+    if unfinished:  # failed, or a branch not run because its stable run failed: not a finished sweep
+        log(f"not finished: {', '.join(unfinished)}; fix the cause (logs/<run>.error) and run the same command "
+            "again (exit 1)")
+        return EXIT_RUNS_FAILED
     return EXIT_OK
 
 

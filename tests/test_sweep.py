@@ -269,3 +269,16 @@ def test_a_mup_sweep_takes_one_lr_for_every_width_and_trains_under_mup(tmp_path,
     assert "parametrization: mup" in stored and "mup_base_width: 32" in stored
     plan = open(os.path.join(sweep.dir, "logs", "w64-d1.02k-s0.log")).read()
     assert "m = d_model/base = 64/32 = 2" in plan
+
+
+def test_a_sweep_with_a_failed_run_exits_1_and_names_it(tmp_path, capsys):
+    """A run that raises (here: its corpus is missing) is logged, its row says failed, the sweep goes on
+    and ends with exit status 1; diverged runs (the fixture's `wild`) leave it 0."""
+    path = tmp_path / "f.yaml"
+    path.write_text(MUP_SWEEP.replace(f"text:{SHAKESPEARE}", f"text:{tmp_path / 'missing.txt'}"))
+    sweep = sw.load_sweep(str(path), str(tmp_path / "out"))
+    assert main(["sweep", str(path), "--dir", sweep.dir]) == 1
+    out = capsys.readouterr().out
+    assert "0 of 2 runs done, 2 failed" in out and "not finished: w32-d1.02k-s0, w64-d1.02k-s0" in out, out
+    assert [r["status"] for r in sw.read_results(sweep.dir)] == ["failed", "failed"]
+    assert "missing.txt" in open(os.path.join(sweep.dir, "logs", "w32-d1.02k-s0.error")).read()
