@@ -385,6 +385,7 @@ class PmapStepper(Stepper):
         self.local = [d for d in self.devices if d.process_index == jax.process_index()]
         self._train = jax.pmap(self.train_fn, axis_name=self.axis_name, donate_argnums=0, devices=self.devices)
         self._eval = jax.pmap(self.eval_fn, devices=self.devices)
+        self._init = None
 
     def _one_copy_init(self):
         """The unboxed init of one logical copy of the state (built under jit, then replicated)."""
@@ -392,8 +393,9 @@ class PmapStepper(Stepper):
         return lambda r: nn.unbox(init(r))
 
     def init_state(self, seed: int):
-        one = sharding.replicated(self.mesh)
-        return self.adopt(jax.jit(self._one_copy_init(), out_shardings=one)(jax.random.key(seed)))
+        if self._init is None:  # compiled once, as on the jit path
+            self._init = jax.jit(self._one_copy_init(), out_shardings=sharding.replicated(self.mesh))
+        return self.adopt(self._init(jax.random.key(seed)))
 
     def restore_target(self):
         """One copy on the first device: restored there, then spread by adopt()."""
