@@ -568,7 +568,8 @@ def run_sweep(sweep: Sweep, only: str | None = None, log=print) -> int:
                   if any(row["status"] == s for row in rows))
         + (f", {len(left)} not finished" if left else "")
         + f"; results in {os.path.join(sweep.dir, 'results.csv')} ({time.perf_counter() - t0:.0f}s)")
-    unfinished = [n for n in left if only in (None, n)]
+    unfinished = [r.name for r in todo if run_status(sweep, r) not in ("done", "diverged")
+                  and not (r.kind == "branch" and run_status(sweep, by_name[r.branch_of]) == "diverged")]
     if unfinished:  # failed, or a branch not run because its stable run failed: not a finished sweep
         log(f"not finished: {', '.join(unfinished)}; fix the cause (logs/<run>.error) and run the same command "
             "again (exit 1)")
