@@ -5,15 +5,27 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
+
+def _session_dir(prefix: str) -> str:
+    """A fresh temporary directory, removed when the test session ends."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 # Token caches of tests go to a fresh directory, never the user's ~/.cache/jaxlm.
-os.environ["JAXLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-test-cache-")
+os.environ["JAXLM_CACHE_DIR"] = _session_dir("jaxlm-test-cache-")
 # One compiled-program cache for the session, shared with the subprocesses tests start: many tests build
 # the same tiny model and step, and each new Stepper is a new jit, so without it every test recompiles
-# programs an earlier one already compiled (test_cli.py: 152 s without, 92 s with, on a 2-core Intel Xeon).
+# programs an earlier one already compiled (test_cli.py: 152 s without,
+# 92 s with, on a 2-core Intel Xeon with two training processes beside it).
 # A test that sets its own JAX_COMPILATION_CACHE_DIR for a subprocess keeps it.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlm-test-compiled-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_dir("jaxlm-test-compiled-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 

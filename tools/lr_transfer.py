@@ -147,9 +147,9 @@ def plot(args, table: dict, path: str) -> None:
     axes[0][0].set_ylabel("validation loss (nats per byte)")
     finite = [y for par in pars for w in args.widths for y in table[par][str(w)]["mean"] if y is not None]
     axes[0][0].set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 1.5))
-    fig.suptitle(f"learning-rate transfer: {args.family}, {args.layers} layers, head dim {args.head_dim}, "
+    fig.suptitle(f"learning-rate transfer: {args.family}, {args.layers} layers, head dim {args.head_dim},\n"
                  f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, {args.seeds} seeds", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=120)
 
 
