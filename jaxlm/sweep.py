@@ -562,14 +562,15 @@ def run_sweep(sweep: Sweep, only: str | None = None, log=print) -> int:
             return EXIT_PREEMPTED
     rows = write_results(sweep, runs)
     done = sum(row["status"] == "done" for row in rows)
-    left = [r.name for r in runs if run_status(sweep, r) not in ("done", "diverged")]
+    status = {r.name: run_status(sweep, r) for r in runs}  # each run's summary read once
+    left = [r.name for r in runs if status[r.name] not in ("done", "diverged")]
     log(f"sweep {sweep.name}: {done} of {len(runs)} runs done"
         + "".join(f", {sum(row['status'] == s for row in rows)} {s}" for s in ("diverged", "failed")
                   if any(row["status"] == s for row in rows))
         + (f", {len(left)} not finished" if left else "")
         + f"; results in {os.path.join(sweep.dir, 'results.csv')} ({time.perf_counter() - t0:.0f}s)")
-    unfinished = [r.name for r in todo if run_status(sweep, r) not in ("done", "diverged")
-                  and not (r.kind == "branch" and run_status(sweep, by_name[r.branch_of]) == "diverged")]
+    unfinished = [n for n in left if only in (None, n)
+                  and not (by_name[n].kind == "branch" and status[by_name[n].branch_of] == "diverged")]
     if unfinished:  # failed, or a branch not run because its stable run failed: not a finished sweep
         log(f"not finished: {', '.join(unfinished)}; fix the cause (logs/<run>.error) and run the same command "
             "again (exit 1)")
