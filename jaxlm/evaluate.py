@@ -22,10 +22,8 @@ checkpoint gives the same numbers on any mesh.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -33,6 +31,7 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt
+from jaxlm import files
 from jaxlm.config import Config
 from jaxlm.data import cache
 from jaxlm.data.loader import Windows, window_batches
@@ -181,10 +180,6 @@ def validate(stepper, params, split: Split, cfg: Config, eos_id: int) -> dict:
     return {f"eval_{k}": res[k] for k in keys if k in res}
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80] or "data"
-
-
 def evaluate(path: str, *, data: str | None = None, split: str | None = None, seq_len: int = 0,
              stride: int = 0, all_checkpoints: bool = False, ci_unit: str = "auto", ci_block: int = 0,
              overrides: list[str] | tuple[str, ...] = (), devices=None, write: bool = True,
@@ -241,11 +236,8 @@ def _write(run_dir: str, record: dict, name: str) -> str:
     r = record if "context" in record else record["results"][0]
     suffix = f"-ctx{r['context']}-stride{r['stride']}" if r["stride"] != r["context"] else ""
     out_dir = os.path.join(run_dir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}-{_slug(record['data'])}{suffix}.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    path = os.path.join(out_dir, f"{name}-{files.slug(record['data'])}{suffix}.json")
+    files.write_json(path, record)
     return path
 
 

@@ -26,6 +26,7 @@ import time
 import jax
 import numpy as np
 
+from jaxlm import files
 from jaxlm.config import ModelConfig, default_cache_root
 
 
@@ -160,22 +161,6 @@ def _read_cpu_peaks(path: str) -> dict:
     return entries if isinstance(entries, dict) else {}
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    import tempfile
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".cpu_peak.", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def cpu_peak_flops(device, dtype: str = "float32") -> tuple[float, str]:
     """(per-device peak FLOP/s of this machine's CPU for `dtype` matmuls, its source).
 
@@ -204,7 +189,7 @@ def cpu_peak_flops(device, dtype: str = "float32") -> tuple[float, str]:
         try:
             entries = _read_cpu_peaks(path)  # re-read: keep what other processes wrote meanwhile
             entries[key] = entry
-            _write_json_atomic(path, {"version": _CPU_PEAK_VERSION, "entries": entries})
+            files.write_json(path, {"version": _CPU_PEAK_VERSION, "entries": entries}, sort_keys=True)
             source = f"{dtype} matmul peak measured on this CPU at start-up, cached at {path}"
         except OSError as e:
             source = f"{dtype} matmul peak measured on this CPU at start-up (not cached: {path}: {e.strerror or e})"
@@ -340,11 +325,9 @@ def truncate_metrics(run_dir: str, start: int) -> None:
     if not os.path.exists(path):
         return
     kept = [r for r in read_metrics(run_dir) if r.get("step", -1) < start]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with files.atomic_open(path) as f:
         for r in kept:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 class Throughput:

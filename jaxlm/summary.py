@@ -21,6 +21,7 @@ import json
 import os
 import time
 
+from jaxlm import files
 from jaxlm.config import Config, to_yaml
 
 STATUSES = ("running", "done", "diverged", "stopped")
@@ -98,8 +99,5 @@ class RunSummary:
             self.data["status"] = status
         self.data["wall_s"] = self._wall_before + time.perf_counter() - self._t0
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path)
+        files.write_json(self.path, self.data)
         return self.data

@@ -26,6 +26,7 @@ import secrets
 import string
 from typing import Any
 
+from jaxlm import files
 from jaxlm.config import Config
 from jaxlm.errors import ConfigError
 
@@ -76,11 +77,7 @@ def run_id(run_dir: str, resume: bool) -> str:
         if stored:
             return stored
     new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    os.makedirs(run_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(new + "\n")
-    os.replace(tmp, path)
+    files.write_text(path, new + "\n")
     return new
 
 
