@@ -63,15 +63,17 @@ def model_param_counts(m: ModelConfig, vocab: int) -> dict[str, int]:
     return count_params(shapes, m.tied)
 
 
+FLOP_CONVENTIONS = ("6N", "6N+attn", "palm")  # the keys of `flops_per_token_conventions`
+
+
 def flops_per_token_conventions(m: ModelConfig, counts: dict[str, int], seq_len: int) -> dict[str, float]:
     """Training FLOPs per token under each named convention (see the module docstring)."""
     six_n = 6.0 * counts["matmul"]
-    return {"6N": six_n,
-            "6N+attn": six_n + 6.0 * m.n_layers * seq_len * m.d_model,
-            "palm": six_n + 12.0 * m.n_layers * m.n_heads * m.head_dim * seq_len}
+    return dict(zip(FLOP_CONVENTIONS, (six_n, six_n + 6.0 * m.n_layers * seq_len * m.d_model,
+                                       six_n + 12.0 * m.n_layers * m.n_heads * m.head_dim * seq_len)))
 
 
-def flops_per_token(m: ModelConfig, counts: dict[str, int], vocab: int, seq_len: int) -> float:
+def flops_per_token(m: ModelConfig, counts: dict[str, int], seq_len: int) -> float:
     """jaxlm's convention, `6N+attn`: the FLOPs that MFU and plots count."""
     return flops_per_token_conventions(m, counts, seq_len)["6N+attn"]
 
@@ -84,12 +86,6 @@ _PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0, "tpu v
 _CPU_PEAK_FILE = "cpu_peak.json"  # under $JAXLM_CACHE_DIR or ~/.cache/jaxlm
 _CPU_PEAK_VERSION = 1
 _cpu_peak_memo: dict[tuple[str, str], tuple[float, str]] = {}  # (path, key) -> (per-device FLOP/s, source)
-
-
-def peak_flops(device, override_tflops: float = 0.0, dtype: str = "float32") -> float | None:
-    """Peak FLOP/s of one device: the override, the data-sheet table, or on a CPU a measurement
-    for `dtype` (`peak_flops_info` also says which)."""
-    return peak_flops_info(device, override_tflops, dtype)[0]
 
 
 def peak_flops_info(device, override_tflops: float = 0.0, dtype: str = "float32") -> tuple[float | None, str]:

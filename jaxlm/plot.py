@@ -55,7 +55,7 @@ def _flops_per_token(run_dir: str, cfg) -> float:
         vocab = check_vocab(cfg, load_tokenizer(tok_path).vocab_size)
     else:
         raise ConfigError(f"'{run_dir}' has no tokenizer.model and its config sets no model.vocab_size")
-    return flops_per_token(cfg.model, model_param_counts(cfg.model, vocab), vocab, cfg.train.seq_len)
+    return flops_per_token(cfg.model, model_param_counts(cfg.model, vocab), cfg.train.seq_len)
 
 
 def plot(run_dirs: list[str], out_dir: str) -> list[str]:
