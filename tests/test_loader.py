@@ -80,24 +80,45 @@ def test_eval_batches_with_segments_still_score_every_token_once():
     assert seen == len(tokens) - 1
 
 
-def test_prefetch_runs_ahead_measures_waits_and_raises_errors():
-    made = []
+HANG_S = 30  # hang guard only: every wait below normally ends in milliseconds
 
-    def slow(step):
-        made.append(step)
-        time.sleep(0.05)
+
+def _until(condition, what: str) -> None:
+    """Wait for `condition()`; fail (never pass) if it has not held after HANG_S."""
+    deadline = time.monotonic() + HANG_S
+    while not condition():
+        assert time.monotonic() < deadline, f"hang guard: still waiting for {what}"
+        time.sleep(0.001)
+
+
+def test_prefetch_runs_ahead_counts_waits_and_raises_errors():
+    """Ordered by events, not by sleeping: the test means the same on a fast or a loaded machine."""
+    started, gates = [], [threading.Event() for _ in range(10)]
+
+    def make(step):
+        started.append(step)
+        assert gates[step].wait(HANG_S), "hang guard"
         if step == 4:
             raise ValueError("broken batch")
         return step * 10
 
-    p = Prefetch(slow, 0, 10, depth=2)
-    assert p.get(0) == 0
-    assert p.wait_s >= 0.03  # the first batch had to be waited for
-    time.sleep(0.6)
-    assert made == [0, 1, 2, 3]  # two ahead, not more (one waits to be queued)
-    waited = p.wait_s
-    assert p.get(1) == 10 and p.get(2) == 20 and p.wait_s - waited < 0.02  # ready: no wait
-    assert p.get(3) == 30
+    p = Prefetch(make, 0, 10, depth=2)
+    got = []
+    first = threading.Thread(target=lambda: got.append(p.get(0)))
+    first.start()
+    _until(lambda: p.waits == 1, "the first get to find its batch not ready")
+    gates[0].set()
+    first.join(HANG_S)
+    assert got == [0] and p.waits == 1
+    for g in gates[1:4]:
+        g.set()
+    _until(lambda: p._q.full() and len(started) >= 4, "two batches queued and a third made")
+    assert started == [0, 1, 2, 3] and p._q.qsize() == 2  # two ahead, one waiting to be queued, not more
+    assert p.get(1) == 10
+    _until(lambda: len(started) == 5, "step 3 queued, so that step 4 is being made")
+    assert p.get(2) == 20 and p.get(3) == 30
+    assert p.waits == 1  # those three were ready when asked for
+    gates[4].set()
     with pytest.raises(ValueError, match="broken batch"):
         p.get(4)
     p.close()

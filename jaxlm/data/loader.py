@@ -151,11 +151,14 @@ class Prefetch:
     """Runs `make(step)` for steps start, start+1, ... on a background thread, `depth` ahead.
 
     `get(step)` returns the item of `step` (steps are consumed in order) and adds the time
-    it blocked to `wait_s`. An exception in `make` is raised by the `get` that needs it.
+    it blocked to `wait_s`; `waits` counts the gets whose item was not ready yet (a count,
+    unlike the time, does not depend on the machine's speed). An exception in `make` is
+    raised by the `get` that needs it.
     """
 
     def __init__(self, make: Callable[[int], object], start: int, stop: int, depth: int = 2):
         self.wait_s = 0.0
+        self.waits = 0
         self._q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._halt = threading.Event()
         self._next = start
@@ -182,6 +185,7 @@ class Prefetch:
         if step != self._next:
             raise ValueError(f"prefetch expected step {self._next}, asked for {step}")
         t0 = time.perf_counter()
+        self.waits += self._q.empty()
         while True:
             try:
                 got, item, error = self._q.get(timeout=1.0)
