@@ -1,27 +1,7 @@
 """Hugging Face export and import, and plain safetensors export.
 
-Names and layouts (jaxlm kernels are [in, out] with heads as their own axes; torch
-Linear weights are [out, in]; GPT-2's Conv1D weights are [in, out]):
-
-llama -> LlamaForCausalLM
-    embed.embedding [V, D]              model.embed_tokens.weight [V, D]
-    attn.q.kernel [D, N, H]             model.layers.i.self_attn.q_proj.weight [N*H, D]  (k, v alike)
-    attn.o.kernel [N, H, D]             model.layers.i.self_attn.o_proj.weight [D, N*H]
-    mlp.{gate,up}.kernel [D, F]         model.layers.i.mlp.{gate,up}_proj.weight [F, D]
-    mlp.down.kernel [F, D]              model.layers.i.mlp.down_proj.weight [D, F]
-    attn_norm / mlp_norm / final_norm   input_layernorm / post_attention_layernorm / model.norm
-    head.kernel [D, V] (untied)         lm_head.weight [V, D]
-  RoPE: both use the rotate-half layout with the same frequencies, so q and k need no
-  permutation.
-
-gpt2 -> GPT2LMHeadModel
-    embed.embedding / pos_embed         transformer.wte.weight / transformer.wpe.weight
-    attn.{q,k,v}.kernel [D, N, H]       transformer.h.i.attn.c_attn.weight [D, 3D] (q | k | v)
-    attn.o.kernel [N, H, D]             transformer.h.i.attn.c_proj.weight [D, D]
-    mlp.up / mlp.down                   transformer.h.i.mlp.c_fc / c_proj (weight [in, out])
-    attn_norm / mlp_norm / final_norm   ln_1 / ln_2 / transformer.ln_f
-  GPT-2 always has biases: a jaxlm model without them exports zeros (the same function).
-
+Names and layouts are `jaxlm.hf_names`' tables, one per family (llama -> LlamaForCausalLM,
+gpt2 -> GPT2LMHeadModel); `to_hf` and `from_hf` read the same table in opposite directions.
 A model the target cannot represent (GPT-2 with grouped-query attention) is refused.
 
 A µP model (model.parametrization=mup, docs/mup.md) multiplies q by alpha_attn / sqrt(head_dim)
@@ -41,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from jaxlm import mup
+from jaxlm import hf_names, mup
 from jaxlm.config import ModelConfig, load_config, to_yaml
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import ConfigError, JaxlmError
@@ -67,10 +47,6 @@ def layer_params(params, cfg: ModelConfig) -> list[dict]:
     return [params[f"block_{i}"] for i in range(cfg.n_layers)]
 
 
-def _norm(p: dict) -> dict:
-    return next(iter(p.values()))  # {"LayerNorm_0": {...}} or {"RMSNorm_0": {...}}
-
-
 # -- jaxlm -> Hugging Face ----------------------------------------------------------------------
 
 def check_exportable(cfg: ModelConfig) -> None:
@@ -78,7 +54,7 @@ def check_exportable(cfg: ModelConfig) -> None:
         raise ExportError(f"GPT2LMHeadModel has no grouped-query attention; this model has "
                           f"n_kv_heads={cfg.kv_heads} < n_heads={cfg.n_heads} (export it as a llama family model "
                           "instead, or use --format safetensors)")
-    if cfg.family not in ("gpt2", "llama"):
+    if cfg.family not in hf_names.TABLES:
         raise ExportError(f"no Hugging Face mapping for model.family={cfg.family}")
 
 
@@ -98,60 +74,31 @@ def fold_mup(p: dict, cfg: ModelConfig) -> dict:
     return jax.tree_util.tree_map_with_path(fold, p)
 
 
+def _dims(cfg: ModelConfig, vocab: int) -> dict[str, int]:
+    """The letters of `hf_names`' shapes."""
+    return {"V": vocab, "T": cfg.max_seq_len, "D": cfg.d_model, "N": cfg.n_heads, "K": cfg.kv_heads,
+            "H": cfg.head_dim, "F": cfg.ff_dim}
+
+
 def to_hf(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """HF state dict (name -> float32 array) of jaxlm params (µP multipliers folded in, see `fold_mup`)."""
     check_exportable(cfg)
     p = fold_mup(_np(params), cfg)
-    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
+    blocks = layer_params(p, cfg)
+    dims = _dims(cfg, p["embed"]["embedding"].shape[0])
     out: dict[str, np.ndarray] = {}
-    if cfg.family == "llama":
-        out["model.embed_tokens.weight"] = p["embed"]["embedding"]
-        for i, b in enumerate(layer_params(p, cfg)):
-            pre = f"model.layers.{i}."
-            a, m = b["attn"], b["mlp"]
-            for name, heads in (("q", N), ("k", K), ("v", K)):
-                out[pre + f"self_attn.{name}_proj.weight"] = a[name]["kernel"].reshape(D, heads * H).T
-                if cfg.use_bias:
-                    out[pre + f"self_attn.{name}_proj.bias"] = a[name]["bias"].reshape(heads * H)
-            out[pre + "self_attn.o_proj.weight"] = a["o"]["kernel"].reshape(N * H, D).T
-            for name in ("gate", "up", "down"):
-                out[pre + f"mlp.{name}_proj.weight"] = m[name]["kernel"].T
-            if cfg.use_bias:
-                out[pre + "self_attn.o_proj.bias"] = a["o"]["bias"]
-                for name in ("gate", "up", "down"):
-                    out[pre + f"mlp.{name}_proj.bias"] = m[name]["bias"]
-            out[pre + "input_layernorm.weight"] = _norm(b["attn_norm"])["scale"]
-            out[pre + "post_attention_layernorm.weight"] = _norm(b["mlp_norm"])["scale"]
-        out["model.norm.weight"] = _norm(p["final_norm"])["scale"]
-        if not cfg.tied:
-            out["lm_head.weight"] = p["head"]["kernel"].T
-    else:
-        def bias(layer, shape):
-            return layer["bias"].reshape(shape) if "bias" in layer else np.zeros(shape, np.float32)
-
-        def ln(norm, prefix):
-            n = _norm(norm)
-            out[prefix + ".weight"] = n["scale"]
-            out[prefix + ".bias"] = bias(n, (D,))
-
-        out["transformer.wte.weight"] = p["embed"]["embedding"]
-        out["transformer.wpe.weight"] = p["pos_embed"]
-        for i, b in enumerate(layer_params(p, cfg)):
-            pre = f"transformer.h.{i}."
-            a, m = b["attn"], b["mlp"]
-            ln(b["attn_norm"], pre + "ln_1")
-            out[pre + "attn.c_attn.weight"] = np.concatenate([a[n]["kernel"].reshape(D, N * H) for n in "qkv"], 1)
-            out[pre + "attn.c_attn.bias"] = np.concatenate([bias(a[n], (N * H,)) for n in "qkv"])
-            out[pre + "attn.c_proj.weight"] = a["o"]["kernel"].reshape(N * H, D)
-            out[pre + "attn.c_proj.bias"] = bias(a["o"], (D,))
-            ln(b["mlp_norm"], pre + "ln_2")
-            out[pre + "mlp.c_fc.weight"] = m["up"]["kernel"]
-            out[pre + "mlp.c_fc.bias"] = bias(m["up"], (F,))
-            out[pre + "mlp.c_proj.weight"] = m["down"]["kernel"]
-            out[pre + "mlp.c_proj.bias"] = bias(m["down"], (D,))
-        ln(p["final_norm"], "transformer.ln_f")
-        if not cfg.tied:
-            out["lm_head.weight"] = p["head"]["kernel"].T
+    for e, name, i in hf_names.rows(hf_names.TABLES[cfg.family], cfg.n_layers):
+        if not e.applies(cfg.use_bias, cfg.tied):
+            continue
+        shapes = e.shapes(dims)
+        xs = []
+        for path, shape in zip(e.paths, shapes):
+            node = p if i is None else blocks[i]
+            for key in path[:-1]:
+                node = node[key]
+            absent = e.when == "zeros" and path[-1] not in node  # a model without biases: zeros
+            xs.append(np.zeros(shape, np.float32) if absent else node[path[-1]])
+        out[name] = e.layout.to_hf(xs, shapes)
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
@@ -332,7 +279,6 @@ def model_config_from_hf(hf: dict) -> list[str]:
 def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, target) -> dict:
     """jaxlm params (numpy, shaped like `target`) from a HF state dict; names the tensor that is missing,
     unexpected or of the wrong shape."""
-    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
     used: set[str] = set()
 
     def get(name: str, shape: tuple) -> np.ndarray:
@@ -344,59 +290,26 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, target) -> dict:
         used.add(name)
         return x
 
-    V = target["embed"]["embedding"].shape[0]
-    F = cfg.ff_dim
-    layers = []
-    if cfg.family == "llama":
-        params = {"embed": {"embedding": get("model.embed_tokens.weight", (V, D))},
-                  "final_norm": {"RMSNorm_0": {"scale": get("model.norm.weight", (D,))}}}
-        for i in range(cfg.n_layers):
-            pre = f"model.layers.{i}."
-            attn = {}
-            for name, heads in (("q", N), ("k", K), ("v", K)):
-                attn[name] = {"kernel": get(pre + f"self_attn.{name}_proj.weight", (heads * H, D)).T.reshape(D, heads, H)}
-                if cfg.use_bias:
-                    attn[name]["bias"] = get(pre + f"self_attn.{name}_proj.bias", (heads * H,)).reshape(heads, H)
-            attn["o"] = {"kernel": get(pre + "self_attn.o_proj.weight", (D, N * H)).T.reshape(N, H, D)}
-            mlp = {n: {"kernel": get(pre + f"mlp.{n}_proj.weight", (D, F) if n == "down" else (F, D)).T}
-                   for n in ("gate", "up", "down")}
-            if cfg.use_bias:
-                attn["o"]["bias"] = get(pre + "self_attn.o_proj.bias", (D,))
-                for n in ("gate", "up", "down"):
-                    mlp[n]["bias"] = get(pre + f"mlp.{n}_proj.bias", (D,) if n == "down" else (F,))
-            layers.append({"attn": attn, "mlp": mlp,
-                           "attn_norm": {"RMSNorm_0": {"scale": get(pre + "input_layernorm.weight", (D,))}},
-                           "mlp_norm": {"RMSNorm_0": {"scale": get(pre + "post_attention_layernorm.weight", (D,))}}})
-        if not cfg.tied:
-            params["head"] = {"kernel": get("lm_head.weight", (V, D)).T}
-    else:
-        def ln(prefix):
-            return {"LayerNorm_0": {"scale": get(prefix + ".weight", (D,)), "bias": get(prefix + ".bias", (D,))}}
-
-        params = {"embed": {"embedding": get("transformer.wte.weight", (V, D))},
-                  "pos_embed": get("transformer.wpe.weight", (cfg.max_seq_len, D)),
-                  "final_norm": ln("transformer.ln_f")}
-        for i in range(cfg.n_layers):
-            pre = f"transformer.h.{i}."
-            w = get(pre + "attn.c_attn.weight", (D, 3 * N * H))
-            bqkv = get(pre + "attn.c_attn.bias", (3 * N * H,))
-            attn = {n: {"kernel": w[:, j * N * H:(j + 1) * N * H].reshape(D, N, H),
-                        "bias": bqkv[j * N * H:(j + 1) * N * H].reshape(N, H)} for j, n in enumerate("qkv")}
-            attn["o"] = {"kernel": get(pre + "attn.c_proj.weight", (N * H, D)).reshape(N, H, D),
-                         "bias": get(pre + "attn.c_proj.bias", (D,))}
-            mlp = {"up": {"kernel": get(pre + "mlp.c_fc.weight", (D, F)), "bias": get(pre + "mlp.c_fc.bias", (F,))},
-                   "down": {"kernel": get(pre + "mlp.c_proj.weight", (F, D)),
-                            "bias": get(pre + "mlp.c_proj.bias", (D,))}}
-            layers.append({"attn": attn, "mlp": mlp, "attn_norm": ln(pre + "ln_1"), "mlp_norm": ln(pre + "ln_2")})
-        if not cfg.tied:
-            params["head"] = {"kernel": get("lm_head.weight", (V, D)).T}
+    table = hf_names.TABLES[cfg.family]
+    dims = _dims(cfg, target["embed"]["embedding"].shape[0])
+    params: dict = {}
+    layers: list[dict] = [{} for _ in range(cfg.n_layers)]
+    for e, name, i in hf_names.rows(table, cfg.n_layers):
+        if not e.applies(cfg.use_bias, cfg.tied):
+            continue
+        shapes = e.shapes(dims)
+        for path, x in zip(e.paths, e.layout.from_hf(get(name, e.layout.hf_shape(shapes)), shapes)):
+            node = params if i is None else layers[i]
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = x
     if cfg.scan_layers:
         params["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
     else:
         params.update({f"block_{i}": layer for i, layer in enumerate(layers)})
     ignorable = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")  # buffers older versions saved
-    extra = [k for k in tensors if k not in used and not k.endswith(ignorable)
-             and not (k == "lm_head.weight" and cfg.tied)]
+    tied_copy = {e.hf for e in table if e.when == "untied" and cfg.tied}  # a tied head's copy may be saved
+    extra = [k for k in tensors if k not in used and not k.endswith(ignorable) and k not in tied_copy]
     if extra:
         raise ExportError(f"unexpected tensor '{extra[0]}' ({len(extra)} in all) for this config.json")
     want = jax.tree_util.tree_structure(target)

@@ -284,3 +284,32 @@ def test_what_cannot_be_exported_or_imported_is_refused_by_name(trained_run, tmp
     assert "model_type='mistral'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main(["export", str(trained_run[1]), "--out", str(tmp_path / "x2"), "--format", "onnx"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_from_hf_inverts_to_hf_exactly_for_random_params(family):
+    """One table per family serves both directions: random params (no two leaves alike) come back bit for bit,
+    tied and untied, with and without biases, scanned or unrolled layers (a gpt2 model without biases exports
+    zero biases, which a model without them cannot import)."""
+    import flax.linen as nn
+    from conftest import decoder, tiny_config
+
+    cases = [(tied, bias, scan) for tied in (True, False) for bias in (True, False) for scan in (True, False)]
+    rng = np.random.default_rng(0)
+    for tied, bias, scan in cases:
+        extra = ["model.n_kv_heads=4", "model.d_ff=96"] if family == "llama" else []  # 8 heads over 4 kv heads
+        cfg = tiny_config(f"model.family={family}", f"model.tie_embeddings={str(tied).lower()}",
+                          f"model.bias={str(bias).lower()}", f"model.scan_layers={str(scan).lower()}", *extra)
+        shapes = nn.unbox(jax.eval_shape(decoder(cfg, 96).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+        params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes["params"])
+        case = f"{family} tied={tied} bias={bias} scan={scan}"
+        tensors = to_hf(params, cfg.model)
+        assert ("lm_head.weight" in tensors) == (not tied), case
+        if family == "gpt2" and not bias:  # GPT2LMHeadModel always has biases: zeros, the same function
+            biases = [k for k in tensors if k.endswith(".bias")]
+            assert len(biases) == 2 * 6 + 1 and not any(np.any(tensors[k]) for k in biases), case
+            continue
+        back = from_hf(tensors, cfg.model, params)
+        assert jax.tree.structure(back) == jax.tree.structure(params), case
+        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(back)):
+            assert y.dtype == np.float32 and y.shape == x.shape and np.array_equal(x, y), (case, path)
