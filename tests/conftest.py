@@ -1,4 +1,9 @@
-"""Eight fake CPU devices for every test, and helpers for tiny configs and the shared corpora."""
+"""Eight fake CPU devices for every test, and helpers for tiny configs and the shared corpora.
+
+The suite runs on pytest-xdist workers (README "Tests"). What a worker shares with the
+others comes from the environment the first process sets up here: one token cache and one
+compiled-program cache per session. Tests marked `serial` run alone (see `_alone`).
+"""
 
 import os
 
@@ -17,15 +22,20 @@ def _session_dir(prefix: str) -> str:
     return path
 
 
-# Token caches of tests go to a fresh directory, never the user's ~/.cache/jaxlm.
-os.environ["JAXLM_CACHE_DIR"] = _session_dir("jaxlm-test-cache-")
-# One compiled-program cache for the session, shared with the subprocesses tests start: many tests build
-# the same tiny model and step, and each new Stepper is a new jit, so without it every test recompiles
-# programs an earlier one already compiled (test_cli.py: 152 s without,
-# 92 s with, on a 2-core Intel Xeon with two training processes beside it).
-# A test that sets its own JAX_COMPILATION_CACHE_DIR for a subprocess keeps it.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_dir("jaxlm-test-compiled-")
+# The first process of a session (the xdist controller, or pytest alone) makes the session's
+# directories; xdist workers inherit them through the environment, so they share one token cache
+# and one compiled-program cache instead of one each.
+if "JAXLM_TEST_SESSION" not in os.environ:
+    os.environ["JAXLM_TEST_SESSION"] = _session_dir("jaxlm-test-session-")
+    # Token caches of tests go to a fresh directory, never the user's ~/.cache/jaxlm.
+    os.environ["JAXLM_CACHE_DIR"] = os.path.join(os.environ["JAXLM_TEST_SESSION"], "cache")
+    # One compiled-program cache for the session, shared with workers and the subprocesses tests start:
+    # many tests build the same tiny model and step, and each new Stepper is a new jit, so without it every
+    # test recompiles programs an earlier one already compiled (test_cli.py: 152 s without, 92 s with, on a
+    # 2-core Intel Xeon with two training processes beside it). A test that sets its own
+    # JAX_COMPILATION_CACHE_DIR for a subprocess keeps it.
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAXLM_TEST_SESSION"], "compiled")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
@@ -96,10 +106,58 @@ def write_corpus(directory, seed: int = 0) -> str:
     return "text:" + str(directory / "doc*.txt")
 
 
-@pytest.fixture
-def small_corpus(tmp_path):
-    """A few synthetic documents written to disk, so tests need no shared data."""
-    return write_corpus(tmp_path)
+@pytest.fixture(scope="session")
+def small_corpus():
+    """A few synthetic documents on disk, written once per session and read-only, so their tokenizer and
+    token cache are built once and reused by every test (a test that changes its corpus overrides
+    this fixture with a per-test one, as tests/test_data.py does)."""
+    import fcntl
+    import pathlib
+
+    directory = pathlib.Path(os.environ["JAXLM_TEST_SESSION"]) / "small_corpus"
+    with open(os.path.join(os.environ["JAXLM_TEST_SESSION"], "small_corpus.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one xdist worker writes it, the others wait and read
+        if not (directory / "done").exists():
+            directory.mkdir(exist_ok=True)
+            source = write_corpus(directory)
+            for doc in directory.glob("doc*.txt"):
+                doc.chmod(0o444)
+            (directory / "done").write_text(source)
+    return (directory / "done").read_text()
+
+
+_LOCKS = {}
+
+
+def _lock_file(name: str):
+    if name not in _LOCKS:
+        _LOCKS[name] = open(os.path.join(os.environ["JAXLM_TEST_SESSION"], name), "w")
+    return _LOCKS[name]
+
+
+@pytest.fixture(autouse=True)
+def _alone(request):
+    """Tests marked `serial` run alone: a readers-writer lock over the xdist workers. Every test holds
+    the shared lock; a serial test holds it exclusively, so it waits for the running tests to end and
+    no other test starts until it is done. The turnstile gives a waiting serial test priority over
+    tests that would start after it. Such tests measure memory or ratios of times, or start
+    several processes with timeouts: a neighbour on the other core would change what they measure."""
+    import fcntl
+
+    serial = request.node.get_closest_marker("serial") is not None
+    turnstile, shared = _lock_file("turnstile.lock"), _lock_file("tests.lock")
+    fcntl.flock(turnstile, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(shared, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+    finally:
+        if not serial:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        fcntl.flock(shared, fcntl.LOCK_UN)
+        if serial:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,11 @@ from jaxlm.train import run
 
 from conftest import tiny_config, write_corpus
 
+# several processes, each with its devices and threads, under launch timeouts: nothing runs beside them
+pytestmark = pytest.mark.serial
+
 STEPS = 20
-TIMEOUT = 240  # seconds for any one launch
+TIMEOUT = 240  # hang guard: seconds for any one launch
 ARGS = ["model.family=gpt2", "model.d_model=64", "model.n_layers=2", "model.n_heads=8", "model.max_seq_len=64",
         "train.batch_size=16", "train.seq_len=32", "optim.schedule=constant", "optim.warmup_steps=0",
         "optim.lr=1e-3", "data.tokenizer_vocab=320", f"train.steps={STEPS}", "train.log_every=1",
