@@ -101,7 +101,7 @@ def _plot(args) -> int:
 
     out = args.out or (os.path.join(args.runs[0], "plots") if len(args.runs) == 1 else "plots")
     if len(args.runs) == 1 and os.path.exists(os.path.join(args.runs[0], "results.csv")):  # a sweep directory
-        from jaxlm.fit_plot import plot_sweep
+        from jaxlm.scaling.plot import plot_sweep
 
         paths = plot_sweep(args.runs[0], out)
     else:
@@ -112,11 +112,11 @@ def _plot(args) -> int:
 
 
 def _fit(args) -> int:
-    from jaxlm import fit
+    from jaxlm.scaling import fitting
 
-    points, result, out = fit.command(args)
+    points, result, out = fitting.command(args)
     if args.plot:
-        from jaxlm.fit_plot import plot_sweep
+        from jaxlm.scaling.plot import plot_sweep
 
         for path in plot_sweep(points, os.path.join(out, "plots"), result):
             print(path)
@@ -124,14 +124,14 @@ def _fit(args) -> int:
 
 
 def _add_fit(sub) -> None:
-    from jaxlm import fit
+    from jaxlm.scaling import fitting
 
     p = sub.add_parser("fit", help="fit a scaling law L(N, D) to a sweep (or any points), with intervals",
                        description="Fit L(N, D) = E + A/N^alpha + B/D^beta (Huber on log loss, L-BFGS from a "
                                    "grid of starts), bootstrap 95%% intervals, IsoFLOP parabolas when the sweep "
                                    "has compute budgets, held-out predictions and compute-optimal sizes; "
                                    "writes fit.json. See docs/scaling.md.")
-    fit.add_arguments(p)
+    fitting.add_arguments(p)
     p.set_defaults(func=_fit)
 
 
@@ -339,31 +339,35 @@ def _add_launch(sub) -> None:
 
 
 def _sweep(args) -> int:
-    from jaxlm import sweep
     from jaxlm.errors import ConfigError
+    from jaxlm.scaling.cluster import emit_slurm
+    from jaxlm.scaling.plan import command, mup_note, plan, plan_table
+    from jaxlm.scaling.results import rescore
+    from jaxlm.scaling.run import run_sweep
+    from jaxlm.scaling.sweep_file import load_sweep
 
     if args.target[0] == "eval":
         if len(args.target) != 2 or not args.data:
             raise ConfigError("usage: jaxlm sweep eval SWEEP_DIR --data SOURCE [--name NAME]")
-        sweep.rescore(args.target[1], args.data, args.name or "")
+        rescore(args.target[1], args.data, args.name or "")
         return EXIT_OK
     if len(args.target) != 1 or args.data or args.name:
         raise ConfigError("usage: jaxlm sweep SWEEP.yaml [--dir DIR] [--list | --emit slurm | --run NAME]; "
                           "--data and --name belong to `jaxlm sweep eval SWEEP_DIR`")
-    sw = sweep.load_sweep(args.target[0], args.dir)
+    sw = load_sweep(args.target[0], args.dir)
     if args.list or args.emit:
-        runs = sweep.plan(sw)
+        runs = plan(sw)
         if args.list:
-            print("\n".join(sweep.command(sw, r) for r in runs))
+            print("\n".join(command(sw, r) for r in runs))
         else:
-            for path in sweep.emit_slurm(sw, runs):
+            for path in emit_slurm(sw, runs):
                 print(path)
         return EXIT_OK
-    runs = sweep.plan(sw)
-    note = sweep.mup_note(sw)
-    print(f"sweep {sw.name}: {len(runs)} runs in {sw.dir}\n" + (note + "\n" if note else "") + sweep.plan_table(runs),
+    runs = plan(sw)
+    note = mup_note(sw)
+    print(f"sweep {sw.name}: {len(runs)} runs in {sw.dir}\n" + (note + "\n" if note else "") + plan_table(runs),
           flush=True)
-    return sweep.run_sweep(sw, only=args.run, log=lambda m: print(m, flush=True))
+    return run_sweep(sw, only=args.run, log=lambda m: print(m, flush=True))
 
 
 def _add_sweep(sub) -> None:

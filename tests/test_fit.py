@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from jaxlm import cli
-from jaxlm import fit as fitting
-from jaxlm import fit_plot
+from jaxlm.scaling import bootstrap, fitting, law, lbfgs, report
+from jaxlm.scaling import plot as fit_plot
+from jaxlm.scaling.points import load_source
+from jaxlm.scaling.results import RESULT_COLUMNS
 from jaxlm.errors import ConfigError
 
 from conftest import shared_data
@@ -37,7 +39,7 @@ def run_row(name, size, n, d, loss, seed=0, status="done", holdout=0, isoflop_c=
             "status": status}
 
 
-def write_results(directory, rows, columns=fitting.SWEEP_COLUMNS):
+def write_results(directory, rows, columns=RESULT_COLUMNS):
     """A sweep's results.csv in `directory`; returns the directory."""
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "results.csv", "w", newline="", encoding="utf-8") as f:
@@ -63,7 +65,7 @@ def isoflop_rows(budgets, factors, seeds=2, noise=0.01, seed=0):
     """IsoFLOP runs: for each budget C, sizes N = N_opt(C) x factors (one array, or a list of one per
     budget), D = C / (6N)."""
     rng = np.random.default_rng(seed)
-    n_opt = fitting.optimum(TRUE_X, budgets)[0][0]
+    n_opt = law.optimum(TRUE_X, budgets)[0][0]
     rows = []
     for j, (c, centre) in enumerate(zip(budgets, n_opt)):
         for i, f in enumerate(factors[j] if isinstance(factors, list) else factors):
@@ -85,7 +87,7 @@ def parse(argv):
 def coarse_starts():
     """108 of the 4500 grid starts (a, b in {0, 10, 20}, e in {-1, 0, 1}, alpha, beta in {0.5, 1.5}): the
     batched synthetic tests fit 20 data sets at once; on seed 0 this grid finds the full grid's optimum."""
-    g = fitting.grid_starts()
+    g = law.grid_starts()
     keep = (np.isin(g[:, 0], [0, 10, 20]) & np.isin(g[:, 1], [0, 10, 20]) & np.isin(g[:, 2], [-1, 0, 1])
             & np.isin(g[:, 3], [0.5, 1.5]) & np.isin(g[:, 4], [0.5, 1.5]))
     return g[keep]
@@ -106,29 +108,29 @@ def test_the_gradient_is_the_objectives_and_the_batched_lbfgs_agrees_with_scipy(
     data = (np.log(n), np.log(d), np.log(loss))
     rng = np.random.default_rng(0)
     x = TRUE_X + rng.normal(0, 0.1, size=(4, 5))
-    f, g = fitting.huber_objective(x, *data)
+    f, g = lbfgs.huber_objective(x, *data)
     eps = 1e-6
     for k in range(5):
         step = np.zeros(5)
         step[k] = eps
-        fd = (fitting.huber_objective(x + step, *data, grad=False)
-              - fitting.huber_objective(x - step, *data, grad=False)) / (2 * eps)
+        fd = (lbfgs.huber_objective(x + step, *data, grad=False)
+              - lbfgs.huber_objective(x - step, *data, grad=False)) / (2 * eps)
         np.testing.assert_allclose(g[:, k], fd, rtol=1e-5, atol=1e-9)
     weights = rng.integers(0, 3, size=(4, len(n))).astype(float)
-    fw = fitting.huber_objective(x, *data, weights, grad=False)
-    np.testing.assert_allclose(fw, [fitting.huber_objective(x[i:i + 1], *data, weights[i], grad=False)[0]
+    fw = lbfgs.huber_objective(x, *data, weights, grad=False)
+    np.testing.assert_allclose(fw, [lbfgs.huber_objective(x[i:i + 1], *data, weights[i], grad=False)[0]
                                     for i in range(4)])
-    x_end, f_end, _ = fitting.minimize_batch(x, *data)
+    x_end, f_end, _ = lbfgs.minimize_batch(x, *data)
     for i in range(4):
-        res = minimize(lambda t: tuple(v[0] for v in fitting.huber_objective(t[None], *data)), x[i], jac=True,
+        res = minimize(lambda t: tuple(v[0] for v in lbfgs.huber_objective(t[None], *data)), x[i], jac=True,
                        method="L-BFGS-B", options={"ftol": 1e-13, "gtol": 1e-12, "maxiter": 2000})
         assert f_end[i] <= res.fun * (1 + 1e-6) + 1e-12, (i, f_end[i], res.fun)
 
 
 def test_a_coarse_grid_of_starts_finds_the_full_grids_optimum_on_synthetic_points():
     n, d, loss = (v[0] for v in synthetic_sets(np.geomspace(1e5, 2e6, 4), np.geomspace(1e6, 5e7, 3), sets=1))
-    full = fitting.fit_law(n, d, loss)
-    coarse = fitting.fit_law(n, d, loss, starts=coarse_starts())
+    full = law.fit_law(n, d, loss)
+    coarse = law.fit_law(n, d, loss, starts=coarse_starts())
     assert full.starts == 4500 and 1 <= full.starts_at_best <= 4500
     assert coarse.objective == pytest.approx(full.objective, rel=1e-6)
     np.testing.assert_allclose(coarse.x, full.x, rtol=1e-3, atol=1e-4)
@@ -183,12 +185,12 @@ def test_on_a_sweep_sized_grid_the_bootstrap_intervals_cover_the_truth():
     cover the truth in >= 17 of 20 and the estimates centre on it. One data set cannot pin alpha to
     +-0.03 here (its Cramer-Rao standard error is ~0.077 at 1% noise; docs/scaling.md)."""
     n, d, loss = synthetic_sets(np.geomspace(1e5, 2e6, 4), np.geomspace(1e6, 5e7, 3))
-    fits = fitting.fit_laws(n, d, loss, starts=coarse_starts())
-    boot = fitting.bootstrap_laws(n, d, loss, fits, samples=60, seed=0)
-    est = {k: np.array([fitting.params(f.x)[k] for f in fits]) for k in ("alpha", "beta")}
+    fits = law.fit_laws(n, d, loss, starts=coarse_starts())
+    boot = bootstrap.bootstrap_laws(n, d, loss, fits, samples=60, seed=0)
+    est = {k: np.array([law.params(f.x)[k] for f in fits]) for k in ("alpha", "beta")}
     for k in ("alpha", "beta"):
         covered = sum(lo <= TRUE[k] <= hi for lo, hi in
-                      (fitting.ci95(b[:, 3 if k == "alpha" else 4]) for b in boot))
+                      (bootstrap.ci95(b[:, 3 if k == "alpha" else 4]) for b in boot))
         assert covered >= 17, (k, covered)
         assert abs(np.median(est[k]) - TRUE[k]) < 0.03, (k, np.median(est[k]))
 
@@ -197,7 +199,7 @@ def test_a_wider_sweep_recovers_alpha_and_beta_within_003():
     """6 sizes over 3 decades (1e4..1e7) x 6 token budgets (1e6..1e9) x 2 seeds, 1% noise: every one of
     20 data sets gives alpha and beta within 0.03 (Cramer-Rao standard errors ~0.008 and ~0.010)."""
     n, d, loss = synthetic_sets(np.geomspace(1e4, 1e7, 6), np.geomspace(1e6, 1e9, 6))
-    fits = fitting.fit_laws(n, d, loss, starts=coarse_starts())
+    fits = law.fit_laws(n, d, loss, starts=coarse_starts())
     for k, i in (("alpha", 3), ("beta", 4)):
         errors = np.array([f.x[i] for f in fits]) - TRUE[k]
         assert np.abs(errors).max() < 0.03, (k, errors.round(3))
@@ -222,11 +224,11 @@ def test_isoflop_profiles_give_the_exponent_and_an_edge_budget_is_refused(tmp_pa
     assert "refused budget C = 3e+16" in out
     for b in iso["budgets"]:
         if b["used"]:
-            assert b["N_opt"] == pytest.approx(fitting.optimum(TRUE_X, [b["C"]])[0][0, 0], rel=0.25)
+            assert b["N_opt"] == pytest.approx(law.optimum(TRUE_X, [b["C"]])[0][0, 0], rel=0.25)
     assert r["a"]["value"] == pytest.approx(TRUE_A, abs=0.05)  # approach 3 on the same runs
     only_two = write_results(tmp_path / "two", [row for row in centred if row["size"].endswith(("n0", "n1"))]
                              + grid_rows([1e5, 3e5, 1e6], [1e6, 1e7, 1e8]))
-    r2 = fitting.fit(fitting.load_source(str(only_two)), bootstrap=0)
+    r2 = fitting.fit(load_source(str(only_two)), bootstrap=0)
     assert r2["isoflop"]["a"] is None and all("a parabola needs 3" in b["reason"] for b in r2["isoflop"]["budgets"])
 
 
@@ -255,7 +257,7 @@ def test_holdout_and_budget_predictions(tmp_path, capsys):
         assert lo < h["predicted"] < hi and h["inside"] == (lo <= h["measured"] <= hi)
     assert sum(h["inside"] for h in held.values()) >= 4
     for b in r["budgets"]:
-        n_true, d_true, l_true = (v[0, 0] for v in fitting.optimum(TRUE_X, [b["C"]]))
+        n_true, d_true, l_true = (v[0, 0] for v in law.optimum(TRUE_X, [b["C"]]))
         assert b["N_opt"]["value"] == pytest.approx(n_true, rel=0.15)
         assert b["D_opt"]["value"] == pytest.approx(d_true, rel=0.15)
         assert b["loss"]["value"] == pytest.approx(l_true, rel=0.01)
@@ -272,7 +274,7 @@ def test_seconds_turn_each_sizes_measured_speed_into_tokens_and_pick_the_best(tm
     for row in rows:
         row["wall_s"], row["kind"] = row["tokens"] / rate[row["size"]], "straight"
     rows[0]["kind"], rows[0]["wall_s"] = "branch", 1.0  # a branch's wall time is its cooldown only: ignored
-    sweep = write_results(tmp_path / "sweep", rows, columns=fitting.SWEEP_COLUMNS + ("kind",))
+    sweep = write_results(tmp_path / "sweep", rows, columns=RESULT_COLUMNS + ("kind",))
     seconds = 3000.0
     assert cli._fit(parse([str(sweep), "--seconds", str(seconds), "--bootstrap", "40"])) == 0
     text = capsys.readouterr().out
@@ -302,7 +304,7 @@ def test_the_closed_form_optimum_is_the_numeric_minimum():
 
     for c in (1e15, 1e18, 5.76e23):
         for k in (6.0, 7.3):
-            n, d, loss = (float(v[0, 0]) for v in fitting.optimum(TRUE_X, [c], k))
+            n, d, loss = (float(v[0, 0]) for v in law.optimum(TRUE_X, [c], k))
             res = minimize_scalar(lambda u: float(law_loss(math.exp(u), c / (k * math.exp(u)))),
                                   bounds=(0, 60), method="bounded", options={"xatol": 1e-10})
             assert math.log(n) == pytest.approx(res.x, abs=1e-4) and loss == pytest.approx(res.fun, rel=1e-9)
@@ -310,21 +312,21 @@ def test_the_closed_form_optimum_is_the_numeric_minimum():
 
 
 def test_a_bootstrap_sample_with_an_unbounded_coefficient_gives_an_infinite_bound():
-    from jaxlm import fit as fitting
+    from jaxlm.scaling import bootstrap, law
 
-    p = fitting.params([800.0, 5.0, 0.5, 0.3, 0.3])  # log A = 800: A overflows a float
+    p = law.params([800.0, 5.0, 0.5, 0.3, 0.3])  # log A = 800: A overflows a float
     assert p["A"] == float("inf") and p["B"] == pytest.approx(np.exp(5.0)) and p["a"] == pytest.approx(0.5)
-    lo, hi = fitting.ci95([1.0, 2.0, 3.0] * 10 + [float("inf")] * 10)
+    lo, hi = bootstrap.ci95([1.0, 2.0, 3.0] * 10 + [float("inf")] * 10)
     assert lo == 1.0 and hi == float("inf")  # kept, not dropped (dropping would narrow the interval)
 
 
 def test_conventions_pick_n_and_c(tmp_path):
     sweep = write_results(tmp_path / "s", grid_rows(np.geomspace(1e4, 1e7, 4), np.geomspace(1e6, 1e9, 3)))
-    total = fitting.load_source(str(sweep))
+    total = load_source(str(sweep))
     assert total.convention == "total" and np.allclose(total.c, 6 * total.n * total.d)
-    non_emb = fitting.load_source(str(sweep), "non_embedding")
+    non_emb = load_source(str(sweep), "non_embedding")
     np.testing.assert_allclose(non_emb.n, 0.8 * total.n)
-    palm = fitting.load_source(str(sweep), "palm")
+    palm = load_source(str(sweep), "palm")
     np.testing.assert_allclose(palm.n, 0.9 * total.n)
     assert palm.k == pytest.approx(6.6) and "median" in palm.k_note
     np.testing.assert_allclose(palm.c, 6.6 * palm.n * palm.d)
@@ -332,46 +334,46 @@ def test_conventions_pick_n_and_c(tmp_path):
 
 def test_bad_inputs_say_what_to_change(tmp_path):
     with pytest.raises(ConfigError, match="has no results.csv"):
-        fitting.load_source(str(tmp_path))
+        load_source(str(tmp_path))
     with pytest.raises(ConfigError, match="does not exist"):
-        fitting.load_source(str(tmp_path / "nope.csv"), n_col="N", loss_col="L", d_col="D")
+        load_source(str(tmp_path / "nope.csv"), n_col="N", loss_col="L", d_col="D")
     rows = grid_rows([1e5, 3e5, 1e6], [1e6, 1e7, 1e8])
-    sweep = write_results(tmp_path / "no_tokens", rows, [c for c in fitting.SWEEP_COLUMNS if c != "tokens"])
+    sweep = write_results(tmp_path / "no_tokens", rows, [c for c in RESULT_COLUMNS if c != "tokens"])
     with pytest.raises(ConfigError, match=r"no column 'tokens'.*its columns are: 'name', 'size'"):
-        fitting.load_source(str(sweep))
+        load_source(str(sweep))
     with pytest.raises(ConfigError, match=r"no column 'c_palm' \(needed by --convention palm\)"):
-        no_palm = [c for c in fitting.SWEEP_COLUMNS if c != "c_palm"]
-        fitting.load_source(str(write_results(tmp_path / "nopalm", rows, no_palm)), "palm")
+        no_palm = [c for c in RESULT_COLUMNS if c != "c_palm"]
+        load_source(str(write_results(tmp_path / "nopalm", rows, no_palm)), "palm")
     csv_path = tmp_path / "points.csv"
     csv_path.write_text("N,D,loss\n1e5,1e6,3.0\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"no column 'tokens_seen'.*its columns are: 'N', 'D', 'loss'"):
-        fitting.load_source(str(csv_path), n_col="N", loss_col="loss", d_col="tokens_seen")
+        load_source(str(csv_path), n_col="N", loss_col="loss", d_col="tokens_seen")
     with pytest.raises(ConfigError, match="exactly one of --d-col"):
-        fitting.load_source(str(csv_path), n_col="N", loss_col="loss")
+        load_source(str(csv_path), n_col="N", loss_col="loss")
     with pytest.raises(ConfigError, match="not a sweep's results.csv"):
-        fitting.load_source(str(csv_path))
+        load_source(str(csv_path))
     with pytest.raises(ConfigError, match="--convention and --holdout apply to a sweep"):
-        fitting.load_source(str(csv_path), "total", n_col="N", loss_col="loss", d_col="D")
+        load_source(str(csv_path), "total", n_col="N", loss_col="loss", d_col="D")
     with pytest.raises(ConfigError, match=r"1 fitted points with 1 distinct N and 1 distinct D"):
-        fitting.fit(fitting.load_source(str(csv_path), n_col="N", loss_col="loss", d_col="D"))
+        fitting.fit(load_source(str(csv_path), n_col="N", loss_col="loss", d_col="D"))
     bad = [dict(r) for r in rows]
     bad[4]["tokens"] = 0
     with pytest.raises(ConfigError, match=rf"line 6 \({bad[4]['name']}\): column 'tokens' is 0; .* must be positive"):
-        fitting.load_source(str(write_results(tmp_path / "zero", bad)))
+        load_source(str(write_results(tmp_path / "zero", bad)))
     bad[4]["tokens"] = "lots"
     with pytest.raises(ConfigError, match="column 'tokens' is 'lots', not a number"):
-        fitting.load_source(str(write_results(tmp_path / "word", bad)))
+        load_source(str(write_results(tmp_path / "word", bad)))
     ok = write_results(tmp_path / "ok", rows)
     with pytest.raises(ConfigError, match=r"--holdout s9: no such size .* its sizes are s0, s1, s2"):
-        fitting.load_source(str(ok), holdout_sizes=["s9"])
+        load_source(str(ok), holdout_sizes=["s9"])
     with pytest.raises(ConfigError, match=r"2 distinct N .* at least 5 points, 3 distinct N"):
-        fitting.fit(fitting.load_source(str(ok), holdout_sizes=["s2"]))
+        fitting.fit(load_source(str(ok), holdout_sizes=["s2"]))
     with pytest.raises(ConfigError, match="--budget -1"):
-        fitting.fit(fitting.load_source(str(ok)), budgets=[-1.0])
+        fitting.fit(load_source(str(ok)), budgets=[-1.0])
     # a diverged run's empty loss is not read; it is reported
     diverged = [dict(r) for r in rows]
     diverged[0].update(status="diverged", loss="")
-    r = fitting.fit(fitting.load_source(str(write_results(tmp_path / "div", diverged))), bootstrap=0)
+    r = fitting.fit(load_source(str(write_results(tmp_path / "div", diverged))), bootstrap=0)
     assert r["excluded"] == [{"name": rows[0]["name"], "status": "diverged"}] and r["points"] == len(rows) - 1
 
 
@@ -408,14 +410,14 @@ def test_plot_sweep_draws_a_grid_sweep_and_reuses_its_fit_json(tmp_path, monkeyp
 def test_a_law_whose_coefficient_overflows_is_still_drawn(tmp_path):
     rows = grid_rows(np.geomspace(1e4, 1e7, 4), np.geomspace(1e6, 1e9, 3), noise=0.003)
     sweep = write_results(tmp_path / "sweep", rows)
-    result = fitting.fit(fitting.load_source(str(sweep)), bootstrap=0)
-    assert [result["law_log"][k] for k in fitting.PARAM_NAMES] == pytest.approx(list(fit_plot._law_x(result)))
+    result = fitting.fit(load_source(str(sweep)), bootstrap=0)
+    assert [result["law_log"][k] for k in law.PARAM_NAMES] == pytest.approx(list(fit_plot._law_x(result)))
     # a degenerate fit (alpha in the hundreds) stores A = exp(a) as null: the plot uses law_log
-    degenerate = json.loads(json.dumps(fitting._jsonable(result)))
+    degenerate = json.loads(json.dumps(report._jsonable(result)))
     degenerate["law"]["A"] = None
     degenerate["law_log"].update(a=2000.0, alpha=300.0)
     x = fit_plot._law_x(degenerate)
-    assert np.all(np.isfinite(x)) and np.all(np.isfinite(fitting.log_loss(x, [1e5], [1e7])))
+    assert np.all(np.isfinite(x)) and np.all(np.isfinite(law.log_loss(x, [1e5], [1e7])))
     del degenerate["law_log"]  # a fit.json written before law_log: an infinite A, no crash
     assert fit_plot._law_x(degenerate)[0] == np.inf
     _assert_pngs(fit_plot.plot_sweep(str(sweep), str(tmp_path / "plots"), result), tmp_path / "plots")
@@ -424,6 +426,6 @@ def test_a_law_whose_coefficient_overflows_is_still_drawn(tmp_path):
 def test_plot_sweep_draws_isoflop_profiles(tmp_path):
     rows = isoflop_rows([1e15, 1e16, 1e17], np.geomspace(1 / 8, 8, 5), noise=0.005)
     sweep = write_results(tmp_path / "iso", rows)
-    result = fitting.fit(fitting.load_source(str(sweep)), bootstrap=0)
+    result = fitting.fit(load_source(str(sweep)), bootstrap=0)
     assert result["isoflop"]["a"] is not None
     _assert_pngs(fit_plot.plot_sweep(str(sweep), str(tmp_path / "plots"), result), tmp_path / "plots")

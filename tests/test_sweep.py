@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from jaxlm import sweep as sw
+from jaxlm.scaling import plan as planning
+from jaxlm.scaling import results, run, sweep_file
 from jaxlm.cli import main
 from jaxlm.config import to_yaml
 from jaxlm.errors import ConfigError
@@ -60,12 +61,12 @@ def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     path = root / "ci.yaml"
     path.write_text(SWEEP)
-    sweep = sw.load_sweep(str(path), str(root / "out"))
-    runs = sw.plan(sweep)
+    sweep = sweep_file.load_sweep(str(path), str(root / "out"))
+    runs = planning.plan(sweep)
     victim = runs[2].name
     proc = _jaxlm("sweep", str(path), "--dir", sweep.dir, cwd=root)
     deadline = time.time() + 600
-    while time.time() < deadline and not os.path.exists(os.path.join(sw.run_dir(sweep, victim), "metrics.jsonl")):
+    while time.time() < deadline and not os.path.exists(os.path.join(planning.run_dir(sweep, victim), "metrics.jsonl")):
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
     time.sleep(1.0)
@@ -81,8 +82,8 @@ def finished(tmp_path_factory):
 def test_plan_shapes_rules_and_order(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(SWEEP)
-    sweep = sw.load_sweep(str(path), str(tmp_path / "out"))
-    runs = {r.name: r for r in sw.plan(sweep)}
+    sweep = sweep_file.load_sweep(str(path), str(tmp_path / "out"))
+    runs = {r.name: r for r in planning.plan(sweep)}
     assert list(runs) == [f"{size}-{d}-s0" for size in ("s1", "s2", "s3", "wild") for d in ("d48k", "d24k", "d12k")]
     s3 = runs["s3-d48k-s0"]
     assert "model.d_model=64" in s3.overrides and "model.n_layers=2" in s3.overrides  # aspect 32, head dim 16
@@ -93,50 +94,50 @@ def test_plan_shapes_rules_and_order(tmp_path):
     assert s1.lr == pytest.approx(3e-3 * (s1.counts["non_embedding"] / 3e4) ** -0.2)
     assert runs["wild-d48k-s0"].lr == 3.0
     path.write_text(SWEEP.replace("lr: 3.0}", "lr: 3.0, tokens: [12000]}"))  # a size with its own budgets
-    own = [r for r in sw.plan(sw.load_sweep(str(path))) if r.size == "wild"]
+    own = [r for r in planning.plan(sweep_file.load_sweep(str(path))) if r.size == "wild"]
     assert [(r.name, r.kind, r.steps) for r in own] == [("wild-d12k-s0", "straight", 23)]
     own_only = SWEEP.replace("tokens: [12000, 24000, 48000]\n", "").replace("lr: 3.0}", "lr: 3.0, tokens: [12000]}")
     path.write_text(own_only)  # no sweep-wide budgets: every size needs its own
     with pytest.raises(ConfigError, match="or 'tokens' in every size \\(size 's1' has none\\)"):
-        sw.load_sweep(str(path))
+        sweep_file.load_sweep(str(path))
     for key in ("n_heads: 2", "n_heads: 3", "n: 100000"):
         own_only = own_only.replace(key + "}", key + ", tokens: [6000]}")
     path.write_text(own_only)
-    assert [(r.size, r.tokens) for r in sw.plan(sw.load_sweep(str(path)))] == [
+    assert [(r.size, r.tokens) for r in planning.plan(sweep_file.load_sweep(str(path)))] == [
         ("s1", 6144), ("s2", 6144), ("s3", 6144), ("wild", 11776)]  # whole steps of 512 tokens
     bad = SWEEP.replace("tokens: [12000, 24000, 48000]", "tokenz: [1]")
     path.write_text(bad)
     with pytest.raises(ConfigError, match="unknown key 'tokenz'.*did you mean 'tokens'"):
-        sw.load_sweep(str(path))
+        sweep_file.load_sweep(str(path))
     path.write_text(SWEEP.replace("{name: s3, n: 100000}", "{name: s3, n: 30000}"))
     with pytest.raises(ConfigError, match="sizes 's1' and 's3' are the same model"):
-        sw.load_sweep(str(path))
+        sweep_file.load_sweep(str(path))
 
 
 def test_a_changed_sweep_file_is_refused_but_a_newer_jaxlm_default_is_not(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(SWEEP)
-    sweep = sw.load_sweep(str(path), str(tmp_path / "out"))
-    runs = sw.plan(sweep)
-    stored = pathlib.Path(sw.run_dir(sweep, runs[0].name)) / "config.yaml"
+    sweep = sweep_file.load_sweep(str(path), str(tmp_path / "out"))
+    runs = planning.plan(sweep)
+    stored = pathlib.Path(planning.run_dir(sweep, runs[0].name)) / "config.yaml"
     stored.parent.mkdir(parents=True)
-    text = to_yaml(sw.run_config(sweep, runs[0]))
+    text = to_yaml(planning.run_config(sweep, runs[0]))
     stored.write_text(text)
-    sw.check_drift(sweep, runs)
+    run.check_drift(sweep, runs)
     # a run written before model.dropout existed: its config lacks the key, the file gives the default
     assert "  dropout: 0.0\n" in text
     stored.write_text(text.replace("  dropout: 0.0\n", ""))
-    sw.check_drift(sweep, runs)
+    run.check_drift(sweep, runs)
     # ... but a sweep that now sets it is another experiment
     path.write_text(SWEEP.replace("  eval.every: 0\n", "  eval.every: 0\n  model.dropout: 0.1\n"))
-    changed = sw.load_sweep(str(path), sweep.dir)
+    changed = sweep_file.load_sweep(str(path), sweep.dir)
     with pytest.raises(ConfigError, match=r"trained with another config .*model.dropout \(None -> 0.1\)"):
-        sw.check_drift(changed, sw.plan(changed))
+        run.check_drift(changed, planning.plan(changed))
     path.write_text(SWEEP.replace("base: 3.0e-3", "base: 1.0e-3"))
     stored.write_text(text)
-    changed = sw.load_sweep(str(path), sweep.dir)
+    changed = sweep_file.load_sweep(str(path), sweep.dir)
     with pytest.raises(ConfigError, match=r"optim.lr \("):
-        sw.check_drift(changed, sw.plan(changed))
+        run.check_drift(changed, planning.plan(changed))
 
 
 @pytest.mark.slow
@@ -184,7 +185,7 @@ def test_list_emit_slurm_and_rescore(finished, tmp_path, capsys):
     assert main(["sweep", "eval", sweep.dir, "--data", f"text:{other}", "--name", "head"]) == 0
     rescored = json.load(open(os.path.join(sweep.dir, "rescored", "head", "results.json")))
     assert rescored["data"] == f"text:{other}" and len(rescored["runs"]) == 9
-    original = {r["name"]: r for r in sw.read_results(sweep.dir)}
+    original = {r["name"]: r for r in results.read_results(sweep.dir)}
     assert all(r["loss"] != original[r["name"]]["loss"] and r["bpb"] > 0 for r in rescored["runs"])
 
 
@@ -237,19 +238,19 @@ warmup: 0
 def test_a_mup_sweep_takes_one_lr_for_every_width_and_trains_under_mup(tmp_path, capsys):
     path = tmp_path / "m.yaml"
     path.write_text(MUP_SWEEP)
-    sweep = sw.load_sweep(str(path), str(tmp_path / "out"))
-    runs = sw.plan(sweep)
+    sweep = sweep_file.load_sweep(str(path), str(tmp_path / "out"))
+    runs = planning.plan(sweep)
     assert [r.name for r in runs] == ["w32-d1.02k-s0", "w64-d1.02k-s0"] and {r.lr for r in runs} == {4e-3}
     for r in runs:  # the first size is the base: m = 1 and m = 2, head dim 16 at both
-        cfg = sw.run_config(sweep, r)
+        cfg = planning.run_config(sweep, r)
         assert (cfg.model.parametrization, cfg.model.mup_base_width, cfg.model.mup_base_head_dim) == ("mup", 32, 16)
-    assert sw.mup_note(sweep) == "mup: one lr for every size, base width 32 (head dim 16); m = w32 1, w64 2"
+    assert planning.mup_note(sweep) == "mup: one lr for every size, base width 32 (head dim 16); m = w32 1, w64 2"
     # the base may be named; sizes of several depths are allowed, with a warning in the plan
     path.write_text(MUP_SWEEP.replace("lr: 4.0e-3", "lr: 4.0e-3\nmup_base_width: 16\nmup_base_head_dim: 8")
                     .replace("d_model: 64, n_layers: 1", "d_model: 64, n_layers: 2"))
-    deeper = sw.load_sweep(str(path))
-    assert sw.run_config(deeper, sw.plan(deeper)[1]).model.mup_base_width == 16
-    assert "differ in depth (1 to 2 layers), which µP does not parametrize" in sw.mup_note(deeper)
+    deeper = sweep_file.load_sweep(str(path))
+    assert planning.run_config(deeper, planning.plan(deeper)[1]).model.mup_base_width == 16
+    assert "differ in depth (1 to 2 layers), which µP does not parametrize" in planning.mup_note(deeper)
     for text, match in [(MUP_SWEEP.replace("lr: 4.0e-3", "lr: {rule: power, base: 3.0e-3, n_ref: 3.0e4, "
                                            "exponent: -0.2}"), "one learning rate for every size"),
                         (MUP_SWEEP.replace("n_heads: 4}", "n_heads: 4, lr: 1.0e-3}"), "size 'w64' has its own 'lr'"),
@@ -257,15 +258,15 @@ def test_a_mup_sweep_takes_one_lr_for_every_width_and_trains_under_mup(tmp_path,
                         (MUP_SWEEP.replace("parametrization: mup", "mup_base_width: 32"), "needs 'parametrization: mup'")]:
         path.write_text(text)
         with pytest.raises(ConfigError, match=match):
-            sw.load_sweep(str(path))
+            sweep_file.load_sweep(str(path))
     path.write_text(MUP_SWEEP)
     assert main(["sweep", str(path), "--dir", sweep.dir]) == 0
     out = capsys.readouterr().out
     assert "mup: one lr for every size, base width 32" in out and "2 of 2 runs done" in out
-    rows = sw.read_results(sweep.dir)
+    rows = results.read_results(sweep.dir)
     assert [(r["name"], r["status"], float(r["lr"])) for r in rows] == [("w32-d1.02k-s0", "done", 4e-3),
                                                                         ("w64-d1.02k-s0", "done", 4e-3)]
-    stored = open(os.path.join(sw.run_dir(sweep, "w64-d1.02k-s0"), "config.yaml")).read()
+    stored = open(os.path.join(planning.run_dir(sweep, "w64-d1.02k-s0"), "config.yaml")).read()
     assert "parametrization: mup" in stored and "mup_base_width: 32" in stored
     plan = open(os.path.join(sweep.dir, "logs", "w64-d1.02k-s0.log")).read()
     assert "m = d_model/base = 64/32 = 2" in plan
@@ -276,9 +277,9 @@ def test_a_sweep_with_a_failed_run_exits_1_and_names_it(tmp_path, capsys):
     and ends with exit status 1; diverged runs (the fixture's `wild`) leave it 0."""
     path = tmp_path / "f.yaml"
     path.write_text(MUP_SWEEP.replace(f"text:{SHAKESPEARE}", f"text:{tmp_path / 'missing.txt'}"))
-    sweep = sw.load_sweep(str(path), str(tmp_path / "out"))
+    sweep = sweep_file.load_sweep(str(path), str(tmp_path / "out"))
     assert main(["sweep", str(path), "--dir", sweep.dir]) == 1
     out = capsys.readouterr().out
     assert "0 of 2 runs done, 2 failed" in out and "not finished: w32-d1.02k-s0, w64-d1.02k-s0" in out, out
-    assert [r["status"] for r in sw.read_results(sweep.dir)] == ["failed", "failed"]
+    assert [r["status"] for r in results.read_results(sweep.dir)] == ["failed", "failed"]
     assert "missing.txt" in open(os.path.join(sweep.dir, "logs", "w32-d1.02k-s0.error")).read()

@@ -14,7 +14,9 @@ import os
 
 import numpy as np
 
-from jaxlm import fit as fitting
+from jaxlm.scaling import fitting
+from jaxlm.scaling.law import PARAM_NAMES, log_loss, optimum
+from jaxlm.scaling.points import Points, file_sha256, load_source, read_points, read_sweep, results_path
 
 FIGURES = ("loss_vs_compute.png", "isoflop.png", "fit_vs_measured.png", "residuals.png")
 MAX_TOKEN_GROUPS = 8  # without IsoFLOP rows, more distinct D than this are binned by log D
@@ -22,7 +24,7 @@ MAX_SIZE_COLOURS = 10  # more size labels than this are coloured by log N on a c
 
 
 def plot_sweep(source, out_dir: str, fit_result: dict | None = None) -> list[str]:
-    """Draw the figures of `source` (a sweep directory, a results-like CSV, or a `fit.Points`) into
+    """Draw the figures of `source` (a sweep directory, a results-like CSV, or a `Points`) into
     `out_dir`; returns the paths written. Without `fit_result`, a fit.json next to the source (or
     in out_dir or its parent) of the same data is used, else the law is fitted (no bootstrap)."""
     import matplotlib
@@ -47,29 +49,29 @@ def plot_sweep(source, out_dir: str, fit_result: dict | None = None) -> list[str
     return written
 
 
-def _inputs(source, out_dir: str, fit_result: dict | None) -> tuple[fitting.Points, dict]:
+def _inputs(source, out_dir: str, fit_result: dict | None) -> tuple[Points, dict]:
     """The points and the fit result to draw; a points object passed in is used as it is."""
-    if isinstance(source, fitting.Points):
+    if isinstance(source, Points):
         points = source
         result = fit_result if fit_result is not None else fitting.fit(points, bootstrap=0)
         return points, result
-    path = fitting.results_path(source)
+    path = results_path(source)
     result = fit_result if fit_result is not None else _saved_fit(path, out_dir)
     if result is None:
-        points = fitting.load_source(path)
+        points = load_source(path)
         return points, fitting.fit(points, bootstrap=0)
     columns = result["source"].get("columns")
     if columns:
-        points = fitting.read_points(path, **columns)
+        points = read_points(path, **columns)
     else:
-        points = fitting.read_sweep(path, result["convention"])
+        points = read_sweep(path, result["convention"])
     points.held_out |= np.isin(points.names, result["held_out_runs"])
     return points, result
 
 
 def _saved_fit(path: str, out_dir: str) -> dict | None:
     """A fit.json of exactly this CSV (same sha256), next to it, in out_dir or in out_dir's parent."""
-    sha = fitting.file_sha256(path)
+    sha = file_sha256(path)
     for directory in (os.path.dirname(os.path.abspath(path)), out_dir, os.path.dirname(os.path.abspath(out_dir))):
         candidate = os.path.join(directory, "fit.json")
         if os.path.isfile(candidate):
@@ -84,7 +86,7 @@ def _law_x(result: dict) -> np.ndarray:
     """The law's (log A, log B, log E, alpha, beta): from `law_log` (finite even when A or B
     overflows a float, as in a degenerate fit), else from `law` (a fit.json written before)."""
     if result.get("law_log"):
-        return np.array([result["law_log"][k] for k in fitting.PARAM_NAMES], np.float64)
+        return np.array([result["law_log"][k] for k in PARAM_NAMES], np.float64)
     law = {k: np.inf if v is None else v for k, v in result["law"].items()}
     return np.array([np.log(law["A"]), np.log(law["B"]), np.log(law["E"]), law["alpha"], law["beta"]])
 
@@ -93,7 +95,7 @@ class _Style:
     """One colour per size label (ordered by N), or a colour scale of log N for unlabelled points
     (or more than MAX_SIZE_COLOURS labels)."""
 
-    def __init__(self, points: fitting.Points, plt):
+    def __init__(self, points: Points, plt):
         labels = sorted({s for s in points.sizes if s},
                         key=lambda s: np.median(points.n[np.array(points.sizes) == s]))
         self.labelled = bool(labels) and all(points.sizes) and len(labels) <= MAX_SIZE_COLOURS
@@ -102,7 +104,7 @@ class _Style:
         self.cmap = plt.get_cmap("viridis")
         self.log_n = (np.log(points.n.min()), np.log(points.n.max()))
 
-    def colors(self, points: fitting.Points, rows) -> list:
+    def colors(self, points: Points, rows) -> list:
         if self.labelled:
             return [self.by_size[points.sizes[i]] for i in rows]
         lo, hi = self.log_n
@@ -116,7 +118,7 @@ class _Style:
         mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(lo, hi if hi > lo else lo + 1), self.cmap)
         ax.figure.colorbar(mappable, ax=ax, label="log10 N")
 
-    def scatter(self, ax, points: fitting.Points, xs, ys, rows, legend: bool = True) -> None:
+    def scatter(self, ax, points: Points, xs, ys, rows, legend: bool = True) -> None:
         """Fitted rows filled in their colour (one legend entry per size), held-out rows hollow in black."""
         rows = np.asarray(rows)
         fitted = rows[~points.held_out[rows]]
@@ -142,7 +144,7 @@ def _loss_vs_compute(axes, points, result, x, style) -> None:
     rows = np.arange(len(points.n))
     style.scatter(ax, points, points.c, points.loss, rows)
     c = np.geomspace(points.c.min() / 3, points.c.max() * 3, 200)
-    _, _, frontier = fitting.optimum(x, c, result["k"])
+    _, _, frontier = optimum(x, c, result["k"])
     ax.plot(c, frontier[0], color="black", lw=1.5, label="fitted compute-optimal L*(C)")
     ax.set(xscale="log", xlabel=f"training compute C (FLOPs; {result['k_note']})", ylabel="loss",
            title=f"loss against compute ({result['points']} runs fitted)")
@@ -182,7 +184,7 @@ def _isoflop_parabolas(ax, points, iso: dict, x, k: float) -> None:
             ax.scatter([b["N_opt"]], [np.polyval(b["coef"], np.log(b["N_opt"]))], marker="*", s=140,
                        color=color, edgecolors="black", zorder=3)
         n = np.geomspace(points.n[rows].min(), points.n[rows].max(), 60)
-        ax.plot(n, np.exp(fitting.log_loss(x, n, b["C"] / (k * n))[0]), color=color, ls=":", lw=1)
+        ax.plot(n, np.exp(log_loss(x, n, b["C"] / (k * n))[0]), color=color, ls=":", lw=1)
     a = iso.get("a")
     slope = f"; N_opt ~ C^{a['value']:.3f}" if a else ""
     ax.set_title(f"IsoFLOP profiles: parabolas in log N (lines), the fitted law (dotted){slope}", fontsize=9)
@@ -210,7 +212,7 @@ def _token_groups(ax, points, x, style) -> None:
         held = rows[points.held_out[rows]]
         ax.scatter(points.n[fitted], points.loss[fitted], s=22, color=color)
         ax.scatter(points.n[held], points.loss[held], s=40, facecolors="none", edgecolors="black")
-        ax.plot(n_line, np.exp(fitting.log_loss(x, n_line, d)[0]), color=color,
+        ax.plot(n_line, np.exp(log_loss(x, n_line, d)[0]), color=color,
                 label=f"D {'~' if binned else '='} {d:.3g}")
     what = f"{MAX_TOKEN_GROUPS} bins of log D (curves at each bin's median D)" if binned else "token budget"
     ax.set_title(f"loss against N per {what}, with the fitted L(N, D)", fontsize=9)
@@ -218,7 +220,7 @@ def _token_groups(ax, points, x, style) -> None:
 
 def _fit_vs_measured(axes, points, result, x, style) -> None:
     ax = axes[0]
-    pred = np.exp(fitting.log_loss(x, points.n, points.d)[0])
+    pred = np.exp(log_loss(x, points.n, points.d)[0])
     style.scatter(ax, points, points.loss, pred, np.arange(len(pred)))
     lo, hi = min(pred.min(), points.loss.min()), max(pred.max(), points.loss.max())
     ax.plot([lo, hi], [lo, hi], color="gray", lw=1, label="y = x")
@@ -227,7 +229,7 @@ def _fit_vs_measured(axes, points, result, x, style) -> None:
 
 
 def _residuals(axes, points, result, x, style) -> None:
-    pred = np.exp(fitting.log_loss(x, points.n, points.d)[0])
+    pred = np.exp(log_loss(x, points.n, points.d)[0])
     rel = 100 * (points.loss / pred - 1)
     band = 100 * result["scatter"]["rms_relative"]
     for ax, values, label in ((axes[0], points.n, "parameters N"), (axes[1], points.c, "training compute C")):
