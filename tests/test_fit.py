@@ -274,7 +274,7 @@ def test_seconds_turn_each_sizes_measured_speed_into_tokens_and_pick_the_best(tm
     for row in rows:
         row["wall_s"], row["kind"] = row["tokens"] / rate[row["size"]], "straight"
     rows[0]["kind"], rows[0]["wall_s"] = "branch", 1.0  # a branch's wall time is its cooldown only: ignored
-    sweep = write_results(tmp_path / "sweep", rows, columns=RESULT_COLUMNS + ("kind",))
+    sweep = write_results(tmp_path / "sweep", rows, columns=RESULT_COLUMNS)
     seconds = 3000.0
     assert cli._fit(parse([str(sweep), "--seconds", str(seconds), "--bootstrap", "40"])) == 0
     text = capsys.readouterr().out
