@@ -14,7 +14,8 @@ import jax
 
 from jaxlm import checkpoint as ckpt
 from jaxlm import sharding
-from jaxlm.config import Config, check_vocab, load_config
+from jaxlm.config import Config, load_config
+from jaxlm.config_checks import check_vocab
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.step import Stepper, build

@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 
-from jaxlm.config import check_vocab, load_config
+from jaxlm.config import load_config
+from jaxlm.config_checks import check_vocab
 from jaxlm.errors import ConfigError
 from jaxlm.metrics import flops_per_token, model_param_counts, read_metrics
 

@@ -14,7 +14,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxlm.config import Config, resolve_mesh_shape
+from jaxlm.config import Config
+from jaxlm.config_checks import resolve_mesh_shape
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -92,12 +93,3 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, global_rows: int
         global_shape = (global_rows,) + v.shape[1:]
         out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
     return out
-
-
-def per_device_bytes(tree) -> int:
-    """Bytes one device holds of a tree of (sharded) arrays: the largest per-device total."""
-    totals: dict = {}
-    for leaf in jax.tree.leaves(tree):
-        for shard in leaf.addressable_shards:
-            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
-    return max(totals.values()) if totals else 0

@@ -1,6 +1,7 @@
 import pytest
 
-from jaxlm.config import PRESETS, all_keys, check_vocab, load_config, resolve_mesh_shape, to_yaml
+from jaxlm.config import PRESETS, all_keys, load_config, to_yaml
+from jaxlm.config_checks import check_vocab, resolve_mesh_shape
 from jaxlm.errors import ConfigError
 
 from conftest import tiny_config

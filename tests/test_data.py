@@ -2,11 +2,13 @@ import numpy as np
 import pytest
 
 from jaxlm.config import DataConfig
-from jaxlm.data.sources import load_splits, parse_source, read_tfds
+from jaxlm.data.sources import parse_source
+from jaxlm.data.tfds import read_tfds
 from jaxlm.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer, train_tokenizer
 from jaxlm.errors import DataError
 
 from conftest import shared_data
+from helpers import load_splits
 
 
 def test_tokenizer_is_lossless_with_fixed_special_ids(tmp_path):
@@ -123,6 +125,13 @@ def test_interrupted_or_damaged_cache_is_never_used(small_corpus, tmp_path):
     np.testing.assert_array_equal(first, third)
 
 
+def _read_text(path: str, invalid_utf8: str = "error") -> list[str]:
+    """The file as one whole document, decoded block by block as text sources are."""
+    from jaxlm.data import sources
+
+    return ["".join(sources.text_chunks(path, invalid_utf8))]
+
+
 @pytest.mark.parametrize("block", [1 << 20, 3])  # files are decoded in blocks: also blocks that cut characters
 def test_invalid_utf8_is_rejected_or_replaced_and_counted(tmp_path, caplog, monkeypatch, block):
     from jaxlm.data import sources
@@ -134,9 +143,9 @@ def test_invalid_utf8_is_rejected_or_replaced_and_counted(tmp_path, caplog, monk
         load_splits(DataConfig(source=f"text:{tmp_path}/bad.txt"))
     (tmp_path / "cut.txt").write_bytes("ünï ✓".encode() + b"\xe2\x9c")  # a character cut off at the end
     with pytest.raises(DataError, match=r"cut.txt is not valid UTF-8 \(unexpected end of data at byte 9\)"):
-        sources.read_text(f"{tmp_path}/cut.txt")
+        _read_text(f"{tmp_path}/cut.txt")
     with caplog.at_level("WARNING"):
-        (doc,) = sources.read_text(f"{tmp_path}/bad.txt", invalid_utf8="replace")
+        (doc,) = _read_text(f"{tmp_path}/bad.txt", invalid_utf8="replace")
     assert doc == (tmp_path / "bad.txt").read_bytes().decode("utf-8", errors="replace")
     assert doc.count("\ufffd") == 4  # three replaced sequences plus one genuine U+FFFD
     assert caplog.text.count("replaced 3 invalid UTF-8 sequence(s)") == 1
@@ -157,8 +166,13 @@ def test_jsonl_source_and_its_errors(tmp_path):
     assert train == ["no text field"] and valid == ["another"]
 
 
+def _stream(docs: list[str]):
+    """Whole documents as a document stream."""
+    return ((True, d) for d in docs)
+
+
 def test_encoding_in_pieces_gives_the_ids_of_whole_documents():
-    from jaxlm.data.cache import encode_documents, splits_at_spaces
+    from jaxlm.data.cache import encode_stream, splits_at_spaces
 
     docs = [shared_data("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:300_000],
             shared_data("wikitext-2-raw/wiki.test.raw").read_text(encoding="utf-8")[:300_000],
@@ -166,8 +180,8 @@ def test_encoding_in_pieces_gives_the_ids_of_whole_documents():
             "  leading spaces,\ttabs,   runs of   spaces\n \n and ünïcödé ✓ " * 50]
     tok = train_tokenizer(docs, vocab_size=1000)
     assert splits_at_spaces(tok) and not splits_at_spaces(train_tokenizer(docs, 1000, model_type="unigram"))
-    pieces = np.concatenate([ids for ids, _, _ in encode_documents(tok, docs, piece_chars=97)])
-    whole = np.concatenate([ids for ids, _, _ in encode_documents(tok, docs, piece_chars=None)])
+    pieces = np.concatenate([ids for ids, _, _ in encode_stream(tok, _stream(docs), piece_chars=97)])
+    whole = np.concatenate([ids for ids, _, _ in encode_stream(tok, _stream(docs), piece_chars=None)])
     expected = [i for d in docs for i in [EOS_ID] + tok.sp.encode(d)]
     assert whole.tolist() == expected and pieces.dtype == np.uint16
     np.testing.assert_array_equal(pieces, whole)
@@ -178,7 +192,7 @@ def test_tokenizers_that_merge_across_spaces_encode_whole_documents():
 
     import sentencepiece as spm
 
-    from jaxlm.data.cache import encode_documents, splits_at_spaces
+    from jaxlm.data.cache import encode_stream, splits_at_spaces
     from jaxlm.data.tokenizer import Tokenizer
 
     text = ["the cat sat on the mat and the dog sat on the log " * 40]
@@ -187,7 +201,7 @@ def test_tokenizers_that_merge_across_spaces_encode_whole_documents():
                                    add_dummy_prefix=True, minloglevel=2)
     tok = Tokenizer(model.getvalue())
     assert not splits_at_spaces(tok)
-    (ids, n_bytes, _), = encode_documents(tok, text, piece_chars=10)
+    (ids, n_bytes, _), = encode_stream(tok, _stream(text), piece_chars=10)
     assert ids.tolist() == [tok.eos_id] + tok.sp.encode(text[0]) and n_bytes == len(text[0])
 
 

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxlm.data.loader import Prefetch, TrainBatches, add_segments, eval_batches
+from jaxlm.data.loader import Prefetch, TrainBatches, add_segments, window_batches
 from jaxlm.errors import DataError
 
 EOS = 3
@@ -74,7 +74,7 @@ def test_eval_batches_with_segments_still_score_every_token_once():
     tokens = np.arange(1, 1000, dtype=np.uint16)
     tokens[::37] = EOS
     seen = 0
-    for b in eval_batches(tokens, batch_size=3, seq_len=32, eos_id=EOS):
+    for _, b in window_batches(tokens, batch_size=3, seq_len=32, eos_id=EOS):
         assert b["segment_ids"].shape == b["positions"].shape == (3, 32)
         seen += int(b["mask"].sum())
     assert seen == len(tokens) - 1

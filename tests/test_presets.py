@@ -51,7 +51,7 @@ def test_untying_the_llama_1b_head_adds_one_vocabulary_matrix():
 
 
 def test_a_preset_vocabulary_that_misses_the_tokenizer_says_how_to_fix_it():
-    from jaxlm.config import check_vocab
+    from jaxlm.config_checks import check_vocab
     from jaxlm.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"model.vocab_size=50257 \(from model.preset=gpt2-124m\).*vocab_size=0"):

@@ -16,12 +16,12 @@ import time
 import pytest
 
 from jaxlm.config import load_config
-from jaxlm.data.sources import load_splits
 from jaxlm.evaluate import evaluate
 from jaxlm.metrics import read_metrics
 from jaxlm.train import run
 
 from conftest import shared_data
+from helpers import load_splits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENT = "experiments/shakespeare.yaml"  # relative, as the README runs it from the repository root

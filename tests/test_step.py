@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm.sharding import make_mesh, per_device_bytes
+from jaxlm.sharding import make_mesh
 from jaxlm.step import Stepper, build
 
 from conftest import tiny_config
@@ -130,6 +130,15 @@ def test_training_reduces_loss(kernel_set):
         state, m = stepper.train(state, b)
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0] - 1.0
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of (sharded) arrays: the largest per-device total."""
+    totals: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+    return max(totals.values()) if totals else 0
 
 
 def test_fsdp_shards_state_and_tensor_shards_weights():

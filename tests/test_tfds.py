@@ -7,8 +7,8 @@ import pytest
 from conftest import shared_data
 
 from jaxlm.config import DataConfig
-from jaxlm.data import sources
-from jaxlm.data.sources import read_tfds
+from jaxlm.data import tfds as tfds_source
+from jaxlm.data.tfds import read_tfds
 from jaxlm.errors import DataError
 
 TRAIN, VALID = 1_003_854, 55_770
@@ -17,7 +17,7 @@ TRAIN, VALID = 1_003_854, 55_770
 @pytest.fixture
 def no_tensorflow(monkeypatch):
     """Take the TF-free paths even where TensorFlow is installed."""
-    monkeypatch.setattr(sources, "_have_tensorflow", lambda: False)
+    monkeypatch.setattr(tfds_source, "_have_tensorflow", lambda: False)
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_failed_download_names_data_dir_and_tfds_build(tmp_path, monkeypatch, ti
         formats.append(file_format)
         raise OSError("Network is unreachable")
 
-    monkeypatch.setattr(sources, "_have_tensorflow", lambda: True)
+    monkeypatch.setattr(tfds_source, "_have_tensorflow", lambda: True)
     monkeypatch.setattr(tiny_shakespeare_builder_cls, "download_and_prepare", offline)
     cfg = DataConfig(tfds_data_dir=str(tmp_path), tfds_download=True)
     with pytest.raises(DataError) as err:
@@ -93,7 +93,7 @@ def test_download_then_reads_the_prepared_dataset(tmp_path, monkeypatch, tiny_sh
     def copy_prepared(self, **kwargs):  # stands in for the network
         shutil.copytree(prepared, tmp_path / "tiny_shakespeare")
 
-    monkeypatch.setattr(sources, "_have_tensorflow", lambda: True)
+    monkeypatch.setattr(tfds_source, "_have_tensorflow", lambda: True)
     monkeypatch.setattr(tiny_shakespeare_builder_cls, "download_and_prepare", copy_prepared)
     docs = read_tfds("tiny_shakespeare", "validation", DataConfig(tfds_data_dir=str(tmp_path), tfds_download=True))
     assert [len(d) for d in docs] == [VALID]

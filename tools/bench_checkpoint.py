@@ -36,7 +36,7 @@ def write_time(cfg, repeats: int = 3) -> tuple[float, float]:
     import jax
 
     from jaxlm import checkpoint as ckpt
-    from jaxlm.config import check_vocab
+    from jaxlm.config_checks import check_vocab
     from jaxlm.sharding import make_mesh
     from jaxlm.step import Stepper, build
     from jaxlm.train import prepare_data

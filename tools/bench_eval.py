@@ -29,8 +29,9 @@ import numpy as np
 
 from jaxlm import checkpoint as ckpt
 from jaxlm import sharding
-from jaxlm.config import check_vocab, load_config
-from jaxlm.data.loader import eval_batches
+from jaxlm.config import load_config
+from jaxlm.config_checks import check_vocab
+from jaxlm.data.loader import window_batches
 from jaxlm.evaluate import validate
 from jaxlm.metrics import read_metrics
 from jaxlm.sharding import make_mesh
@@ -66,7 +67,7 @@ def main() -> None:
     def on_device_sums() -> float:
         with sharding.activate(mesh):
             outs = [sums_step(params, stepper.place(b, B))
-                    for b in eval_batches(data.valid.tokens, B, T, 0, None, eos)]
+                    for _, b in window_batches(data.valid.tokens, B, T, eos_id=eos)]
         got = jax.device_get(outs)
         return float(sum(np.float64(s) for s, _ in got) / sum(np.float64(c) for _, c in got))
 

@@ -298,11 +298,6 @@ def encode_stream(tok: Tokenizer, stream: Iterable[tuple[bool, str]], piece_char
         group, starts, size = [], [], 0
 
 
-def encode_documents(tok: Tokenizer, docs: list[str], piece_chars: int | None = _PIECE_CHARS):
-    """`encode_stream` of a list of whole documents."""
-    return encode_stream(tok, ((True, d) for d in docs), piece_chars)
-
-
 def _open_entry(entry: str) -> tuple[np.ndarray, dict] | None:
     """(memory-mapped token stream, manifest) of a complete entry; None if it is missing or
     does not match its manifest."""

@@ -140,13 +140,6 @@ def window_batches(tokens: np.ndarray, batch_size: int, seq_len: int, stride: in
         yield ids, (add_segments(batch, eos_id) if eos_id is not None else batch)
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int = 0,
-                 rows: slice | None = None, eos_id: int | None = None):
-    """This process's rows of the validation batches: windows tiling the stream (see `Windows`)."""
-    for _, batch in window_batches(tokens, batch_size, seq_len, None, max_batches, rows, eos_id):
-        yield batch
-
-
 class Prefetch:
     """Runs `make(step)` for steps start, start+1, ... on a background thread, `depth` ahead.
 

@@ -1,22 +1,16 @@
 """Text sources -> streams of documents (numpy/python only, no jax).
 
-`tfds:NAME[/CONFIG][:SPLIT]` reads a prepared TFDS dataset. Array_record data dirs go
-through `builder.as_data_source`; tfrecord data dirs through `builder.as_dataset` when
-TensorFlow is installed, else through the pure-Python reader in `jaxlm.data.tfrecord`
-with each record decoded by TFDS's own TF-free `features.deserialize_example_np` (the
-same parser `as_data_source` uses). A dataset that is not prepared is an error, unless
-`data.tfds_download=true`, which runs TFDS's `download_and_prepare` (array_record
-format; needs network and TensorFlow). `text:GLOB` reads UTF-8 files, one document per
-file. `jsonl:GLOB` reads one document per line from the field `data.text_field`. Invalid
-UTF-8 is an error unless `data.invalid_utf8=replace`, which replaces it with U+FFFD and
-logs how often.
+`tfds:NAME[/CONFIG][:SPLIT]` reads a prepared TFDS dataset (`jaxlm.data.tfds`). `text:GLOB`
+reads UTF-8 files, one document per file. `jsonl:GLOB` reads one document per line from
+the field `data.text_field`. Invalid UTF-8 is an error unless `data.invalid_utf8=replace`,
+which replaces it with U+FFFD and logs how often.
 
 A *document stream* is an iterable of (starts a document, text) pairs: a document is the
 text of a pair that starts one followed by the text of the pairs up to the next start. Text
 files are read and decoded in blocks of about a megabyte, so a stream holds a bounded amount
 of text at a time whatever the size of the corpus or of one document; `Splits` gives a
 source's train and validation documents that way (the token cache and tokenizer training
-read them so), `load_splits` as whole strings in memory.
+read them so).
 """
 
 from __future__ import annotations
@@ -24,8 +18,6 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
-import importlib.util
-import inspect
 import itertools
 import json
 import logging
@@ -35,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from jaxlm.config import DataConfig
-from jaxlm.data import tfrecord
+from jaxlm.data.tfds import prepared_files, read_tfds, valid_split
 from jaxlm.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -79,89 +71,6 @@ def parse_mixture(source: str) -> list[tuple[str, float]]:
         raise DataError("data.source is empty")
     if len({s for s, _ in out}) < len(out):
         raise DataError(f"data.source '{source}' names a source twice; give it one weight")
-    return out
-
-
-def _tfds_dir(cfg: DataConfig) -> str | None:
-    return cfg.tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or None
-
-
-def _have_tensorflow() -> bool:
-    return importlib.util.find_spec("tensorflow") is not None
-
-
-def _prepare_tfds(builder, name: str, data_dir: str | None) -> None:
-    """Download and prepare a TFDS dataset (array_record where TFDS can choose the format)."""
-    where = data_dir or "TFDS's default data dir (~/tensorflow_datasets)"
-    if not _have_tensorflow():
-        raise DataError(f"TFDS dataset '{name}' is not prepared in {where}, and preparing it "
-                        f"(data.tfds_download=true) needs TensorFlow: pip install -e \".[prepare]\"")
-    kwargs = {}
-    if "file_format" in inspect.signature(builder.download_and_prepare).parameters:
-        kwargs["file_format"] = "array_record"  # later reads then need no TensorFlow
-    logger.info("preparing TFDS dataset %s in %s", name, where)
-    try:
-        builder.download_and_prepare(**kwargs)
-    except Exception as e:  # no network, a moved URL, a full disk ...
-        raise DataError(
-            f"could not download and prepare TFDS dataset '{name}' in {where}: {type(e).__name__}: {e}. "
-            f"Prepare it on a machine with internet with `tfds build {name} --data_dir DIR --file_format "
-            f"array_record`, copy DIR here and point TFDS_DATA_DIR (or data.tfds_data_dir) at it") from None
-
-
-def _tfrecord_examples(builder, split: str) -> Iterator[dict]:
-    """The examples of a tfrecord split without TensorFlow: shard files read in pure Python,
-    records decoded by TFDS's numpy example parser."""
-    features = builder.info.features
-    for fi in builder.info.splits[split].file_instructions:
-        count = 0
-        for record in itertools.islice(tfrecord.read_records(fi.filename), fi.skip, fi.skip + fi.take):
-            count += 1
-            yield features.deserialize_example_np(record)
-        if count < fi.take:
-            raise DataError(f"TFRecord file {fi.filename} holds {fi.skip + count} records, but the dataset "
-                            f"info of '{builder.name}' says it has at least {fi.skip + fi.take}")
-
-
-def read_tfds(name: str, split: str, cfg: DataConfig) -> list[str]:
-    import tensorflow_datasets as tfds
-
-    data_dir = _tfds_dir(cfg)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # unknown name, bad config
-        raise DataError(f"TFDS dataset '{name}' is not known to tensorflow-datasets: {e}") from None
-    if not builder.is_prepared():
-        if cfg.tfds_download:
-            _prepare_tfds(builder, name, data_dir)
-            builder = tfds.builder(name, data_dir=data_dir)  # the dataset info as prepared
-            if not builder.is_prepared():
-                raise DataError(f"TFDS dataset '{name}' is still not prepared in {builder.data_dir} after "
-                                f"download_and_prepare")
-        else:
-            where = data_dir or "TFDS's default data dir (~/tensorflow_datasets)"
-            raise DataError(
-                f"TFDS dataset '{name}' is not prepared in {where}. Point TFDS_DATA_DIR (or data.tfds_data_dir) "
-                f"at a data dir that holds it, set data.tfds_download=true to download and prepare it here "
-                f"(needs network and TensorFlow), or prepare it on a machine with internet with "
-                f"`tfds build {name} --data_dir DIR --file_format array_record` (needs no TensorFlow to read)")
-    if split not in builder.info.splits:
-        raise DataError(f"TFDS dataset '{name}' has no split '{split}'; it has {', '.join(builder.info.splits)}")
-    feature = cfg.text_field
-    if feature not in builder.info.features:
-        raise DataError(f"TFDS dataset '{name}' has no feature '{feature}'; set data.text_field to one of "
-                        f"{', '.join(builder.info.features)}")
-    if getattr(builder.info.file_format, "value", builder.info.file_format) == "array_record":
-        records = builder.as_data_source(split=split)
-        examples = (records[i] for i in range(len(records)))
-    elif _have_tensorflow():
-        examples = tfds.as_numpy(builder.as_dataset(split=split))
-    else:
-        examples = _tfrecord_examples(builder, split)
-    out = []
-    for ex in examples:
-        text = ex[feature]
-        out.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
     return out
 
 
@@ -291,25 +200,6 @@ def _jsonl_docs(path: str, field: str, invalid_utf8: str, warn: bool = True,
             yield True, str(record[field])
 
 
-def read_text(pattern: str, invalid_utf8: str = "error", separator: str = "") -> list[str]:
-    """One document per file, or per `separator`-delimited part of each file (all in memory)."""
-    docs = (_text_docs(path, invalid_utf8, separator) for path in _files(pattern))
-    return join_documents(itertools.chain.from_iterable(docs))
-
-
-def read_jsonl(pattern: str, field: str, invalid_utf8: str = "error") -> list[str]:
-    """One document per non-blank line of each file, from the field `field` (all in memory)."""
-    docs = (_jsonl_docs(path, field, invalid_utf8) for path in _files(pattern))
-    return join_documents(itertools.chain.from_iterable(docs))
-
-
-def _valid_split(cfg: DataConfig, name: str) -> str | None:
-    import tensorflow_datasets as tfds
-
-    splits = tfds.builder(name, data_dir=_tfds_dir(cfg)).info.splits
-    return next((s for s in ("validation", "valid", "test") if s in splits), None)
-
-
 @dataclass
 class Scan:
     """What a first pass over one read of a source found; documents are counted before empty
@@ -394,10 +284,10 @@ class Splits:
         if self.role == "valid":
             if split != "valid":
                 return None
-            return _Range((spec.split or _valid_split(self.cfg, spec.target) or "train") if tfds else None)
+            return _Range((spec.split or valid_split(self.cfg, spec.target) or "train") if tfds else None)
         if self.role == "train":
             return _Range(default) if split == "train" else None
-        name = _valid_split(self.cfg, spec.target) if tfds and spec.split in (None, "train") else None
+        name = valid_split(self.cfg, spec.target) if tfds and spec.split in (None, "train") else None
         if name:
             return _Range(default if split == "train" else name)
         scan = self.scan(default)
@@ -493,14 +383,6 @@ class Splits:
         return 0 <= scan.first_text < r.hi and scan.last_text >= r.lo
 
 
-def load_splits(cfg: DataConfig, source: str | None = None, role: str = "both") -> tuple[list[str], list[str]]:
-    """(train documents, validation documents) of one source (default: data.source), whole and
-    in memory; roles and the held-out fraction as in `Splits` (which the token cache streams)."""
-    splits = Splits(cfg, source, role)
-    splits.check()
-    return splits.documents("train"), splits.documents("valid")
-
-
 def fingerprint(cfg: DataConfig, source: str | None = None, role: str = "both") -> str:
     """A hash of what one source's splits are read from, computed without reading the text.
 
@@ -514,15 +396,7 @@ def fingerprint(cfg: DataConfig, source: str | None = None, role: str = "both") 
                          cfg.doc_separator, cfg.invalid_utf8]).encode())
     spec = parse_source(source)
     if spec.kind == "tfds":
-        import tensorflow_datasets as tfds
-
-        try:
-            builder = tfds.builder(spec.target, data_dir=_tfds_dir(cfg))
-        except Exception as e:  # unknown name, bad config
-            raise DataError(f"TFDS dataset '{spec.target}' is not known to tensorflow-datasets: {e}") from None
-        root = str(builder.data_dir)
-        files = sorted(os.listdir(root)) if os.path.isdir(root) else []
-        h.update(json.dumps([root] + [(f, os.path.getsize(os.path.join(root, f))) for f in files]).encode())
+        h.update(json.dumps(prepared_files(cfg, spec.target)).encode())
     else:
         for path in _files(spec.target):
             st = os.stat(path)

@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from jaxlm.config import ATTENTION, KERNELS, ModelConfig
+from jaxlm.config import ModelConfig
+from jaxlm.config_checks import KERNELS
 from jaxlm.errors import ConfigError
 from jaxlm.kernels import dots, dropout, layers, loss, standard
 from jaxlm.kernels.attention import causal_attention, dropped_causal_attention, n_blocks
