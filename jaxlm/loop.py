@@ -1,35 +1,31 @@
-"""The training loop: steps, metrics one step late, evaluation and checkpoint cadence, stops.
+"""The training loop: one compiled step per iteration, the host reading each step one step late.
 
-`Loop(setup).run()` trains from `setup.start` to `train.steps`. Its state is explicit
-attributes, changed only by its own methods:
+`Loop(setup).run()` trains from `setup.start` to train.steps and returns a `RunResult`. The host
+never waits for the step it just dispatched: while it runs, `Steps` reads the previous one (`_Step`),
+first whether it was finite (`Guard`), then, on a logging step, its metrics record. A step about to
+be checkpointed or to end the run is read at once, so no checkpoint holds a non-finite state.
 
-- the step loop (`run`, `_steps`): one compiled step per iteration; the host reads the
-  previous step's metrics while the next one runs;
-- metrics (`_flush`, `_record`): metrics.jsonl, TensorBoard, W&B, the run summary;
-- evaluation cadence (`_evaluate`): the evaluation harness's scorer on the validation split;
-- checkpoint cadence (`_save`);
-- stop conditions: the step count, a signal (`Stop`), a streak of non-finite steps
-  (`_settle`), which rolls back to the last checkpoint (`_rollback`) or ends the run.
+`Cadence` says which steps log, evaluate and checkpoint. The run ends for one `StopReason`: the step
+count, a signal (`SignalStop`, the same step on every process), more non-finite steps in a row than
+train.max_bad_steps with no rollback left (`loop_io.Checkpoints`), or a runaway loss. What the loop
+reads and writes (batches, records, checkpoints) is in `jaxlm.loop_io`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import signal
-import sys
 import time
 
 import jax
 import numpy as np
 
-from jaxlm import checkpoint as ckpt
-from jaxlm import faults
 from jaxlm.config import Config
-from jaxlm.data.loader import Prefetch, TrainBatches
 from jaxlm.distributed import Group, StopVote
-from jaxlm.evaluate import Split, validate
-from jaxlm.metrics import MetricsWriter, Throughput, mfu_note, read_metrics
+from jaxlm.evaluate import Split
+from jaxlm.loop_io import Batches, Checkpoints, Outputs, Records
 from jaxlm.summary import RunSummary
 
 
@@ -68,316 +64,312 @@ class Setup:
     poison: frozenset[int] = frozenset()  # data positions whose steps come out NaN (tests only)
 
 
+class StopReason(enum.Enum):
+    """Why the loop ended; `status` is the run summary's word for it."""
+
+    DONE = "done"  # train.steps reached
+    SIGNAL = "signal"  # SIGTERM/SIGINT: the state is checkpointed and the run can resume
+    NON_FINITE = "non_finite"  # more than train.max_bad_steps non-finite steps in a row, no rollback left
+    RUNAWAY = "runaway"  # train.diverge_factor: the logged training loss ran away
+
+    @property
+    def diverged(self) -> bool:
+        return self in (StopReason.NON_FINITE, StopReason.RUNAWAY)
+
+    @property
+    def status(self) -> str:
+        return "diverged" if self.diverged else "stopped" if self is StopReason.SIGNAL else "done"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """The one reason the loop stops; set once a step by `SignalStop.poll`, or by the `Guard`."""
+
+    reason: StopReason
+    message: str = ""  # for a divergence: what happened and what to change (DivergedError's message)
+
+
 @dataclasses.dataclass
 class RunResult:
+    """What the loop did: `train.run` reports it, raises DivergedError for a divergence, and returns it."""
+
     run_dir: str
     steps: int
     eval_loss: float | None = None
     eval_bpb: float | None = None
-    stopped_by_signal: bool = False
+    stop: Stop = Stop(StopReason.DONE)
     history: list[dict] = dataclasses.field(default_factory=list)
     summary: dict | None = None
+    loop_s: float = 0.0  # the step loop and the run's end (its last evaluation and checkpoint)
+    input_wait_s: float = 0.0
+    skipped_steps: int = 0  # skipped as non-finite, over the whole run
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        """Stopped by SIGTERM/SIGINT with its state checkpointed (the command line exits 75)."""
+        return self.stop.reason is StopReason.SIGNAL
 
 
-class Stop:
-    """SIGTERM/SIGINT handler: `signalled` is this process's own flag; `requested` is the stop the
-    loop acts on (the agreed one when several processes train: see `distributed.StopVote`). The
-    loop finishes its step, checkpoints and returns."""
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """What happens after a step besides training. `eval` and `save` are mid-run only: the run's end
+    evaluates and checkpoints on its own."""
 
-    def __init__(self):
-        self.signalled = self.requested = False
-        self.at = 0.0
+    log: bool
+    eval: bool
+    save: bool
+    last: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """train.log_every, eval.every and the checkpoint steps (checkpoint.every and .at), in one place."""
+
+    steps: int
+    log_every: int
+    eval_every: int
+    save_every: int  # 0: no periodic checkpoints (none at all without a saver)
+    save_at: frozenset[int]
+
+    @classmethod
+    def of(cls, cfg: Config, saving: bool) -> Cadence:
+        c = cfg.checkpoint
+        return cls(cfg.train.steps, cfg.train.log_every, cfg.eval.every, c.every if saving else 0,
+                   frozenset(c.at if saving else ()))
+
+    def at(self, step: int) -> Due:
+        """For step `step` (0-based); metrics records at step 0, every log_every steps and the last."""
+        n = step + 1
+        last = n == self.steps
+        save = (bool(self.save_every) and n % self.save_every == 0) or n in self.save_at
+        return Due(log=n % self.log_every == 0 or step == 0 or last,
+                   eval=bool(self.eval_every) and n % self.eval_every == 0 and not last,
+                   save=save and not last, last=last)
+
+
+@dataclasses.dataclass
+class _Step:
+    """A dispatched step, which the host reads one step late: whether it was finite (once), then, on a
+    logging step, its metrics record (once)."""
+
+    step: int
+    metrics: dict  # on the device until read
+    log: bool  # its metrics record is still to be written
+    checked: bool = False  # its finiteness was read
+
+
+class SignalStop:
+    """SIGTERM/SIGINT. The handler only sets `signalled`; `poll`, once a step, turns it into the loop's
+    stop: at once for one process; for several, when the previous step's vote (`distributed.StopVote`,
+    read now, the same on every process) says some process was signalled."""
+
+    def __init__(self, mesh, processes: int):
+        self.signalled, self.at = False, 0.0
+        self.vote = StopVote(mesh) if processes > 1 else None
+        self.ballot = None  # the previous step's vote
 
     def __call__(self, signum, frame):
         if not self.signalled:
             self.signalled, self.at = True, time.perf_counter()
 
+    def install(self) -> dict:
+        """Handle SIGTERM and SIGINT; the handlers they had."""
+        return {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-@dataclasses.dataclass
-class _Mark:
-    """Input wait, time and step at the last metrics record: the next record's rates are since then."""
-
-    wait: float
-    time: float
-    step: int
-
-
-class Loop:
-    def __init__(self, s: Setup, log=print, handle_signals: bool = False):
-        self.s, self.cfg, self.log = s, s.cfg, log
-        self.stepper, self.saver, self.state, self.position = s.stepper, s.saver, s.state, s.position
-        c = self.cfg
-        self.B, self.T, self.steps = c.train.batch_size, c.train.seq_len, c.train.steps
-        self.loader = TrainBatches(s.train_streams, self.B, self.T, c.train.seed, self.stepper.local_rows(self.B),
-                                   s.weights, s.eos_id if c.data.segment_ids else None)
-        self.handle_signals = handle_signals
-        self.stop = Stop()
-        self.group = s.group
-        self.vote = StopVote(self.stepper.mesh) if self.group.count > 1 else None
-        self.ballot = None  # the previous step's stop vote
-        self.result = RunResult(run_dir=s.run_dir, steps=0)
-        self.streak = 0  # consecutive non-finite steps
-        self.pending = None  # (step, metrics) to log, fetched one step late
-        self.unsettled = None  # (step, metrics) whose finiteness is read one step late
-        self.diverged = ""  # why the run stopped on non-finite steps or a runaway loss
-        self.lowest_loss = math.inf  # of the logged training losses (train.diverge_factor)
-        self.warned_mfu = False
-        self.prefetch = None
-        self.waited = 0.0  # input wait of prefetchers closed by rollbacks
-        self.throughput = Throughput()
-        self.mark = _Mark(0.0, time.perf_counter(), s.start - 1)
-        self.bar = None
-        self.writer = self.sink = None
-
-    # -- the step loop ----------------------------------------------------------------
-    def run(self) -> RunResult:
-        from jaxlm.wandb_sink import make_sink
-
-        old_handlers = {}
-        if self.handle_signals:
-            old_handlers = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            self.writer = MetricsWriter(self.s.run_dir, self.cfg.run.tensorboard, owner=self.group.owner)
-            self.sink = make_sink(self.s.run_dir, self.cfg, self.s.resumed)
-            if self.cfg.run.progress and sys.stderr.isatty():
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=self.steps, initial=self.s.start, unit="step", dynamic_ncols=True)
-            self._write_summary("running")
-            self._open_prefetch(self.s.start)
-            t0 = time.perf_counter()
-            self._finish(self._steps())
-            self.loop_s = time.perf_counter() - t0
-        finally:
-            self._close(old_handlers)
-        return self.result
-
-    def _steps(self) -> int:
-        """Run steps until the step count, a signal or too many non-finite steps; the steps done."""
-        step = self.s.start
-        while step < self.steps:
-            self.state, metrics = self.stepper.train(self.state, self.prefetch.get(step))
-            self._poll_stop()
-            over = self._settle()  # the previous step's, read while this one runs
-            self.unsettled = (step, metrics)
-            if self.pending is not None and not over:
-                self._flush()
-                if self.diverged:  # train.diverge_factor: the loss ran away
-                    return step + 1
-            last = step + 1 == self.steps
-            every = self.cfg.checkpoint.every
-            save_now = bool(self.saver and ((every and (step + 1) % every == 0) or step + 1 in self.cfg.checkpoint.at))
-            if not over and (save_now or last or self.stop.requested):
-                over = self._settle()  # never checkpoint or end on an unchecked step
-            if over:
-                if self._can_roll_back():
-                    step = self._rollback(bad_to=step + self.position.offset)
-                    continue
-                self.diverged = self._divergence_message(step)
-                return step + 1
-            if (step + 1) % self.cfg.train.log_every == 0 or step == 0 or last:
-                self.pending = (step, metrics)
-            if self.bar is not None:
-                self.bar.update(1)
-            if self.cfg.eval.every and (step + 1) % self.cfg.eval.every == 0 and not last:
-                self._flush()
-                self._evaluate(step)
-            if save_now and not last:
-                self._save(step + 1)
-            step += 1
-            if self.stop.requested or self.diverged:
-                break
-        return step
-
-    def _poll_stop(self) -> None:
-        """Turn a signal into the stop the loop acts on: at once for one process; for several, when the
-        previous step's vote (read now, the same on every process) says a process was signalled."""
+    def poll(self, stop: Stop | None) -> Stop | None:
+        """Cast this step's vote; the loop's stop after it (`stop` when it is stopping already)."""
         if self.vote is None:
-            self.stop.requested = self.stop.signalled
-            return
-        ballot, previous = self.vote.cast(self.stop.signalled), self.ballot
-        self.ballot = ballot
-        if previous is not None and not self.stop.requested and self.vote.result(previous):
-            self.stop.requested = True
-            self.stop.at = self.stop.at or time.perf_counter()
+            return stop or (Stop(StopReason.SIGNAL) if self.signalled else None)
+        previous, self.ballot = self.ballot, self.vote.cast(self.signalled)
+        if stop is not None or previous is None or not self.vote.result(previous):
+            return stop
+        self.at = self.at or time.perf_counter()
+        return Stop(StopReason.SIGNAL)
 
-    def _finish(self, step: int) -> None:
-        """Log the last metrics; then, unless the run diverged, evaluate and checkpoint the final state."""
-        self._flush()
-        self.result.steps = step
-        if self.diverged:
-            self._write_summary("diverged")
-            return
-        if self.stop.requested:
-            self.result.stopped_by_signal = True
-            self.log(f"stopping after step {step} on a signal")
-        else:
-            self._evaluate(step - 1)
-        if self.saver:
-            self._save(step)
-            self.saver.wait()
-            if self.stop.requested:
-                self.log(f"checkpoint {step} committed {time.perf_counter() - self.stop.at:.1f}s after the signal")
-        self._write_summary("stopped" if self.stop.requested else "done")
 
-    def _close(self, old_handlers: dict) -> None:
-        if self.prefetch is not None:
-            self.prefetch.close()
-        if self.bar is not None:
-            self.bar.close()
-        if self.saver:
-            self.saver.close()
-        if self.writer is not None:
-            self.writer.close()
-        if self.sink is not None:
-            self.sink.close(0 if self.result.summary and self.result.summary["status"] != "diverged" else 1)
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
+class Guard:
+    """The numerics guard. The compiled step skips a non-finite step (state unchanged); the guard counts
+    them, and more than train.max_bad_steps in a row trigger train.on_bad_steps. After warmup, a logged
+    loss above train.diverge_factor x the lowest logged so far (this session) is a runaway."""
 
-    # -- data ------------------------------------------------------------------------
-    def _open_prefetch(self, first: int) -> None:
-        offset, poison = self.position.offset, self.s.poison  # fixed for this prefetcher's lifetime
+    def __init__(self, cfg: Config, position: Position, say):
+        self.cfg, self.position, self.say = cfg, position, say
+        self.streak = 0  # non-finite steps in a row
+        self.lowest_loss = math.inf
 
-        def make(step: int):
-            batch = self.loader.batch_at(step + offset)
-            if poison:
-                batch = faults.mark(batch, step + offset, poison)
-            return self.stepper.place(batch, self.B)
-
-        self.prefetch = Prefetch(make, first, self.steps, self.cfg.data.prefetch)
-
-    def input_wait(self) -> float:
-        return self.waited + (self.prefetch.wait_s if self.prefetch is not None else 0.0)
-
-    # -- metrics ---------------------------------------------------------------------
-    def _flush(self) -> None:
-        """Write the pending train record (its metrics were fetched one step late)."""
-        if self.pending is None:
-            return
-        (step, metrics), self.pending = self.pending, None
-        m = jax.device_get(metrics)
-        tok_s = self.throughput.update(step, self.B * self.T)
-        now, wait = time.perf_counter(), self.input_wait()
-        dw, dt, n = wait - self.mark.wait, now - self.mark.time, step - self.mark.step
-        self.mark = _Mark(wait, now, step)
-        rec = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-               "tokens": (step + 1) * self.B * self.T, "tokens_per_s": tok_s, "input_wait_s": dw / max(n, 1),
-               "input_wait_frac": dw / dt if dt > 0 else 0.0, "skipped_steps": self.position.skipped}
-        peak, source = self.s.peak
-        if peak and tok_s:
-            rec["mfu"] = self.s.flops_per_token * tok_s / (peak * self.stepper.mesh.devices.size)
-            note = mfu_note(rec["mfu"], peak, source)
-            if note and not self.warned_mfu:
-                self.warned_mfu = True
-                self._say(note)
-        self._record(rec)
-        self._check_runaway(step, rec["loss"])
-        desc = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {tok_s:,.0f} tok/s" + (
-            f" mfu {rec['mfu']:.1%}" if "mfu" in rec else "")
-        if self.bar is not None:
-            self.bar.set_postfix_str(desc, refresh=False)
-        else:
-            self.log(f"step {step + 1}/{self.steps} {desc}")
-
-    def _record(self, rec: dict) -> None:
-        self.writer.write(rec)
-        if self.sink is not None:
-            self.sink.log(rec)
-        self.result.history.append(rec)
-        self.s.summary.record(rec)
-
-    def _write_summary(self, status: str) -> None:
-        if self.group.owner:
-            self.result.summary = self.s.summary.write(status)
-            if self.sink is not None:
-                self.sink.summary(self.result.summary)
-
-    def _say(self, msg: str) -> None:
-        (self.bar.write if self.bar is not None else self.log)(msg)
-
-    # -- evaluation and checkpoint cadence -------------------------------------------
-    def _evaluate(self, step: int) -> None:
-        t0 = time.perf_counter()
-        ev = validate(self.stepper, self.state.params, self.s.valid, self.cfg, self.s.eos_id)
-        rec = {"step": step, **ev, "eval_s": time.perf_counter() - t0}
-        self._record(rec)
-        self.result.eval_loss, self.result.eval_bpb = ev["eval_loss"], ev.get("eval_bpb")
-        ci = "" if "eval_bpb_ci95" not in ev else " (95% CI {:.4f}..{:.4f})".format(*ev["eval_bpb_ci95"])
-        self._say(f"eval @ step {step + 1}: loss {ev['eval_loss']:.4f}"
-                  + (f", {ev['eval_bpb']:.4f} bits/byte{ci}" if "eval_bpb" in ev else "")
-                  + f" ({rec['eval_s']:.1f}s)")
-        self._write_summary("running")
-        self.throughput.update(step, 0)  # evaluation time is not training throughput
-        self.mark = _Mark(self.input_wait(), time.perf_counter(), step)
-
-    def _save(self, at: int) -> None:
-        p = self.position
-        self.saver.save(at, self.stepper.logical_state(self.state), data_position=at + p.offset,
-                        skipped_steps=p.skipped, rollbacks=p.rollbacks)
-
-    # -- stop conditions -------------------------------------------------------------
-    def _settle(self) -> bool:
-        """Read the unsettled step's finiteness; count a non-finite one as skipped. True once
-        more than train.max_bad_steps steps in a row were non-finite."""
-        if self.unsettled is None:
+    def too_many(self, rec: _Step | None) -> bool:
+        """Read whether `rec` was finite (once); True when more than train.max_bad_steps in a row were not."""
+        if rec is None or rec.checked:
             return False
-        (s, m), self.unsettled = self.unsettled, None
+        rec.checked = True
+        m = rec.metrics
         if bool(jax.device_get(m["finite"])):
             self.streak = 0
             return False
-        self.streak += 1
-        self.position.skipped += 1
+        p = self.position
+        self.streak, p.skipped = self.streak + 1, p.skipped + 1
         loss, gnorm = (float(v) for v in jax.device_get((m["loss"], m["grad_norm"])))
-        self._say(f"warning: step {s + 1} (data position {s + self.position.offset}): loss {loss}, grad norm "
-                  f"{gnorm}; skipped ({self.streak} in a row, {self.position.skipped} in all)")
+        self.say(f"warning: step {rec.step + 1} (data position {rec.step + p.offset}): loss {loss}, grad norm "
+                 f"{gnorm}; skipped ({self.streak} in a row, {p.skipped} in all)")
         return self.streak > self.cfg.train.max_bad_steps
 
-    def _can_roll_back(self) -> bool:
-        return (self.cfg.train.on_bad_steps == "rollback" and self.saver is not None
-                and self.saver.manager.latest_step() is not None
-                and self.position.rollbacks < self.cfg.train.max_rollbacks)
-
-    def _rollback(self, bad_to: int) -> int:
-        """Go back to the newest checkpoint and skip data positions up to `bad_to`; the step to run next."""
-        self.saver.wait()
-        self.pending = self.unsettled = self.state = None
-        self.prefetch.close()
-        self.waited += self.prefetch.wait_s
-        candidates = self.group.broadcast("rollback-steps", lambda: ckpt.steps(self.s.run_dir))
-        step, state, _, _ = ckpt.restore_latest(self.s.run_dir, self.stepper.restore_target(), self.log,
-                                                candidates, self.group)
-        self.state = self.stepper.adopt(state)
-        p = self.position
-        first_skipped = step + p.offset
-        p.offset, p.rollbacks, self.streak = bad_to + 1 - step, p.rollbacks + 1, 0
-        self.writer.truncate(step)
-        self.result.history = [r for r in self.result.history if r["step"] < step]
-        self.s.summary.rewind(read_metrics(self.s.run_dir))
-        self.log(f"rollback {p.rollbacks}/{self.cfg.train.max_rollbacks}: back to the checkpoint at step {step}, "
-                 f"skipping data positions {first_skipped}..{bad_to}")
-        self._open_prefetch(step)
-        self.throughput.update(step - 1, 0)
-        self.mark = _Mark(self.input_wait(), time.perf_counter(), step - 1)
-        if self.bar is not None:
-            self.bar.reset(total=self.steps)
-            self.bar.update(step)
-        return step
-
-    def _check_runaway(self, step: int, loss: float) -> None:
-        """train.diverge_factor: after warmup, a logged loss above the factor times the lowest logged so
-        far (from the first step of this session) ends the run as diverged."""
-        factor = self.cfg.train.diverge_factor
-        if not factor or not math.isfinite(loss):  # non-finite: the numerics guard (train.max_bad_steps) decides
-            return
+    def runaway(self, step: int, loss: float) -> Stop | None:
+        """The stop for a runaway logged loss, else None (a non-finite loss is `too_many`'s business)."""
+        factor, stop = self.cfg.train.diverge_factor, None
+        if not factor or not math.isfinite(loss):
+            return None
         if step >= self.cfg.optim.warmup_steps and loss > factor * self.lowest_loss:
-            self.diverged = (f"stopping at step {step + 1}: the training loss {loss:.4g} is above "
-                             f"train.diverge_factor={factor:g} x its lowest so far ({self.lowest_loss:.4g}); "
-                             f"lower optim.lr or raise optim.warmup_steps")
+            stop = Stop(StopReason.RUNAWAY, f"stopping at step {step + 1}: the training loss {loss:.4g} is above "
+                        f"train.diverge_factor={factor:g} x its lowest so far ({self.lowest_loss:.4g}); "
+                        f"lower optim.lr or raise optim.warmup_steps")
         self.lowest_loss = min(self.lowest_loss, loss)
+        return stop
 
-    def _divergence_message(self, step: int) -> str:
+    def non_finite(self, step: int) -> Stop:
         rollbacks = self.position.rollbacks
-        return (f"stopping at step {step + 1}: more than train.max_bad_steps={self.cfg.train.max_bad_steps} steps "
-                f"in a row had a non-finite loss or gradient" + (f" after {rollbacks} rollbacks" if rollbacks else "")
-                + "; no checkpoint holds a non-finite value. Lower optim.lr, raise optim.warmup_steps, or set "
-                "train.on_bad_steps=rollback to skip the batches")
+        return Stop(StopReason.NON_FINITE, (
+            f"stopping at step {step + 1}: more than train.max_bad_steps={self.cfg.train.max_bad_steps} steps "
+            f"in a row had a non-finite loss or gradient" + (f" after {rollbacks} rollbacks" if rollbacks else "")
+            + "; no checkpoint holds a non-finite value. Lower optim.lr, raise optim.warmup_steps, or set "
+            "train.on_bad_steps=rollback to skip the batches"))
+
+
+@dataclasses.dataclass
+class _Parts:
+    """The loop's collaborators, built once from the Setup; `Loop` and `Steps` share them."""
+
+    cadence: Cadence
+    batches: Batches
+    out: Outputs
+    records: Records
+    guard: Guard
+    ckpts: Checkpoints
+    signals: SignalStop
+
+    @classmethod
+    def of(cls, s: Setup, log) -> _Parts:
+        out = Outputs(s, log)
+        return cls(Cadence.of(s.cfg, saving=s.saver is not None), Batches(s), out, Records(s, out),
+                   Guard(s.cfg, s.position, out.say), Checkpoints(s, log), SignalStop(s.stepper.mesh, s.group.count))
+
+    def rewind(self, bad: int) -> tuple[int, object]:
+        """Roll back to the newest checkpoint, past the data up to step `bad`'s: (its step, its state)."""
+        self.batches.close()
+        step, state = self.ckpts.roll_back(bad)
+        self.guard.streak = 0
+        self.out.rewind(step)
+        self.records.restart(step - 1, self.batches.wait_s)
+        self.batches.open(step, self.ckpts.position.offset)
+        return step, state
+
+
+class Steps:
+    """The step loop. It dispatches a step, then reads the previous one while this one runs (`_read`)."""
+
+    def __init__(self, s: Setup, parts: _Parts):
+        self.s, self.p, self.state = s, parts, s.state
+        self.prev: _Step | None = None  # the previous step, read one step late
+        self.stop: Stop | None = None
+
+    def run(self) -> tuple[int, Stop]:
+        """From setup.start until train.steps or a stop: (the steps done, why they ended), all logged."""
+        p, step = self.p, self.s.start
+        while step < p.cadence.steps:
+            self.state, metrics = self.s.stepper.train(self.state, p.batches.get(step))
+            self.stop = p.signals.poll(self.stop)
+            due = p.cadence.at(step)
+            if self._read(_Step(step, metrics, due.log), now=due.save or due.last):
+                if p.ckpts.can_roll_back():
+                    self.s.saver.wait()
+                    self.prev = self.state = None  # nothing of the abandoned steps is read or kept
+                    step, self.state = p.rewind(bad=step)
+                    continue  # even after a signal: the run stops after the step that follows
+                self.stop = p.guard.non_finite(step)
+            if self.stop is not None and self.stop.reason.diverged:
+                step += 1
+                break
+            p.out.advance()
+            if due.eval:
+                self._log(self.prev)
+                p.records.evaluate(step, self.state.params, p.batches.wait_s)
+            if due.save:
+                p.ckpts.save(step + 1, self.state)
+            step += 1
+            if self.stop is not None:
+                break
+        self._log(self.prev)
+        return step, self.stop or Stop(StopReason.DONE)
+
+    def _read(self, cur: _Step, now: bool) -> bool:
+        """Read the previous step (finite?, then its record), and `cur` too before a checkpoint, the end or
+        a stop (`now`); `cur` becomes the previous step. True when too many in a row were non-finite."""
+        prev = self.prev
+        if self.p.guard.too_many(prev):
+            return True  # prev stays: a run that stops here still writes its record
+        self._log(prev)
+        if self.stop is not None and self.stop.reason.diverged:
+            return False
+        if (now or self.stop is not None) and self.p.guard.too_many(cur):
+            return True
+        self.prev = cur
+        return False
+
+    def _log(self, rec: _Step | None) -> None:
+        """Write `rec`'s metrics record if it is still due; a runaway loss stops the run."""
+        if rec is None or not rec.log:
+            return
+        rec.log = False
+        loss = self.p.records.train(rec.step, rec.metrics, self.p.batches.wait_s, self.s.position.skipped)
+        self.stop = self.p.guard.runaway(rec.step, loss) or self.stop
+
+
+class Loop:
+    """Runs a Setup to its end: opens the outputs, data and signal handlers, runs `Steps`, ends the run
+    for its stop (a last evaluation and checkpoint unless it diverged), and closes what it opened."""
+
+    def __init__(self, s: Setup, log=print, handle_signals: bool = False):
+        self.s, self.log, self.handle_signals = s, log, handle_signals
+        self.p = _Parts.of(s, log)
+        self.steps = Steps(s, self.p)
+
+    def run(self) -> RunResult:
+        p = self.p
+        old_handlers = p.signals.install() if self.handle_signals else {}
+        try:
+            p.out.open()
+            p.out.write_summary("running")
+            p.batches.open(self.s.start, self.s.position.offset)
+            t0 = time.perf_counter()
+            step, stop = self.steps.run()
+            self._finish(step, stop)
+            loop_s = time.perf_counter() - t0
+        finally:
+            self._close(old_handlers)
+        return RunResult(run_dir=self.s.run_dir, steps=step, stop=stop, loop_s=loop_s, input_wait_s=p.batches.wait_s,
+                         skipped_steps=self.s.position.skipped, eval_loss=p.records.eval.get("eval_loss"),
+                         eval_bpb=p.records.eval.get("eval_bpb"), history=p.out.history, summary=p.out.summary)
+
+    def _finish(self, step: int, stop: Stop) -> None:
+        """Unless the run diverged, evaluate (not after a signal) and checkpoint its last state."""
+        if stop.reason.diverged:
+            self.p.out.write_summary(stop.reason.status)
+            return
+        signalled = stop.reason is StopReason.SIGNAL
+        if signalled:
+            self.log(f"stopping after step {step} on a signal")
+        else:
+            self.p.records.evaluate(step - 1, self.steps.state.params, self.p.batches.wait_s)
+        if self.s.saver:
+            self.p.ckpts.save(step, self.steps.state)
+            self.s.saver.wait()
+            if signalled:
+                self.log(f"checkpoint {step} committed {time.perf_counter() - self.p.signals.at:.1f}s after the signal")
+        self.p.out.write_summary(stop.reason.status)
+
+    def _close(self, old_handlers: dict) -> None:
+        self.p.batches.close()
+        if self.s.saver:
+            self.s.saver.close()
+        self.p.out.close()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)

@@ -167,7 +167,7 @@ def _init_source(cfg: Config) -> _InitSource:
         if differ:
             what = "model or data stream" if branch else "model"
             raise ConfigError(f"checkpoint.{key}={path} has a different {what}: " + ", ".join(differ)
-                              + f"; use the same keys as that run")
+                              + "; use the same keys as that run")
     tok = _run_tokenizer(src_dir, done if step is None else [step])
     if cfg.data.tokenizer and load_tokenizer(cfg.data.tokenizer).sha256 != tok.sha256:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer of {src_dir}; drop "
@@ -383,13 +383,12 @@ def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = Fals
     t_start = time.perf_counter()
     devices = list(jax.devices() if devices is None else devices)
     setup = _setup(cfg, devices, restart, resume, log, frozenset(int(p) for p in inject_nan), t_start)
-    loop = Loop(setup, log, handle_signals)
-    result = loop.run()
-    if loop.diverged:
-        raise DivergedError(loop.diverged)
-    saver, skipped = setup.saver, setup.position.skipped
-    log(f"done: {result.steps} steps in {time.perf_counter() - t_start:.1f}s (training loop {loop.loop_s:.1f}s, "
-        f"of which {loop.input_wait():.2f}s waiting for input"
+    result = Loop(setup, log, handle_signals).run()
+    if result.stop.reason.diverged:
+        raise DivergedError(result.stop.message)
+    saver, skipped = setup.saver, result.skipped_steps
+    log(f"done: {result.steps} steps in {time.perf_counter() - t_start:.1f}s (training loop {result.loop_s:.1f}s, "
+        f"of which {result.input_wait_s:.2f}s waiting for input"
         + (f", {saver.blocked_s:.2f}s starting checkpoints" if saver else "")
         + (f"; {skipped} steps skipped as non-finite" if skipped else "") + f"); run directory {setup.run_dir}")
     return result
