@@ -93,9 +93,16 @@ def plot(run_dirs: list[str], out_dir: str) -> list[str]:
                 ax.set_xscale("log")
         axes[0].set_ylabel(ylabel)
         axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, filename)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir, filename, dpi=100))
     return written
+
+
+def save_figure(fig, out_dir: str, name: str, dpi: int) -> str:
+    """Lay out `fig`, write it to `out_dir/name`, and free it (a sweep draws many); the path written."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from jaxlm.plot import save_figure
 from jaxlm.scaling import fitting
 from jaxlm.scaling.law import PARAM_NAMES, log_loss, optimum
 from jaxlm.scaling.points import Points, file_sha256, load_source, read_points, read_sweep, results_path
@@ -41,11 +42,7 @@ def plot_sweep(source, out_dir: str, fit_result: dict | None = None) -> list[str
                                (FIGURES[2], _fit_vs_measured, 1), (FIGURES[3], _residuals, 2)):
         fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5), squeeze=False)
         draw(axes[0], points, result, x, style)
-        fig.tight_layout()
-        path = os.path.join(out_dir, name)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir, name, dpi=110))
     return written
 
 
