@@ -25,7 +25,7 @@ def atomic_open(path: str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     if "b" not in mode:
         open_kwargs.setdefault("encoding", "utf-8")
     # a unique name opened exclusively ("x"), with the umask's permissions (mkstemp would give 0600)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = os.path.join(directory, f"{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         with open(tmp, mode.replace("w", "x"), **open_kwargs) as f:
             yield f
