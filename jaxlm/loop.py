@@ -102,6 +102,7 @@ class RunResult:
     summary: dict | None = None
     loop_s: float = 0.0  # the step loop and the run's end (its last evaluation and checkpoint)
     input_wait_s: float = 0.0
+    input_waits: int = 0  # steps whose batch was not ready when asked for (a count: no machine's speed in it)
     skipped_steps: int = 0  # skipped as non-finite, over the whole run
 
     @property
@@ -346,6 +347,7 @@ class Loop:
         finally:
             self._close(old_handlers)
         return RunResult(run_dir=self.s.run_dir, steps=step, stop=stop, loop_s=loop_s, input_wait_s=p.batches.wait_s,
+                         input_waits=p.batches.waits,
                          skipped_steps=self.s.position.skipped, eval_loss=p.records.eval.get("eval_loss"),
                          eval_bpb=p.records.eval.get("eval_bpb"), history=p.out.history, summary=p.out.summary)
 

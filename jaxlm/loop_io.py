@@ -32,6 +32,7 @@ class Batches:
                                    s.stepper.local_rows(self.rows), s.weights, s.eos_id if c.data.segment_ids else None)
         self.prefetch = None
         self.closed_wait = 0.0  # input wait of the prefetchers closed so far
+        self.closed_waits = 0  # and how many of their batches were not ready when asked for
 
     def open(self, first: int, offset: int) -> None:
         poison = self.s.poison
@@ -51,12 +52,18 @@ class Batches:
         if self.prefetch is not None:
             self.prefetch.close()
             self.closed_wait += self.prefetch.wait_s
+            self.closed_waits += self.prefetch.waits
             self.prefetch = None
 
     @property
     def wait_s(self) -> float:
         """Seconds the loop has waited for input, all prefetchers together."""
         return self.closed_wait + (self.prefetch.wait_s if self.prefetch is not None else 0.0)
+
+    @property
+    def waits(self) -> int:
+        """Steps whose batch was not ready when the loop asked for it, all prefetchers together."""
+        return self.closed_waits + (self.prefetch.waits if self.prefetch is not None else 0)
 
 
 @dataclasses.dataclass
