@@ -55,7 +55,8 @@ def test_a_coordinator_that_never_answers_is_a_clear_error_not_a_hang(tmp_path):
     """Process 1 of 2 with no process 0 to join: jaxlm exits 2 after dist.init_timeout_s."""
     code = ("import sys; from jaxlm.cli import main; sys.exit(main(['train', 'dist.init_timeout_s=3', "
             "'dist.coordinator=127.0.0.1:9', 'dist.num_processes=2', 'dist.process_id=1']))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,  # hang guard
+                       cwd=tmp_path)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "joining the explicit run failed" in p.stderr and "dist.coordinator" in p.stderr
 

@@ -256,7 +256,7 @@ def test_sigkill_of_process_1_stops_process_0_and_the_relaunch_resumes(env, two)
     p.wait_for(f"[1] step {at}/")
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
-    rc = p.finish(timeout=120)
+    rc = p.finish(timeout=120)  # hang guard
     took = time.monotonic() - killed
     print(f"killed process 1 after step {at}; launch ended {took:.1f}s later with {rc}")
     assert rc != 0

@@ -33,7 +33,6 @@ def test_plot_draws_several_runs_against_steps_tokens_and_flops(trained_run, tmp
     assert series["train"]["tokens"].tolist() == [(r["step"] + 1) * per_step for r in train]
     # FLOPs per token from the real parameters of the run's checkpoint
     state, _ = ckpt.restore(str(run_dir), 24, run_abstract_state(run_dir))
-    vocab = state.params["embed"]["embedding"].shape[0]
     fpt = flops_per_token(cfg.model, count_params(state.params), cfg.train.seq_len)
     assert series["flops_per_token"] == fpt
     np.testing.assert_array_equal(series["eval"]["flops"], series["eval"]["tokens"] * fpt)

@@ -45,7 +45,7 @@ def test_resume_after_sigkill_is_bitwise_equal_to_an_uninterrupted_run(tmp_path,
     proc = subprocess.Popen([sys.executable, "-m", "jaxlm.cli"] + _args(small_corpus, killed, steps, *mesh),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 300
+    deadline = time.time() + 300  # hang guard
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and metrics.read_text().count("\n") >= kill_after:
             break

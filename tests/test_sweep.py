@@ -65,16 +65,16 @@ def finished(tmp_path_factory):
     runs = planning.plan(sweep)
     victim = runs[2].name
     proc = _jaxlm("sweep", str(path), "--dir", sweep.dir, cwd=root)
-    deadline = time.time() + 600
+    deadline = time.time() + 600  # hang guard
     while time.time() < deadline and not os.path.exists(os.path.join(planning.run_dir(sweep, victim), "metrics.jsonl")):
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
-    first = proc.communicate(timeout=60)[0]
+    first = proc.communicate(timeout=60)[0]  # hang guard
     assert proc.returncode == -signal.SIGKILL, first
     second = _jaxlm("sweep", str(path), "--dir", sweep.dir, cwd=root)
-    out = second.communicate(timeout=900)[0]
+    out = second.communicate(timeout=900)[0]  # hang guard
     assert second.returncode == 0, out
     return sweep, runs, first, out
 
@@ -177,7 +177,7 @@ def test_list_emit_slurm_and_rescore(finished, tmp_path, capsys):
     # a task of the branch array, as SLURM runs it: the run is finished, so it is skipped
     env = dict(os.environ, SLURM_ARRAY_TASK_ID="2", JAXLM=os.path.join(os.path.dirname(sys.executable), "jaxlm"))
     task = subprocess.run(["bash", os.path.join(slurm, "branches.sbatch")], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300)  # hang guard
     assert task.returncode == 0 and "s2-d24k-s0: done already" in task.stdout, task.stdout + task.stderr
     # rescoring on another text: every finished run, through the evaluation harness
     other = tmp_path / "other.txt"
