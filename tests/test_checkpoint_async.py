@@ -8,7 +8,6 @@ test: `tools/bench_checkpoint.py` measures it (docs/checkpoints.md).
 """
 
 import threading
-import time
 
 import orbax.checkpoint as ocp
 
@@ -17,16 +16,14 @@ from jaxlm.cli import main
 from jaxlm.metrics import read_metrics
 from jaxlm.step import JitStepper
 
+from helpers import wait_until
 from test_cli import TINY_CLI
 
 HANG_S = 120  # hang guard only: each wait normally ends within a few steps' time
 
 
 def _until(condition, what: str) -> None:
-    deadline = time.monotonic() + HANG_S
-    while not condition():
-        assert time.monotonic() < deadline, f"hang guard: still waiting for {what}"
-        time.sleep(0.005)
+    wait_until(condition, what, HANG_S)
 
 
 def test_the_loop_trains_on_while_a_checkpoint_is_being_committed(tmp_path, small_corpus, monkeypatch):

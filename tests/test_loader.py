@@ -1,13 +1,14 @@
 """Training batches: determinism across process counts and restarts, mixtures, segment ids, prefetch."""
 
 import threading
-import time
 
 import numpy as np
 import pytest
 
 from jaxlm.data.loader import Prefetch, TrainBatches, add_segments, window_batches
 from jaxlm.errors import DataError
+
+from helpers import wait_until
 
 EOS = 3
 
@@ -84,11 +85,7 @@ HANG_S = 30  # hang guard only: every wait below normally ends in milliseconds
 
 
 def _until(condition, what: str) -> None:
-    """Wait for `condition()`; fail (never pass) if it has not held after HANG_S."""
-    deadline = time.monotonic() + HANG_S
-    while not condition():
-        assert time.monotonic() < deadline, f"hang guard: still waiting for {what}"
-        time.sleep(0.001)
+    wait_until(condition, what, HANG_S)
 
 
 def test_prefetch_runs_ahead_counts_waits_and_raises_errors():
