@@ -6,14 +6,17 @@
 
 Builds the model, optimizer and step exactly as `tools/bench_train.py` does (its default
 dimensions, one CPU device), compiles the step ahead of time and writes the compiled
-program's text; prints its sha256 and which jaxlm it imported. A refactoring that leaves
-the train step alone leaves this text byte for byte the same.
+program's text without its source locations (the file and line each instruction was traced
+from, which differ between two checkouts even when the program does not); prints its sha256
+and which jaxlm it imported. A refactoring that leaves the train step alone leaves this text
+byte for byte the same. `--with-locations` keeps them.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 
 import jax
 
@@ -23,9 +26,26 @@ from jaxlm.sharding import make_mesh
 from jaxlm.step import Stepper, build
 
 
+_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+
+
+def without_locations(text: str) -> str:
+    """The program's text less the source-location tables and each instruction's metadata={...}."""
+    kept, skipping = [], False
+    for line in text.splitlines():
+        if line in _TABLES:
+            skipping = True
+        elif skipping and not line.strip():
+            skipping = False
+        elif not skipping:
+            kept.append(re.sub(r",? metadata=\{[^{}]*\}", "", line))
+    return "\n".join(kept) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="file for the compiled program's text")
+    ap.add_argument("--with-locations", action="store_true", help="keep source files and lines in the text")
     ap.add_argument("overrides", nargs="*", help="extra dotted config overrides")
     a = ap.parse_args()
     d_model, layers, heads, vocab, seq_len, batch = 384, 6, 6, 8192, 256, 8  # bench_train.py's defaults
@@ -40,6 +60,8 @@ def main() -> None:
     stepper = Stepper(cfg, model, tx, schedule, mesh)
     stepper.compile(stepper.abstract_state(), {"inputs": (batch, seq_len), "targets": (batch, seq_len)})
     text = stepper._train.as_text()
+    if not a.with_locations:
+        text = without_locations(text)
     with open(a.out, "w", encoding="utf-8") as f:
         f.write(text)
     print(f"{hashlib.sha256(text.encode()).hexdigest()}  {a.out}  ({len(text.splitlines())} lines; "
