@@ -388,7 +388,7 @@ def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = Fals
         raise DivergedError(result.stop.message)
     saver, skipped = setup.saver, result.skipped_steps
     log(f"done: {result.steps} steps in {time.perf_counter() - t_start:.1f}s (training loop {result.loop_s:.1f}s, "
-        f"of which {result.input_wait_s:.2f}s waiting for input"
+        f"of which {result.input_wait_s:.2f}s waiting for input, at {result.input_waits} of {result.steps} steps"
         + (f", {saver.blocked_s:.2f}s starting checkpoints" if saver else "")
         + (f"; {skipped} steps skipped as non-finite" if skipped else "") + f"); run directory {setup.run_dir}")
     return result

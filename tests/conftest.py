@@ -8,8 +8,23 @@ compiled-program cache per session. Tests marked `serial` run alone (see
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# What the tests add to XLA_FLAGS, so that a test can start a process as a user's would (`user_env`):
+# - eight host devices, for the meshes;
+# - on the CPU, programs compiled without LLVM's optimisations (LLVM -O0), unless JAXLM_TEST_XLA_OPT=full.
+#   The suite compiles some two thousand tiny programs and runs each a few times, so compiling dominates
+#   its time: test_model.py + test_kernel_sets.py took 317 CPU-s optimised and 180 CPU-s unoptimised,
+#   test_step.py's mesh tests 120 and 74 (2-core Intel Xeon, docs/performance.md "Test suite time").
+#   What the tests check (meshes against one device, resume against an unbroken run, cpu kernels
+#   against standard ones) compares programs built with the same flags; the last bits of a float32 result
+#   can differ between -O0 and -O2, which no test compares. The quickstart trains as a user's process
+#   does, optimised, on one device (tests/test_quickstart.py).
+TEST_XLA_FLAGS = ["--xla_force_host_platform_device_count=8"]
+if os.environ["JAX_PLATFORMS"].split(",")[0] == "cpu" and os.environ.get("JAXLM_TEST_XLA_OPT", "") != "full":
+    TEST_XLA_FLAGS.append("--xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + [f for f in TEST_XLA_FLAGS if f not in
+                                                                        os.environ.get("XLA_FLAGS", "").split()]
+                                   ).strip()
 
 import atexit  # noqa: E402
 import shutil  # noqa: E402
@@ -77,6 +92,16 @@ def decoder(cfg, vocab: int, kernel_set: str = "cpu", platform: str = "cpu"):
 
     m = dataclasses.replace(cfg.model, kernels=kernel_set)
     return Decoder(kernels.resolve(m, platform, cfg.train.seq_len), vocab)
+
+
+def user_env(**extra: str) -> dict:
+    """os.environ without what the tests add to XLA_FLAGS: a process started with it runs as a user's
+    would (one CPU device, optimised programs), with the session's caches."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in TEST_XLA_FLAGS]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    return {**env, **extra}
 
 
 def shared_data(relative: str) -> pathlib.Path:
@@ -163,7 +188,8 @@ def pytest_runtest_protocol(item, nextitem):
 
 # The files with the longest set-up in a full run (two workers, 2-core Intel Xeon: the quickstart's training
 # 494 s, the coordinate check 326 s, the sweep 198 s) start first, so that none is left running alone at the
-# end; the multi-process tests, which run alone, come last.
+# end; the multi-process tests, which run alone, come last. xdist keeps this order only with
+# --no-loadscope-reorder (pyproject.toml): by default it starts the files with the most tests first.
 _FIRST = ("test_quickstart.py", "test_coord_check.py", "test_sweep.py", "test_resume.py", "test_dropout.py")
 _LAST = ("test_multiprocess.py",)
 

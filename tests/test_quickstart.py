@@ -6,11 +6,16 @@ validation bits per byte <= 2.15 on the held-out last 10% of the shipped Tiny Sh
 pipeline keeps up: the loop found its next batch not ready at no more than 1% of the steps
 (a count: the time waited is printed, not asserted)."""
 
+import dataclasses
 import hashlib
 import json
 import math
+import os
 import pathlib
+import re
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
@@ -18,9 +23,8 @@ import pytest
 from jaxlm.config import load_config
 from jaxlm.evaluate import evaluate
 from jaxlm.metrics import read_metrics
-from jaxlm.train import run
 
-from conftest import shared_data
+from conftest import shared_data, user_env
 from helpers import load_splits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,19 +40,45 @@ def test_shipped_text_is_tiny_shakespeare():
     assert hashlib.sha256(raw).hexdigest() == TEXT_SHA256, "experiments/data/tinyshakespeare.txt was modified"
 
 
+@dataclasses.dataclass
+class Trained:
+    """What the quickstart's `jaxlm train` printed and left in its run directory."""
+    log: list[str]
+    eval_bpb: float
+    steps: int
+    input_waits: int
+    input_wait_s: float
+
+
+def _jaxlm(*args: str, env: dict) -> subprocess.CompletedProcess:
+    exe = os.path.join(os.path.dirname(sys.executable), "jaxlm")
+    out = subprocess.run([exe, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=3600)  # hang guard
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    """The quickstart run, trained once from the repository root with no TFDS data dir. The tests
-    using it run inside the same context (the stored config's text path is relative to the root)."""
+    """The quickstart run, trained once as the README runs it: `jaxlm train experiments/shakespeare.yaml`
+    from the repository root, in a process of its own with a user's environment (one CPU device,
+    optimised programs: conftest.user_env) and no TFDS data dir. The tests using it run inside the same
+    context (the stored config's text path is relative to the root)."""
     run_dir = tmp_path_factory.mktemp("quickstart") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ROOT)
         mp.delenv("TFDS_DATA_DIR", raising=False)
-        cfg = load_config(EXPERIMENT, [f"run.dir={run_dir}", "run.progress=false", "run.tensorboard=false"])
+        overrides = [f"run.dir={run_dir}", "run.progress=false", "run.tensorboard=false"]
         t0 = time.perf_counter()
-        lines = []
-        result = run(cfg, log=lambda m: (lines.append(m), print(m)))
-        result.log = lines
+        out = _jaxlm("train", EXPERIMENT, *overrides, env=user_env())
+        lines = out.stderr.splitlines()
+        print(out.stderr[-3000:])
+        cfg = load_config(EXPERIMENT, overrides)
+        done = next(line for line in lines if line.startswith("done: "))
+        waits = re.search(r"of which ([0-9.]+)s waiting for input, at (\d+) of (\d+) steps", done)
+        assert waits, done
+        last = [r for r in read_metrics(cfg.run.path) if "eval_bpb" in r][-1]
+        result = Trained(lines, last["eval_bpb"], int(waits[3]), int(waits[2]), float(waits[1]))
         print(f"quickstart: {result.eval_bpb:.4f} bits/byte in {time.perf_counter() - t0:.0f}s")
         # the held-out split, read as the run read it (relative path, from the repository root)
         train_docs, valid_docs = load_splits(cfg.data)
@@ -75,8 +105,10 @@ def test_quickstart_reaches_2_15_bits_per_byte(quickstart):
                         rel_tol=1e-9)
     assert last["eval_bpb"] == result.eval_bpb
 
-    # `jaxlm eval` of the final checkpoint gives the training loop's validation number
-    own, = evaluate(cfg.run.path, write=False, log=print)
+    # `jaxlm eval` of the final checkpoint, run as a user runs it, gives the training loop's validation number
+    table = _jaxlm("eval", cfg.run.path, env=user_env()).stdout
+    print(table)
+    own, = [json.loads(p.read_text()) for p in (pathlib.Path(cfg.run.path) / "eval").glob("*.json")]
     assert own["step"] == cfg.train.steps and own["tokens"] == last["eval_tokens"] and own["bytes"] == n_bytes
     assert math.isclose(own["loss"], last["eval_loss"], rel_tol=1e-6)
     assert math.isclose(own["bpb"], last["eval_bpb"], rel_tol=1e-6)
