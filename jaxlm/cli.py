@@ -198,6 +198,23 @@ def _launch(args) -> int:
     return launch(command, args.processes, args.devices_per_process, args.grace)
 
 
+def _compile(args) -> int:
+    from jaxlm import aot
+
+    return aot.main(args)
+
+
+def _add_compile(sub) -> None:
+    co = sub.add_parser("compile", help="compile the train and eval steps for a TPU slice; print memory and FLOPs",
+                        description="Compile a config's train and eval steps ahead of time for the chips of a TPU "
+                                    "slice, on any machine (needs libtpu: pip install -e \".[tpu]\"). Prints the "
+                                    "compiler's memory per chip against its HBM, jaxlm's memory plan and the step's "
+                                    "FLOPs; exits 2 when the step does not fit.")
+    _config_args(co)
+    co.add_argument("--topology", required=True, help="TPU slice, GENERATION:SHAPE, e.g. v5e:2x2, v5e:4x4, v5p:2x2x2")
+    co.set_defaults(func=_compile)
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="experiment YAML (deltas over the defaults)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
@@ -392,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
+    _add_compile(sub)
     _add_generate(sub)
     _add_plot(sub)
     _add_export(sub)

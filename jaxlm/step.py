@@ -59,10 +59,16 @@ def _mesh_init(model: Decoder, tx, mesh, seq_len: int):
     return _boxed_init(model, tx, mesh.shape["data"] * mesh.shape["fsdp"], seq_len)
 
 
+def abstract_key(seed: int):
+    """A PRNG key's shape and dtype, made without running anything: the mesh's devices may be
+    compile-only (`jaxlm compile --topology`)."""
+    return jax.eval_shape(jax.random.key, seed)
+
+
 def state_shardings(model: Decoder, tx, mesh, seq_len: int):
     """Shardings of the train state, from the logical axis names of an abstract init."""
     with sharding.activate(mesh):
-        boxed = jax.eval_shape(_mesh_init(model, tx, mesh, seq_len), jax.random.key(0))
+        boxed = jax.eval_shape(_mesh_init(model, tx, mesh, seq_len), abstract_key(0))
     return sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
 
 
@@ -141,6 +147,9 @@ def logits_budget(cfg: Config, device) -> int:
         limit = (device.memory_stats() or {}).get("bytes_limit", 0)
     except Exception:  # not every backend reports memory
         limit = 0
+    if not limit and device.platform == "tpu":  # a compile-only TPU (jaxlm compile): its chip's HBM
+        from jaxlm.aot import hbm_bytes
+        limit = hbm_bytes(device.device_kind)
     return limit // 64 if limit else CPU_LOGITS_BUDGET
 
 
@@ -313,7 +322,7 @@ class JitStepper(Stepper):
         """The train state as sharded ShapeDtypeStructs: compile without allocating it."""
         init = _mesh_init(self.model, self.tx, self.mesh, self.cfg.train.seq_len)
         with sharding.activate(self.mesh):
-            shapes = jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.key(seed))
+            shapes = jax.eval_shape(lambda r: nn.unbox(init(r)), abstract_key(seed))
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                             self.state_shardings)
 
@@ -346,6 +355,15 @@ class JitStepper(Stepper):
         except Exception:  # not every backend reports it
             self.compiled_memory = None
         return time.perf_counter() - t0
+
+    @property
+    def compiled_train(self):
+        """The train step compiled by `compile` (None before): its memory and cost analyses."""
+        return self._train
+
+    @property
+    def compiled_eval(self):
+        return self._eval
 
     def local_rows(self, global_rows: int) -> slice:
         return sharding.process_rows(self.mesh, global_rows)

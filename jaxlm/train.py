@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint as ckpt
-from jaxlm import distributed, faults, kernels, mup
+from jaxlm import distributed, faults, kernels, memory, mup
 from jaxlm.config import Config, DistConfig, check_vocab, load_config, to_yaml
 from jaxlm.data import cache
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
@@ -280,6 +280,8 @@ def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_ke
             log(line)
     if peak[0]:
         log(f"peak for MFU: {peak[0] / 1e12:.2f} TFLOP/s per device ({peak[1]})")
+    planned = memory.plan(cfg, stepper.model.cfg, counts["total"], vocab, dict(mesh.shape), stepper.loss_chunk)
+    log(f"memory per device (jaxlm's plan): {planned.describe()}")
     mem = stepper.compiled_memory
     if mem is not None:
         total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
