@@ -92,7 +92,7 @@ class Report:
     jaxlm_flops: float  # per chip and step, 6N+attn
     jaxlm_flops_as_xla_counts: float  # the same with the layer scan's body counted once, as XLA counts loops
     compile_s: float
-    eval_memory: dict[str, int]
+    eval_memory: dict[str, int] | None  # None when the eval step was not compiled
 
     @property
     def total(self) -> int:
@@ -118,9 +118,9 @@ def _flops(compiled) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def compile_for(cfg: Config, devices, topology: str) -> Report:
-    """Compile `cfg`'s train and eval steps for `devices` (a slice's compile-only devices) as
-    `jaxlm train` would; nothing is allocated."""
+def compile_for(cfg: Config, devices, topology: str, with_eval: bool = True) -> Report:
+    """Compile `cfg`'s train and (with `with_eval`) eval steps for `devices` (a slice's compile-only
+    devices) as `jaxlm train` would; nothing is allocated."""
     from jaxlm import kernels, memory
     from jaxlm.config import check_vocab
     from jaxlm.metrics import count_params, flops_per_token
@@ -141,8 +141,8 @@ def compile_for(cfg: Config, devices, topology: str) -> Report:
     m = kernels.resolve_for(cfg.model, devices[0], T)
     planned = memory.plan(cfg, m, counts["total"], vocab, dict(mesh.shape), stepper.loss_chunk)
     try:
-        stepper.compile(state, {k: (B, T) for k in ("inputs", "targets") + packed},
-                        {k: (cfg.eval.batch_size or B, T) for k in ("inputs", "targets", "mask") + packed})
+        eval_shapes = {k: (cfg.eval.batch_size or B, T) for k in ("inputs", "targets", "mask") + packed}
+        stepper.compile(state, {k: (B, T) for k in ("inputs", "targets") + packed}, eval_shapes if with_eval else None)
     except Exception as e:  # the TPU compiler refuses a program over the chip's HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -162,7 +162,7 @@ def compile_for(cfg: Config, devices, topology: str) -> Report:
                   memory=_memory(stepper.compiled_train), planned=planned, xla_flops=_flops(stepper.compiled_train),
                   jaxlm_flops=per_token * B * T / len(devices), compile_s=compile_s,
                   jaxlm_flops_as_xla_counts=as_xla * B * T / len(devices),
-                  eval_memory=_memory(stepper.compiled_eval))
+                  eval_memory=_memory(stepper.compiled_eval) if with_eval else None)
 
 
 def describe(r: Report) -> list[str]:
@@ -178,7 +178,8 @@ def describe(r: Report) -> list[str]:
     lines.append(f"  planned      {gib(r.planned.total)}  jaxlm's plan: {r.planned.describe()}; "
                  f"plan / compiler = {r.planned.total / max(r.total, 1):.2f}")
     ev = r.eval_memory
-    lines.append(f"eval step, per chip (compiler): {gib(ev['arguments'] + ev['outputs'] + ev['temporaries'])}")
+    if ev:
+        lines.append(f"eval step, per chip (compiler): {gib(ev['arguments'] + ev['outputs'] + ev['temporaries'])}")
     lines.append(f"FLOPs per chip and step: jaxlm 6N+attn {r.jaxlm_flops / 1e12:.4f} T; XLA's cost analysis "
                  f"{r.xla_flops / 1e12:.4f} T")
     if r.jaxlm_flops_as_xla_counts != r.jaxlm_flops:

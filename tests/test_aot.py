@@ -39,7 +39,7 @@ def devices():
 def test_compiles_for_a_v5e_slice_on_each_mesh_and_fits(devices, model, mesh):
     overrides = (BENCH if model == "bench" else GPT2_124M) + PACKED + MESHES[mesh]
     cfg = load_config(None, overrides)
-    report = aot.compile_for(cfg, devices, TOPOLOGY)
+    report = aot.compile_for(cfg, devices, TOPOLOGY, with_eval=mesh == "data")  # eval: once per model
     print("\n".join(aot.describe(report)))
     assert report.chips == 4 and report.hbm == 16 * 2**30
     assert "attention=pallas" in report.model and "kernels=standard" in report.model
@@ -51,7 +51,8 @@ def test_compiles_for_a_v5e_slice_on_each_mesh_and_fits(devices, model, mesh):
     # latter not yet explained (docs/tpu.md)
     low = 0.65 if mesh == "tensor" else 0.8
     assert low <= report.xla_flops / report.jaxlm_flops_as_xla_counts <= 1.25, (report.xla_flops, report)
-    assert report.eval_memory["arguments"] > 0
+    if mesh == "data":
+        assert report.eval_memory["arguments"] > 0 and report.eval_memory["temporaries"] < report.hbm
 
 
 def test_a_step_too_large_for_the_chip_is_refused_with_the_breakdown(devices, capsys):
