@@ -121,7 +121,7 @@ def _flops(compiled) -> float:
 def compile_for(cfg: Config, devices, topology: str, with_eval: bool = True) -> Report:
     """Compile `cfg`'s train and (with `with_eval`) eval steps for `devices` (a slice's compile-only
     devices) as `jaxlm train` would; nothing is allocated."""
-    from jaxlm import kernels, memory
+    from jaxlm import memory
     from jaxlm.config import check_vocab
     from jaxlm.metrics import count_params, flops_per_token
     from jaxlm.sharding import make_mesh
@@ -136,10 +136,10 @@ def compile_for(cfg: Config, devices, topology: str, with_eval: bool = True) -> 
     state = stepper.abstract_state()
     B, T = cfg.train.batch_size, cfg.train.seq_len
     packed = ("segment_ids", "positions") if cfg.data.segment_ids else ()
-    t0 = time.perf_counter()
     counts = count_params(state.params, cfg.model.tied)
-    m = kernels.resolve_for(cfg.model, devices[0], T)
-    planned = memory.plan(cfg, m, counts["total"], vocab, dict(mesh.shape), stepper.loss_chunk)
+    m = model.cfg  # resolved for the slice's chips by build()
+    planned = memory.plan_step(cfg, stepper, counts["total"], vocab)
+    t0 = time.perf_counter()
     try:
         eval_shapes = {k: (cfg.eval.batch_size or B, T) for k in ("inputs", "targets", "mask") + packed}
         stepper.compile(state, {k: (B, T) for k in ("inputs", "targets") + packed}, eval_shapes if with_eval else None)
@@ -155,8 +155,8 @@ def compile_for(cfg: Config, devices, topology: str, with_eval: bool = True) -> 
         as_xla = flops_per_token(one, {**counts, "matmul": counts["head"] + layer}, T)
     else:
         as_xla = per_token
-    kind = devices[0].device_kind
-    return Report(topology=topology, chips=len(devices), hbm=hbm_bytes(kind) or hbm_bytes(topology.split(":")[0]),
+    hbm = hbm_bytes(devices[0].device_kind) or TPU_HBM_GIB.get(topology.split(":")[0], 0) * 2**30
+    return Report(topology=topology, chips=len(devices), hbm=hbm,
                   mesh=dict(mesh.shape), model=f"{m.family} d={m.d_model} layers={m.n_layers} kernels={m.kernels} "
                   f"attention={m.attention} remat={m.remat} dtype={m.dtype}",
                   memory=_memory(stepper.compiled_train), planned=planned, xla_flops=_flops(stepper.compiled_train),

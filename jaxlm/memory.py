@@ -80,3 +80,7 @@ def plan(cfg: Config, m: ModelConfig, params: int, vocab: int, mesh_shape: dict[
                       activations=m.n_layers * layer + recompute, logits=2 * 4 * logit_tokens * vocab,
                       batch=keys * 4 * tokens * cfg.train.grad_accum)
 
+
+def plan_step(cfg: Config, stepper, params: int, vocab: int) -> MemoryPlan:
+    """`plan` of a built step (`jaxlm.step.Stepper`): its model's resolved config, mesh and loss chunk."""
+    return plan(cfg, stepper.model.cfg, params, vocab, dict(stepper.mesh.shape), stepper.loss_chunk)

@@ -280,7 +280,7 @@ def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_ke
             log(line)
     if peak[0]:
         log(f"peak for MFU: {peak[0] / 1e12:.2f} TFLOP/s per device ({peak[1]})")
-    planned = memory.plan(cfg, stepper.model.cfg, counts["total"], vocab, dict(mesh.shape), stepper.loss_chunk)
+    planned = memory.plan_step(cfg, stepper, counts["total"], vocab)
     log(f"memory per device (jaxlm's plan): {planned.describe()}")
     mem = stepper.compiled_memory
     if mem is not None:

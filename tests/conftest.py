@@ -22,9 +22,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 TEST_XLA_FLAGS = ["--xla_force_host_platform_device_count=8"]
 if os.environ["JAX_PLATFORMS"].split(",")[0] == "cpu" and os.environ.get("JAXLM_TEST_XLA_OPT", "") != "full":
     TEST_XLA_FLAGS.append("--xla_backend_optimization_level=0")
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + [f for f in TEST_XLA_FLAGS if f not in
-                                                                        os.environ.get("XLA_FLAGS", "").split()]
-                                   ).strip()
+_user_flags = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join(_user_flags + [f for f in TEST_XLA_FLAGS if f not in _user_flags])
 
 import atexit  # noqa: E402
 import shutil  # noqa: E402
