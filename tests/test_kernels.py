@@ -76,8 +76,8 @@ def test_loss_is_chunked_only_when_the_logits_exceed_the_budget():
 
 
 class _Device:
-    def __init__(self, platform, stats):
-        self.platform, self._stats = platform, stats
+    def __init__(self, platform, stats, device_kind="unknown"):
+        self.platform, self._stats, self.device_kind = platform, stats, device_kind
 
     def memory_stats(self):
         return self._stats
@@ -91,6 +91,8 @@ def test_the_logits_budget_follows_the_device():
     assert logits_budget(auto, h200) == 140 * 2**30 // 64  # a sixteenth of memory in float32 logits
     assert loss_chunk(1024, 16, 50304, logits_budget(auto, h200)) == 0  # gpt2-124m, 16 rows: plain
     assert logits_budget(auto, _Device("tpu", None)) == CPU_LOGITS_BUDGET  # memory not reported
+    # a compile-only TPU reports no memory; its chip's HBM comes from the table
+    assert logits_budget(auto, _Device("tpu", None, "TPU v5 lite")) == 16 * 2**30 // 64
     assert logits_budget(tiny_config("train.loss_chunk=4096"), h200) == 4096
     assert logits_budget(tiny_config("train.loss_chunk=0"), _Device("cpu", None)) == 0
 
