@@ -31,6 +31,24 @@ from jaxlm.sharding import make_mesh
 from jaxlm.step import Stepper, build
 
 
+def time_steps(stepper, state, batch, seconds: float, warmup: int = 3):
+    """Run `warmup` steps, then steps for about `seconds`, reading each step's loss one step late
+    as the training loop does; (state, seconds per step, timed steps, last loss)."""
+    last = None
+    for _ in range(warmup):
+        state, last = stepper.train(state, batch)
+    jax.block_until_ready(last)
+    n, t0 = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - t0 < seconds:
+        state, metrics = stepper.train(state, batch)
+        if last is not None:
+            float(last["loss"])  # the previous step's loss: one step late
+        last = metrics
+        n += 1
+    loss = float(last["loss"])
+    return state, (time.perf_counter() - t0) / n, n, loss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-model", type=int, default=384)
@@ -64,18 +82,7 @@ def main() -> None:
     batch = stepper.place(batch_np, a.batch)
     params = count_params(stepper.params(state))["total"]
 
-    last = None
-    for _ in range(a.warmup_steps):
-        state, last = stepper.train(state, batch)
-    jax.block_until_ready(last)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < a.seconds:
-        state, metrics = stepper.train(state, batch)
-        float(last["loss"])  # the previous step's loss: one step late, as the training loop reads it
-        last = metrics
-        n += 1
-    float(last["loss"])
-    dt = (time.perf_counter() - t0) / n
+    state, dt, n, _ = time_steps(stepper, state, batch, a.seconds, a.warmup_steps)
     tokens = a.batch * a.seq_len
     flops = 6 * params * tokens + 6 * a.layers * a.d_model * a.seq_len * tokens
     mem = stepper.compiled_memory
