@@ -108,11 +108,11 @@ def default_cache_root() -> str:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _f("tfds:tiny_shakespeare", "training text: tfds:NAME[/CONFIG][:SPLIT], text:GLOB or jsonl:GLOB; "
-                     "a mixture is 'SOURCE@WEIGHT; SOURCE@WEIGHT; ...' (rows drawn by weight)")
+    source: str = _f("tfds:tiny_shakespeare", "training text: tfds:NAME[/CONFIG][:SPLIT], text:GLOB, jsonl:GLOB or "
+                     "parquet:GLOB; a mixture is 'SOURCE@WEIGHT; SOURCE@WEIGHT; ...' (rows drawn by weight)")
     valid_source: str = _f("", "validation text; empty = the TFDS validation split, else the held-out fraction")
     valid_fraction: float = _f(0.05, "share of the text held out for validation when there is no split")
-    text_field: str = _f("text", "feature (TFDS) or field (jsonl) holding the text")
+    text_field: str = _f("text", "feature (TFDS), field (jsonl) or column (Parquet) holding the text")
     doc_separator: str = _f("", "text files: split each file into documents at this string (e.g. '\\n\\n\\n\\n'); "
                             "empty = one document per file")
     invalid_utf8: str = _f("error", "invalid UTF-8 in text/jsonl files: error, or replace (with U+FFFD, counted)")

@@ -62,7 +62,7 @@ def load_split(cfg: Config, tok: Tokenizer, data: str | None = None, split: str 
                log=print) -> Split:
     """The token stream to evaluate: the run's own validation (or train) split, or `data`.
 
-    `data` is a source spec (tfds:NAME, text:GLOB, jsonl:GLOB); `split` names a TFDS split,
+    `data` is a source spec (tfds:NAME, text:GLOB, jsonl:GLOB, parquet:GLOB); `split` names a TFDS split,
     or `train` / `validation` of the run's own data.
     """
     if data is None:

@@ -8,7 +8,7 @@ from jaxlm.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer, train_tokenizer
 from jaxlm.errors import DataError
 
 from conftest import shared_data, write_corpus
-from helpers import load_splits
+from helpers import load_splits, write_fineweb_parquet
 
 
 @pytest.fixture
@@ -324,6 +324,9 @@ def _write_sources(tmp_path, docs) -> dict[str, list[str]]:
         lines = [json.dumps({"text": d}) for d in chunk]
         (tmp_path / f"part{f}.jsonl").write_text("\n".join(lines[:2] + ["", "  "] + lines[2:]) + "\n")
     out[f"jsonl:{tmp_path}/part*.jsonl"] = list(docs)
+    for f, chunk in enumerate([docs[:9], docs[9:10], docs[10:]]):  # FineWeb's layout, row groups of 4 rows
+        write_fineweb_parquet(tmp_path / f"part{f}.parquet", chunk, row_group_size=4)
+    out[f"parquet:{tmp_path}/part*.parquet"] = list(docs)
     sep, books = "\n\n\n\n", []
     for f, chunk in enumerate([docs[:15], docs[15:]]):
         (tmp_path / f"book{f}.txt").write_text(sep.join(chunk), encoding="utf-8")

@@ -2,8 +2,11 @@
 
 `tfds:NAME[/CONFIG][:SPLIT]` reads a prepared TFDS dataset (`jaxlm.data.tfds`). `text:GLOB`
 reads UTF-8 files, one document per file. `jsonl:GLOB` reads one document per line from
-the field `data.text_field`. Invalid UTF-8 is an error unless `data.invalid_utf8=replace`,
-which replaces it with U+FFFD and logs how often.
+the field `data.text_field`. `parquet:GLOB` reads one document per row from the string
+column `data.text_field` (FineWeb's `text`), one row group at a time with pyarrow, so memory
+holds one row group's column, never the file. Invalid UTF-8 is an error unless
+`data.invalid_utf8=replace`, which replaces it with U+FFFD and logs how often (Parquet
+string columns are UTF-8 by their type; pyarrow rejects invalid bytes when it reads them).
 
 A *document stream* is an iterable of (starts a document, text) pairs: a document is the
 text of a pair that starts one followed by the text of the pairs up to the next start. Text
@@ -37,15 +40,18 @@ _FFFD = "\ufffd".encode("utf-8")  # a U+FFFD that is in the text itself, not a r
 
 @dataclass(frozen=True)
 class SourceSpec:
-    kind: str  # tfds | text | jsonl
+    kind: str  # tfds | text | jsonl | parquet
     target: str  # dataset name (with /config) or glob
     split: str | None = None
 
 
+FORMS = "tfds:NAME[/CONFIG][:SPLIT], text:GLOB, jsonl:GLOB or parquet:GLOB"
+
+
 def parse_source(spec: str) -> SourceSpec:
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("tfds", "text", "jsonl") or not rest:
-        raise DataError(f"data source '{spec}' must look like tfds:NAME[/CONFIG][:SPLIT], text:GLOB or jsonl:GLOB")
+    if not sep or kind not in ("tfds", "text", "jsonl", "parquet") or not rest:
+        raise DataError(f"data source '{spec}' must look like {FORMS}")
     if kind == "tfds":
         name, _, split = rest.partition(":")
         return SourceSpec(kind, name, split or None)
@@ -200,6 +206,43 @@ def _jsonl_docs(path: str, field: str, invalid_utf8: str, warn: bool = True,
             yield True, str(record[field])
 
 
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a damaged or non-Parquet file
+        raise DataError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def _parquet_docs(path: str, field: str, skip: int = 0) -> Iterator[tuple[bool, str]]:
+    """One document per row of the string column `field`, read one row group at a time; row
+    groups wholly inside the first `skip` rows are only counted (yielded empty, not read).
+    Null values are empty documents."""
+    f = _parquet_file(path)
+    names = f.schema_arrow.names
+    if field not in names:
+        raise DataError(f"{path} has no column '{field}' (set data.text_field; its columns: {', '.join(names)})")
+    kind = f.schema_arrow.field(field).type
+    import pyarrow as pa
+
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise DataError(f"{path}: column '{field}' holds {kind}, not text (set data.text_field)")
+    row = 0
+    for g in range(f.num_row_groups):
+        n = f.metadata.row_group(g).num_rows
+        if row + n <= skip:
+            yield from ((True, "") for _ in range(n))
+        else:
+            try:
+                column = f.read_row_group(g, columns=[field]).column(0)
+            except Exception as e:
+                raise DataError(f"{path}: row group {g} cannot be read ({str(e).splitlines()[0]})") from None
+            for text in column.to_pylist():
+                yield True, text or ""
+        row += n
+
+
 @dataclass
 class Scan:
     """What a first pass over one read of a source found; documents are counted before empty
@@ -252,6 +295,8 @@ class Splits:
             return ((True, d) for d in self._tfds[unit])
         if spec.kind == "text":
             return _text_docs(unit, cfg.invalid_utf8, cfg.doc_separator, warn)
+        if spec.kind == "parquet":
+            return _parquet_docs(unit, cfg.text_field, skip)
         return _jsonl_docs(unit, cfg.text_field, cfg.invalid_utf8, warn, skip)
 
     def scan(self, read: str | None = None) -> Scan:
