@@ -242,9 +242,9 @@ def _add_eval(sub) -> None:
                                "eval.batch_size=16 (default: all devices on the data axis, the run's batch).")
     ev.add_argument("path", help="run directory (its newest usable checkpoint) or <run>/checkpoints/<step>")
     ev.add_argument("overrides", nargs="*", help="dotted key=value overrides (mesh.*, eval.batch_size, data.*)")
-    ev.add_argument("--data", help="source to evaluate (tfds:NAME, text:GLOB, jsonl:GLOB, parquet:GLOB); default: the run's "
-                                   "own validation split")
-    ev.add_argument("--split", help="split: a TFDS split name, or train / validation of the run's own data")
+    ev.add_argument("--data", help="source to evaluate (tfds:NAME, text:GLOB, jsonl:GLOB, parquet:GLOB, hf:PATH); "
+                                   "default: the run's own validation split")
+    ev.add_argument("--split", help="split: of a TFDS or hf: source, or train / validation of the run's own data")
     ev.add_argument("--all-checkpoints", action="store_true", help="evaluate every checkpoint of the run")
     ev.add_argument("--context", type=int, default=0, help="window length in tokens (default: train.seq_len)")
     ev.add_argument("--stride", type=int, default=0,
@@ -399,7 +399,8 @@ def _add_sweep(sub) -> None:
     sw.add_argument("--emit", choices=("slurm",), help="write sbatch job arrays (one task per run) into "
                                                         "<sweep dir>/slurm/ and exit")
     sw.add_argument("--run", help="train only this run (what each job-array task does)")
-    sw.add_argument("--data", help="eval: the source to score on (tfds:NAME, text:GLOB, jsonl:GLOB, parquet:GLOB)")
+    sw.add_argument("--data", help="eval: the source to score on (tfds:NAME, text:GLOB, jsonl:GLOB, parquet:GLOB, "
+                                   "hf:PATH)")
     sw.add_argument("--name", help="eval: name of the rescored results (default: from the source)")
     sw.set_defaults(func=_sweep)
 

@@ -108,9 +108,10 @@ def default_cache_root() -> str:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _f("tfds:tiny_shakespeare", "training text: tfds:NAME[/CONFIG][:SPLIT], text:GLOB, jsonl:GLOB or "
-                     "parquet:GLOB; a mixture is 'SOURCE@WEIGHT; SOURCE@WEIGHT; ...' (rows drawn by weight)")
-    valid_source: str = _f("", "validation text; empty = the TFDS validation split, else the held-out fraction")
+    source: str = _f("tfds:tiny_shakespeare", "training text: tfds:NAME[/CONFIG][:SPLIT], text:GLOB, jsonl:GLOB, "
+                     "parquet:GLOB or hf:PATH[:SPLIT]; a mixture is 'SOURCE@WEIGHT; SOURCE@WEIGHT; ...' (rows drawn "
+                     "by weight)")
+    valid_source: str = _f("", "validation text; empty = the TFDS or hf: validation split, else the held-out fraction")
     valid_fraction: float = _f(0.05, "share of the text held out for validation when there is no split")
     text_field: str = _f("text", "feature (TFDS), field (jsonl) or column (Parquet) holding the text")
     doc_separator: str = _f("", "text files: split each file into documents at this string (e.g. '\\n\\n\\n\\n'); "

@@ -62,8 +62,8 @@ def load_split(cfg: Config, tok: Tokenizer, data: str | None = None, split: str 
                log=print) -> Split:
     """The token stream to evaluate: the run's own validation (or train) split, or `data`.
 
-    `data` is a source spec (tfds:NAME, text:GLOB, jsonl:GLOB, parquet:GLOB); `split` names a TFDS split,
-    or `train` / `validation` of the run's own data.
+    `data` is a source spec (tfds:NAME, text:GLOB, jsonl:GLOB, parquet:GLOB, hf:PATH); `split` names a
+    split of a TFDS or hf: source, or `train` / `validation` of the run's own data.
     """
     if data is None:
         split = split or "validation"
@@ -77,11 +77,11 @@ def load_split(cfg: Config, tok: Tokenizer, data: str | None = None, split: str 
             else f"validation {cfg.data.valid_source}"
     else:
         spec = parse_source(data)
-        if split and spec.kind != "tfds":
-            raise DataError(f"--split applies to TFDS sources and the run's own data, not to {data}")
+        if split and spec.kind not in ("tfds", "hf"):
+            raise DataError(f"--split applies to TFDS and hf: sources and the run's own data, not to {data}")
         if split and spec.split:
             raise DataError(f"--data {data} already names a split; drop --split {split}")
-        source = f"tfds:{spec.target}:{split}" if split else data
+        source = f"{spec.kind}:{spec.target}:{split}" if split else data
         parts, role, label = [cache.Part(cfg.data, source, "valid")], "valid", source
     return Split.joined(label, [cache.tokens(cfg.data, tok, p, role, log) for p in parts])
 

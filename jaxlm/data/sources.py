@@ -2,11 +2,11 @@
 
 `tfds:NAME[/CONFIG][:SPLIT]` reads a prepared TFDS dataset (`jaxlm.data.tfds`). `text:GLOB`
 reads UTF-8 files, one document per file. `jsonl:GLOB` reads one document per line from
-the field `data.text_field`. `parquet:GLOB` reads one document per row from the string
-column `data.text_field` (FineWeb's `text`), one row group at a time with pyarrow, so memory
-holds one row group's column, never the file. Invalid UTF-8 is an error unless
-`data.invalid_utf8=replace`, which replaces it with U+FFFD and logs how often (Parquet
-string columns are UTF-8 by their type; pyarrow rejects invalid bytes when it reads them).
+the field `data.text_field`. `parquet:GLOB` and `hf:PATH[:SPLIT]` (a Hugging Face dataset
+folder) read one document per row of the string column `data.text_field`
+(`jaxlm.data.columnar`). Invalid UTF-8 in text and jsonl files is an error unless
+`data.invalid_utf8=replace`, which replaces it with U+FFFD and logs how often (Parquet and
+Arrow string columns are UTF-8 by their type).
 
 A *document stream* is an iterable of (starts a document, text) pairs: a document is the
 text of a pair that starts one followed by the text of the pairs up to the next start. Text
@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from jaxlm.config import DataConfig
+from jaxlm.data import columnar
 from jaxlm.data.tfds import prepared_files, read_tfds, valid_split
 from jaxlm.errors import DataError
 
@@ -40,21 +41,23 @@ _FFFD = "\ufffd".encode("utf-8")  # a U+FFFD that is in the text itself, not a r
 
 @dataclass(frozen=True)
 class SourceSpec:
-    kind: str  # tfds | text | jsonl | parquet
-    target: str  # dataset name (with /config) or glob
+    kind: str  # tfds | text | jsonl | parquet | hf
+    target: str  # dataset name (with /config), glob, or folder (hf)
     split: str | None = None
 
 
-FORMS = "tfds:NAME[/CONFIG][:SPLIT], text:GLOB, jsonl:GLOB or parquet:GLOB"
+FORMS = "tfds:NAME[/CONFIG][:SPLIT], text:GLOB, jsonl:GLOB, parquet:GLOB or hf:PATH[:SPLIT]"
 
 
 def parse_source(spec: str) -> SourceSpec:
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("tfds", "text", "jsonl", "parquet") or not rest:
+    if not sep or kind not in ("tfds", "text", "jsonl", "parquet", "hf") or not rest:
         raise DataError(f"data source '{spec}' must look like {FORMS}")
     if kind == "tfds":
         name, _, split = rest.partition(":")
         return SourceSpec(kind, name, split or None)
+    if kind == "hf":
+        return SourceSpec(kind, *columnar.parse_hf(rest))
     return SourceSpec(kind, rest)
 
 
@@ -206,43 +209,6 @@ def _jsonl_docs(path: str, field: str, invalid_utf8: str, warn: bool = True,
             yield True, str(record[field])
 
 
-def _parquet_file(path: str):
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a damaged or non-Parquet file
-        raise DataError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
-
-
-def _parquet_docs(path: str, field: str, skip: int = 0) -> Iterator[tuple[bool, str]]:
-    """One document per row of the string column `field`, read one row group at a time; row
-    groups wholly inside the first `skip` rows are only counted (yielded empty, not read).
-    Null values are empty documents."""
-    f = _parquet_file(path)
-    names = f.schema_arrow.names
-    if field not in names:
-        raise DataError(f"{path} has no column '{field}' (set data.text_field; its columns: {', '.join(names)})")
-    kind = f.schema_arrow.field(field).type
-    import pyarrow as pa
-
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-        raise DataError(f"{path}: column '{field}' holds {kind}, not text (set data.text_field)")
-    row = 0
-    for g in range(f.num_row_groups):
-        n = f.metadata.row_group(g).num_rows
-        if row + n <= skip:
-            yield from ((True, "") for _ in range(n))
-        else:
-            try:
-                column = f.read_row_group(g, columns=[field]).column(0)
-            except Exception as e:
-                raise DataError(f"{path}: row group {g} cannot be read ({str(e).splitlines()[0]})") from None
-            for text in column.to_pylist():
-                yield True, text or ""
-        row += n
-
-
 @dataclass
 class Scan:
     """What a first pass over one read of a source found; documents are counted before empty
@@ -295,15 +261,16 @@ class Splits:
             return ((True, d) for d in self._tfds[unit])
         if spec.kind == "text":
             return _text_docs(unit, cfg.invalid_utf8, cfg.doc_separator, warn)
-        if spec.kind == "parquet":
-            return _parquet_docs(unit, cfg.text_field, skip)
+        if spec.kind in ("parquet", "hf"):
+            return columnar.docs(unit, cfg.text_field, skip)
         return _jsonl_docs(unit, cfg.text_field, cfg.invalid_utf8, warn, skip)
 
     def scan(self, read: str | None = None) -> Scan:
         """Count the documents and characters of one read (a TFDS split, None for files), once.
         Bad input (invalid UTF-8, JSON) fails here, before anything is built."""
         if read not in self._scans:
-            units = [read] if self.spec.kind == "tfds" else _files(self.spec.target)
+            kind, target = self.spec.kind, self.spec.target
+            units = [read] if kind == "tfds" else columnar.hf_files(target, read) if kind == "hf" else _files(target)
             rows, n, chars, first, last = [], 0, 0, -1, -1
             for unit in units:
                 n0, c0 = n, chars
@@ -322,17 +289,24 @@ class Splits:
             self._ranges[split] = self._find_range(split)
         return self._ranges[split]
 
+    def _valid_split(self) -> str | None:
+        """The split a TFDS or hf: source validates on, if it has one."""
+        if self.spec.kind == "tfds":
+            return valid_split(self.cfg, self.spec.target)
+        return columnar.hf_valid_split(self.spec.target)
+
     def _find_range(self, split: str) -> _Range | None:
         """What `split` ("train" or "valid") reads in this role; None: nothing."""
-        spec, tfds = self.spec, self.spec.kind == "tfds"
-        default = (spec.split or "train") if tfds else None
+        spec = self.spec
+        by_split = spec.kind in ("tfds", "hf")  # reads are named splits, not one set of files
+        default = (spec.split or "train") if by_split else None
         if self.role == "valid":
             if split != "valid":
                 return None
-            return _Range((spec.split or valid_split(self.cfg, spec.target) or "train") if tfds else None)
+            return _Range((spec.split or self._valid_split() or "train") if by_split else None)
         if self.role == "train":
             return _Range(default) if split == "train" else None
-        name = valid_split(self.cfg, spec.target) if tfds and spec.split in (None, "train") else None
+        name = self._valid_split() if by_split and spec.split in (None, "train") else None
         if name:
             return _Range(default if split == "train" else name)
         scan = self.scan(default)
@@ -443,7 +417,8 @@ def fingerprint(cfg: DataConfig, source: str | None = None, role: str = "both") 
     if spec.kind == "tfds":
         h.update(json.dumps(prepared_files(cfg, spec.target)).encode())
     else:
-        for path in _files(spec.target):
+        paths = columnar.hf_fingerprint_files(spec.target) if spec.kind == "hf" else _files(spec.target)
+        for path in paths:
             st = os.stat(path)
             h.update(json.dumps([os.path.abspath(path), st.st_size, st.st_mtime_ns]).encode())
     return h.hexdigest()
