@@ -249,7 +249,8 @@ def read_meta(run_dir: str, step: int) -> dict:
 
 
 def read_tokenizer(run_dir: str, step: int) -> bytes:
-    """The sentencepiece model stored in checkpoint `step`, checked against its sha256."""
+    """The tokenizer file (sentencepiece model or tokenizer.json) stored in checkpoint `step`, checked against
+    its sha256 (the JSON key keeps its first name, sentencepiece_model_base64, for every kind)."""
     try:
         tok = _restore(checkpoint_dir(run_dir), step, tokenizer=ocp.args.JsonRestore()).tokenizer
         proto = base64.b64decode(tok["sentencepiece_model_base64"])

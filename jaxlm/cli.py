@@ -306,12 +306,13 @@ def _add_import(sub) -> None:
                                                                                           required=True)
     imp_hf = imp.add_parser("hf", help="a local Llama or GPT-2 checkpoint directory",
                             description="Read config.json and the safetensors weights of a local Llama or GPT-2 "
-                                        "checkpoint into a jaxlm run directory (config.yaml, tokenizer.model, "
+                                        "checkpoint into a jaxlm run directory (config.yaml, tokenizer file, "
                                         "checkpoints/0) usable by eval, generate and checkpoint.init_from.")
     imp_hf.add_argument("dir", help="directory written by save_pretrained")
     imp_hf.add_argument("overrides", nargs="*", help="dotted key=value overrides (e.g. model.scan_layers=true)")
     imp_hf.add_argument("--out", required=True, help="run directory to create")
-    imp_hf.add_argument("--tokenizer", help="sentencepiece .model (default: DIR/tokenizer.model)")
+    imp_hf.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.json (default: DIR/tokenizer.model, "
+                                            "else DIR/tokenizer.json)")
     imp_hf.add_argument("--force", action="store_true", help="replace a non-empty run directory")
     imp_hf.set_defaults(func=_import)
 

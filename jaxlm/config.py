@@ -120,9 +120,13 @@ class DataConfig:
     tfds_data_dir: str = _f("", "TFDS data dir; empty = $TFDS_DATA_DIR or TFDS's default")
     tfds_download: bool = _f(False, "prepare a missing TFDS dataset with TFDS's download_and_prepare (needs network "
                                     "and the `prepare` extra with TensorFlow)")
-    tokenizer: str = _f("", "path to a sentencepiece .model; empty = train one on the training text")
+    tokenizer: str = _f("", "a sentencepiece .model, a Hugging Face tokenizer.json, or a folder holding one; empty = "
+                        "train one on the training text")
+    eos_token: str = _f("", "tokenizer.json: the end-of-text token put before each document; empty = the first of "
+                        "<|endoftext|>, <|end_of_text|>, </s>, <eos>, <|end|> the file has")
     tokenizer_vocab: int = _f(1024, "vocabulary size of a trained tokenizer")
-    tokenizer_type: str = _f("bpe", "sentencepiece model type of a trained tokenizer: bpe or unigram")
+    tokenizer_type: str = _f("bpe", "a trained tokenizer: bpe or unigram (sentencepiece), or bytelevel (a GPT-2-style "
+                             "byte-level BPE tokenizer.json)")
     tokenizer_max_bytes: int = _f(20_000_000, "cap on the text sample the tokenizer is trained on")
     cache_dir: str = _f("", "token cache; empty = $JAXLM_CACHE_DIR or ~/.cache/jaxlm")
     segment_ids: bool = _f(False, "rows carry document ids and in-document positions: attention never crosses "

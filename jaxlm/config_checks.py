@@ -99,7 +99,7 @@ def _validate_choices(cfg: Config) -> None:
     _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
     _choice("mesh.backend", cfg.mesh.backend, BACKENDS)
     _choice("train.on_bad_steps", cfg.train.on_bad_steps, ("stop", "rollback"))
-    _choice("data.tokenizer_type", cfg.data.tokenizer_type, ("bpe", "unigram"))
+    _choice("data.tokenizer_type", cfg.data.tokenizer_type, ("bpe", "unigram", "bytelevel"))
     _choice("data.invalid_utf8", cfg.data.invalid_utf8, ("error", "replace"))
     _choice("dist.mode", cfg.dist.mode, DIST_MODES)
 

@@ -105,7 +105,8 @@ def to_hf(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
 def special_token_ids(tok: Tokenizer) -> dict[str, int]:
     """bos/eos/pad ids for config.json and generation_config.json. bos is EOS: jaxlm starts every document and
     prompt with EOS (and the exported tokenizer prepends it), so generating from nothing starts there too."""
-    return {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.sp.pad_id()}
+    pad = tok.sp.pad_id() if tok.kind == "sentencepiece" else None
+    return {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, **({"pad_token_id": pad} if pad is not None else {})}
 
 
 def hf_config(cfg: ModelConfig, vocab: int, tok: Tokenizer | None) -> dict:
@@ -319,13 +320,26 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, target) -> dict:
     return jax.tree.map(lambda x: np.ascontiguousarray(x, np.float32), params)
 
 
+def _hf_eos_token(hf_dir: str) -> str:
+    """tokenizer_config.json's eos_token (a string, or {"content": ...}); '' when absent."""
+    path = os.path.join(hf_dir, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        eos = json.load(f).get("eos_token") or ""
+    return eos.get("content", "") if isinstance(eos, dict) else str(eos)
+
+
 def import_hf(hf_dir: str, run_dir: str, tokenizer: str | None = None, overrides: list[str] | tuple[str, ...] = (),
               force: bool = False, log=print) -> str:
-    """Write a jaxlm run directory (config.yaml, tokenizer.model, checkpoints/0) from a local HF checkpoint
-    directory; usable by eval, generate and checkpoint.init_from."""
+    """Write a jaxlm run directory (config.yaml, its tokenizer file, checkpoints/0) from a local HF checkpoint
+    directory; usable by eval, generate and checkpoint.init_from. The tokenizer is `tokenizer`, else the
+    folder's tokenizer.model, else its tokenizer.json (its end-of-text token from tokenizer_config.json's
+    eos_token when that names one)."""
     from jaxlm import checkpoint as ckpt
     from jaxlm.config import check_vocab
     from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.errors import DataError
     from jaxlm.sharding import make_mesh
     from jaxlm.step import Stepper, build
 
@@ -335,11 +349,18 @@ def import_hf(hf_dir: str, run_dir: str, tokenizer: str | None = None, overrides
     with open(cfg_path, encoding="utf-8") as f:
         hf = json.load(f)
     model_keys = model_config_from_hf(hf)
-    tok_path = tokenizer or os.path.join(hf_dir, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        raise ExportError(f"no sentencepiece tokenizer: '{tok_path}' does not exist (pass --tokenizer PATH; jaxlm "
-                          "needs the .model file its token ids come from)")
-    tok = load_tokenizer(tok_path)
+    tok_path = tokenizer or next((os.path.join(hf_dir, n) for n in ("tokenizer.model", "tokenizer.json")
+                                  if os.path.isfile(os.path.join(hf_dir, n))), "")
+    if not os.path.exists(tok_path):
+        raise ExportError(f"no tokenizer: '{tokenizer or hf_dir}' has no tokenizer.model or tokenizer.json (pass "
+                          "--tokenizer PATH; jaxlm needs the file its token ids come from)")
+    eos = _hf_eos_token(hf_dir) if tok_path.endswith(".json") else ""
+    try:
+        tok = load_tokenizer(tok_path, eos)
+    except DataError as e:
+        raise ExportError(str(e)) from None
+    if eos:
+        overrides = [f"data.eos_token={eos}", *overrides]
     V = int(hf["vocab_size"])
     run_dir = _fresh_dir(run_dir, force)
     base = [f"run.dir={run_dir}", f"model.vocab_size={V if V != tok.vocab_size else 0}", "model.scan_layers=false",
@@ -359,7 +380,7 @@ def import_hf(hf_dir: str, run_dir: str, tokenizer: str | None = None, overrides
     state = state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract.params)))
     with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(to_yaml(cfg))
-    tok.save(os.path.join(run_dir, "tokenizer.model"))
+    tok.save(os.path.join(run_dir, tok.file_name))
     saver = ckpt.Saver(run_dir, cfg, tok.proto)
     try:
         saver.save(0, stepper.logical_state(state), data_position=0)

@@ -84,18 +84,42 @@ def build(tok: Tokenizer):
     return fast
 
 
+def _json_with_eos_first(tok):
+    """A run's own tokenizer.json as it is, its post-processor followed by "EOS $A" (jaxlm's convention)."""
+    from tokenizers import Tokenizer as FastTokenizer
+    from tokenizers import processors
+
+    fast = FastTokenizer.from_str(tok.data.decode("utf-8"))
+    eos = tok.eos_token
+    template = processors.TemplateProcessing(single=f"{eos} $A", pair=f"{eos} $A {eos} $B",
+                                             special_tokens=[(eos, tok.eos_id)])
+    fast.post_processor = processors.Sequence([fast.post_processor, template]) if fast.post_processor else template
+    return fast
+
+
 def write_hf_tokenizer(tok: Tokenizer, out_dir: str, max_len: int) -> None:
-    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model into `out_dir`."""
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json (and a sentencepiece run's
+    tokenizer.model) into `out_dir`. A run trained with a tokenizer.json exports that file, with
+    EOS put in front of the text as above."""
+    if tok.kind != "sentencepiece":
+        _json_with_eos_first(tok).save(os.path.join(out_dir, "tokenizer.json"))
+        special = {"bos_token": tok.eos_token, "eos_token": tok.eos_token}
+        _write_configs(out_dir, special, max_len, split_special=False)  # as the tokenizers library reads text
+        return
     build(tok).save(os.path.join(out_dir, "tokenizer.json"))
     sp = tok.sp
     eos = sp.id_to_piece(tok.eos_id)
     special = {"bos_token": eos, "eos_token": eos,  # sequences start with EOS (see `build`)
                "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(sp.pad_id())}
+    _write_configs(out_dir, special, max_len, split_special=True)
+    tok.save(os.path.join(out_dir, "tokenizer.model"))
+
+
+def _write_configs(out_dir: str, special: dict, max_len: int, split_special: bool) -> None:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": True,
-              "add_eos_token": False, "split_special_tokens": True, "clean_up_tokenization_spaces": False,
+              "add_eos_token": False, "split_special_tokens": split_special, "clean_up_tokenization_spaces": False,
               "model_max_length": max_len}
     for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
-    tok.save(os.path.join(out_dir, "tokenizer.model"))

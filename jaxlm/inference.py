@@ -16,7 +16,7 @@ from jaxlm import checkpoint as ckpt
 from jaxlm import sharding
 from jaxlm.config import Config, load_config
 from jaxlm.config_checks import check_vocab
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data.tokenizer import Tokenizer, tokenizer_from_bytes
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.step import Stepper, build
 
@@ -60,7 +60,7 @@ def open_checkpoints(path: str, overrides: list[str] | tuple[str, ...] = (), dev
         raise ConfigError("--all-checkpoints takes a run directory, not one checkpoint")
     todo = available if all_checkpoints else [step if step is not None else available[-1]]
     cfg = eval_config(ckpt.read_meta(run_dir, todo[-1])["config"], list(overrides))
-    tok = Tokenizer(ckpt.read_tokenizer(run_dir, todo[-1]))
+    tok = tokenizer_from_bytes(ckpt.read_tokenizer(run_dir, todo[-1]), cfg.data.eos_token, f"checkpoint {todo[-1]}")
     mesh = sharding.make_mesh(cfg, list(jax.devices() if devices is None else devices))
     model, tx, schedule = build(cfg, check_vocab(cfg, tok.vocab_size, mesh.shape["tensor"]), mesh)
     stepper = Stepper(cfg, model, tx, schedule, mesh)

@@ -47,15 +47,15 @@ def run_series(run_dir: str) -> dict:
 
 def _flops_per_token(run_dir: str, cfg) -> float:
     """The model's training FLOPs per token, from its abstract parameter shapes (nothing is allocated)."""
-    tok_path = os.path.join(run_dir, "tokenizer.model")
+    from jaxlm.data.tokenizer import load_tokenizer, run_tokenizer_file
+
+    tok_path = run_tokenizer_file(run_dir)
     if cfg.model.vocab_size:
         vocab = cfg.model.vocab_size
-    elif os.path.isfile(tok_path):
-        from jaxlm.data.tokenizer import load_tokenizer
-
-        vocab = check_vocab(cfg, load_tokenizer(tok_path).vocab_size)
+    elif tok_path:
+        vocab = check_vocab(cfg, load_tokenizer(tok_path, cfg.data.eos_token).vocab_size)
     else:
-        raise ConfigError(f"'{run_dir}' has no tokenizer.model and its config sets no model.vocab_size")
+        raise ConfigError(f"'{run_dir}' has no tokenizer file and its config sets no model.vocab_size")
     return flops_per_token(cfg.model, model_param_counts(cfg.model, vocab), cfg.train.seq_len)
 
 

@@ -25,7 +25,7 @@ from jaxlm import checkpoint as ckpt
 from jaxlm import distributed, faults, kernels, memory, mup
 from jaxlm.config import Config, DistConfig, check_vocab, load_config, to_yaml
 from jaxlm.data import cache
-from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.data.tokenizer import Tokenizer, load_tokenizer, run_tokenizer_file, tokenizer_from_bytes
 from jaxlm.errors import CheckpointError, ConfigError, DivergedError
 from jaxlm.evaluate import Split
 from jaxlm.loop import Loop, Position, RunResult, Setup
@@ -121,18 +121,19 @@ def _existing_checkpoints(cfg: Config, restart: bool, resume: bool) -> list[int]
     return done
 
 
-def _run_tokenizer(run_dir: str, done: list[int]) -> Tokenizer:
-    """The tokenizer a run was trained with: its tokenizer.model, else the copy inside its newest checkpoint."""
-    path = os.path.join(run_dir, "tokenizer.model")
-    if os.path.exists(path):
-        return load_tokenizer(path)
+def _run_tokenizer(run_dir: str, done: list[int], eos_token: str = "") -> Tokenizer:
+    """The tokenizer a run was trained with: its tokenizer.json or tokenizer.model, else the copy inside its
+    newest checkpoint."""
+    path = run_tokenizer_file(run_dir)
+    if path:
+        return load_tokenizer(path, eos_token)
     errors = []
     for step in reversed(done):
         try:
-            return Tokenizer(ckpt.read_tokenizer(run_dir, step))
+            return tokenizer_from_bytes(ckpt.read_tokenizer(run_dir, step), eos_token, f"checkpoint {step}")
         except CheckpointError as e:
             errors.append(str(e))
-    raise CheckpointError(f"run '{run_dir}' has no tokenizer.model and no checkpoint with a readable tokenizer: "
+    raise CheckpointError(f"run '{run_dir}' has no tokenizer file and no checkpoint with a readable tokenizer: "
                           + "; ".join(errors))
 
 
@@ -168,8 +169,8 @@ def _init_source(cfg: Config) -> _InitSource:
             what = "model or data stream" if branch else "model"
             raise ConfigError(f"checkpoint.{key}={path} has a different {what}: " + ", ".join(differ)
                               + "; use the same keys as that run")
-    tok = _run_tokenizer(src_dir, done if step is None else [step])
-    if cfg.data.tokenizer and load_tokenizer(cfg.data.tokenizer).sha256 != tok.sha256:
+    tok = _run_tokenizer(src_dir, done if step is None else [step], cfg.data.eos_token)
+    if cfg.data.tokenizer and load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token).sha256 != tok.sha256:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer of {src_dir}; drop "
                           "data.tokenizer to use that run's own (token ids must mean the same)")
     return _InitSource(src_dir, step, tok, branch)
@@ -305,11 +306,11 @@ def _own_shared_state(cfg: Config, restart: bool, resume: bool, tensor: int,
     init = _init_source(cfg) if starts_from and not done else None
     tokenizer = init.tokenizer if init else None
     if done and not cfg.data.tokenizer:  # the run's own tokenizer, never a retrained one
-        tokenizer = _run_tokenizer(cfg.run.path, done)
+        tokenizer = _run_tokenizer(cfg.run.path, done, cfg.data.eos_token)
     data = prepare_data(cfg, log, tokenizer)  # bad input fails here, before the run directory is touched
     check_vocab(cfg, data.tokenizer.vocab_size, tensor)
     run_dir = _prepare_run_dir(cfg, restart)
-    tok_path = os.path.join(run_dir, "tokenizer.model")
+    tok_path = os.path.join(run_dir, data.tokenizer.file_name)
     if not done or not os.path.exists(tok_path):
         data.tokenizer.save(tok_path)
     shared = {"done": done, "tokenizer": distributed.encode_bytes(data.tokenizer.proto),
@@ -334,8 +335,9 @@ def _shared_state(cfg: Config, group: distributed.Group, restart: bool, resume: 
     else:
         shared = group.broadcast("setup", dict)
         proto = distributed.decode_bytes(shared["tokenizer"])
-        data = prepare_data(cfg, log, None if cfg.data.tokenizer else Tokenizer(proto))
-        init = (_InitSource(shared["init"][0], shared["init"][1], Tokenizer(proto), shared["init"][2])
+        tok = tokenizer_from_bytes(proto, cfg.data.eos_token)
+        data = prepare_data(cfg, log, None if cfg.data.tokenizer else tok)
+        init = (_InitSource(shared["init"][0], shared["init"][1], tok, shared["init"][2])
                 if shared["init"] else None)
     group.agree("tokenizer", data.tokenizer.sha256, "tokenizer (sha256 of its model)")
     return shared["done"], data, init

@@ -178,14 +178,14 @@ def _stream(docs: list[str]):
 
 
 def test_encoding_in_pieces_gives_the_ids_of_whole_documents():
-    from jaxlm.data.cache import encode_stream, splits_at_spaces
+    from jaxlm.data.cache import encode_stream
 
     docs = [shared_data("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:300_000],
             shared_data("wikitext-2-raw/wiki.test.raw").read_text(encoding="utf-8")[:300_000],
             shared_data("gutenberg-en/valid.txt").read_text(encoding="utf-8")[:300_000],
             "  leading spaces,\ttabs,   runs of   spaces\n \n and ünïcödé ✓ " * 50]
     tok = train_tokenizer(docs, vocab_size=1000)
-    assert splits_at_spaces(tok) and not splits_at_spaces(train_tokenizer(docs, 1000, model_type="unigram"))
+    assert tok.splits_at_spaces and not train_tokenizer(docs, 1000, model_type="unigram").splits_at_spaces
     pieces = np.concatenate([ids for ids, _, _ in encode_stream(tok, _stream(docs), piece_chars=97)])
     whole = np.concatenate([ids for ids, _, _ in encode_stream(tok, _stream(docs), piece_chars=None)])
     expected = [i for d in docs for i in [EOS_ID] + tok.sp.encode(d)]
@@ -198,7 +198,7 @@ def test_tokenizers_that_merge_across_spaces_encode_whole_documents():
 
     import sentencepiece as spm
 
-    from jaxlm.data.cache import encode_stream, splits_at_spaces
+    from jaxlm.data.cache import encode_stream
     from jaxlm.data.tokenizer import Tokenizer
 
     text = ["the cat sat on the mat and the dog sat on the log " * 40]
@@ -206,7 +206,7 @@ def test_tokenizers_that_merge_across_spaces_encode_whole_documents():
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text * 20), model_writer=model, vocab_size=18,
                                    add_dummy_prefix=True, minloglevel=2)
     tok = Tokenizer(model.getvalue())
-    assert not splits_at_spaces(tok)
+    assert not tok.splits_at_spaces
     (ids, n_bytes, _), = encode_stream(tok, _stream(text), piece_chars=10)
     assert ids.tolist() == [tok.eos_id] + tok.sp.encode(text[0]) and n_bytes == len(text[0])
 

@@ -35,6 +35,21 @@ def llama_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def bytelevel_run(tmp_path_factory):
+    """A tiny gpt2 run with a byte-level BPE tokenizer.json (data.tokenizer_type=bytelevel)."""
+    from conftest import write_corpus
+
+    root = tmp_path_factory.mktemp("bytelevel")
+    source = write_corpus(root, seed=4)
+    run_dir = root / "run"
+    assert main(["train", f"data.source={source}", f"run.dir={run_dir}", "train.steps=16", "eval.every=0",
+                 "data.tokenizer_type=bytelevel", "optim.lr=3e-3", "optim.warmup_steps=0",
+                 "optim.schedule=constant", "run.tensorboard=false"] + TINY_CLI) == 0
+    assert (run_dir / "tokenizer.json").exists()
+    return run_dir
+
+
 def _hf_logits(model, ids):
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.numpy()
@@ -128,7 +143,7 @@ def exported(request, tmp_path_factory):
     def get(family):
         if family not in done:
             run_dir = request.getfixturevalue("trained_run")[1] if family == "gpt2" else \
-                request.getfixturevalue("llama_run")
+                request.getfixturevalue(f"{family}_run")
             out = tmp_path_factory.mktemp(f"hf-{family}")
             assert main(["export", str(run_dir), "--out", str(out)]) == 0
             done[family] = load(str(run_dir), devices=jax.devices()[:1]), out
@@ -162,7 +177,31 @@ def test_exported_tokenizer_prepends_eos_as_jaxlm_does(exported):
         assert ids["bos_token_id"] == ids["eos_token_id"] == eos, name
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_an_exported_tokenizer_json_is_the_runs_own_with_eos_in_front(exported):
+    """A run trained with a tokenizer.json exports that file: transformers gives its ids, with EOS in front."""
+    m, out = exported("bytelevel")
+    eos = m.tokenizer.eos_id
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    for text in PROMPTS + ["", "é 🙂 日本 e\u0301", "<|endoftext|> literal"]:
+        raw = m.tokenizer.encode([text])[0]
+        assert hf_tok(text)["input_ids"] == [eos] + raw == encode_prompt(m.tokenizer, text), text
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == raw, text
+        assert hf_tok.decode(raw) == m.tokenizer.decode(raw) == text, text
+    assert hf_tok.bos_token_id == hf_tok.eos_token_id == eos and hf_tok.eos_token == "<|endoftext|>"
+    assert "pad_token_id" not in json.loads((out / "config.json").read_text())
+    # imported back from the folder, which holds a tokenizer.json and no tokenizer.model
+    run_dir = out.parent / f"{out.name}-imported"
+    assert main(["import", "hf", str(out), "--out", str(run_dir)]) == 0
+    back = load(str(run_dir), devices=jax.devices()[:1])
+    assert back.tokenizer.kind == "tokenizer.json" and back.tokenizer.eos_id == eos
+    assert back.tokenizer.encode(PROMPTS) == m.tokenizer.encode(PROMPTS)
+    ids = jnp.asarray([encode_prompt(m.tokenizer, PROMPTS[0])])
+    # the same parameters; the imported run unrolls its layers (model.scan_layers=false): last-bit differences
+    np.testing.assert_allclose(back.model.apply({"params": back.params}, ids), m.model.apply({"params": m.params}, ids),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bytelevel"])
 def test_transformers_greedy_from_plain_tokenizer_call_matches_jaxlm_generate(family, exported):
     m, out = exported(family)
     eos, n = m.tokenizer.eos_id, 24

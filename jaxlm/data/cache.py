@@ -16,7 +16,7 @@ the corpus. Encoding runs on all cores (sentencepiece threads). Long documents, 
 single document of any size, are cut into pieces of about `_PIECE_CHARS` characters right
 before a space, where a tokenizer that splits words at whitespace (and adds no dummy
 prefix) cannot merge across, so the ids are the same as encoding the whole document
-(`splits_at_spaces`). Other tokenizers encode whole documents: each document is then held
+(`Tokenizer.splits_at_spaces`). Other tokenizers (tokenizer.json files among them) encode whole documents: each document is then held
 in memory whole (with its ids), so memory grows with the longest document.
 
 Several processes, on several hosts sharing the file system, may build the same entry at
@@ -119,17 +119,18 @@ def token_dtype(tok: Tokenizer) -> np.dtype:
 
 def get_tokenizer(cfg: DataConfig, train_parts: list[Part], log=print) -> Tokenizer:
     if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
+        return load_tokenizer(cfg.tokenizer, cfg.eos_token)
     key = _key("tokenizer", [p.fingerprint for p in train_parts], cfg.tokenizer_vocab, cfg.tokenizer_type,
                cfg.tokenizer_max_bytes)
-    path = os.path.join(cache_root(cfg), "tokenizers", key + ".model")
+    ext = ".json" if cfg.tokenizer_type == "bytelevel" else ".model"
+    path = os.path.join(cache_root(cfg), "tokenizers", key + ext)
     if os.path.isfile(path):
         log(f"tokenizer: reusing {path}")
         return load_tokenizer(path)
     t0 = time.perf_counter()
     tok = train_on(cfg, train_parts)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    remove_stale(os.path.dirname(path), key + ".model")
+    remove_stale(os.path.dirname(path), key + ext)
     if not _publish(tok, path):
         log(f"tokenizer: another process trained {path} first; using it")
         return load_tokenizer(path)
@@ -203,25 +204,6 @@ def remove_stale(directory: str, name: str) -> list[str]:
     return removed
 
 
-def splits_at_spaces(tok: Tokenizer) -> bool:
-    """Whether cutting text right before a space (after a non-space) never changes its ids.
-
-    True for BPE models that split words at whitespace, keep the text as it is and add no
-    dummy prefix (the tokenizers jaxlm trains): no piece holds a space after its first
-    character, so no merge crosses such a cut. Unigram models are left out: their
-    best segmentation of a word can change with the length of the text around it (seen
-    on tinyshakespeare).
-    """
-    from sentencepiece import sentencepiece_model_pb2
-
-    m = sentencepiece_model_pb2.ModelProto()
-    m.ParseFromString(tok.proto)
-    n, t = m.normalizer_spec, m.trainer_spec
-    return (t.model_type == sentencepiece_model_pb2.TrainerSpec.BPE and n.name == "identity" and not n.add_dummy_prefix and not n.remove_extra_whitespaces
-            and n.escape_whitespaces and t.split_by_whitespace and not t.treat_whitespace_as_suffix
-            and not m.denormalizer_spec.precompiled_charsmap)
-
-
 def _cut(doc: str, size: int) -> list[str]:
     """`doc` in consecutive pieces of about `size` characters, each cut right before a space."""
     out, start = [], 0
@@ -268,7 +250,7 @@ def _utf8_len(text: str) -> int:
 
 def _encode_group(tok: Tokenizer, pieces: list[str], starts: list[bool]) -> np.ndarray:
     """The ids of consecutive pieces, with EOS before each piece that starts a document."""
-    ids = tok.sp.encode(pieces, num_threads=os.cpu_count() or 1)
+    ids = tok.encode(pieces)
     lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), token_dtype(tok), count=int(lengths.sum()))
     offsets = np.cumsum(lengths) - lengths
@@ -282,7 +264,7 @@ def encode_stream(tok: Tokenizer, stream: Iterable[tuple[bool, str]], piece_char
     Each document is preceded by EOS. `piece_chars=None`, or a tokenizer for which cuts
     before spaces are not safe (`splits_at_spaces`), encodes whole documents.
     """
-    if piece_chars and not splits_at_spaces(tok):
+    if piece_chars and not tok.splits_at_spaces:
         piece_chars = None
     group: list[str] = []
     starts: list[bool] = []
@@ -372,7 +354,7 @@ def _install(tmp: str, entry: str, tries: int = 5) -> tuple[np.ndarray, dict] | 
 
 def tokens(cfg: DataConfig, tok: Tokenizer, part: Part, split: str, log=print) -> tuple[np.ndarray, dict]:
     """(memory-mapped token stream, manifest) of one split of one source, built if missing."""
-    key = _key("tokens", part.fingerprint, tok.sha256, split)
+    key = _key("tokens", part.fingerprint, tok.sha256, split, *([tok.eos_id] if tok.kind != "sentencepiece" else []))
     root = os.path.join(cache_root(cfg), "tokens")
     entry = os.path.join(root, key)
     label = f"{split} of {part.source}"

@@ -1,7 +1,11 @@
-"""Sentencepiece tokenizer: train one on a sample of the training text, or load a .model file.
+"""Tokenizers: train one on a sample of the training text, or load a file.
 
-Trained tokenizers are lossless (identity normalisation, whitespace kept, byte fallback)
-and use fixed ids for the special tokens: pad 0, unk 1, bos 2, eos 3.
+`load_tokenizer` reads a sentencepiece `.model` (`Tokenizer`) or a Hugging Face
+`tokenizer.json`, or a folder holding one (`jaxlm.data.tokenizer_json.JsonTokenizer`); both
+offer vocab_size, eos_id, sha256, encode, decode and save. Trained sentencepiece tokenizers
+(`data.tokenizer_type` bpe or unigram) are lossless (identity normalisation, whitespace kept,
+byte fallback) and use fixed ids for the special tokens: pad 0, unk 1, bos 2, eos 3;
+`bytelevel` trains a GPT-2-style byte-level BPE `tokenizer.json` instead.
 
 Files are written under a unique temporary name (`temporary_name`: host, pid and a random
 tag, so processes on several hosts sharing a file system never write the same temporary)
@@ -48,10 +52,60 @@ def temporary_owner(name: str) -> tuple[str, int] | None:
     return parts[0], int(parts[1])
 
 
+def write_temporary(data: bytes, path: str) -> str:
+    """Write `data` to a new unique temporary name next to `path`; returns that name."""
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return tmp
+
+
+def save_bytes(data: bytes, path: str) -> None:
+    """Write `data` to `path` through a unique temporary file, then os.replace."""
+    tmp = write_temporary(data, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 class Tokenizer:
+    """A sentencepiece model."""
+
+    kind = "sentencepiece"
+    file_name = "tokenizer.model"
+
     def __init__(self, model_proto: bytes):
         self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+    @property
+    def data(self) -> bytes:
+        return self.proto
+
+    @property
+    def splits_at_spaces(self) -> bool:
+        """Whether cutting text right before a space (after a non-space) never changes its ids.
+
+        True for BPE models that split words at whitespace, keep the text as it is and add no
+        dummy prefix (the tokenizers jaxlm trains): no piece holds a space after its first
+        character, so no merge crosses such a cut. Unigram models are left out: their
+        best segmentation of a word can change with the length of the text around it (seen
+        on tinyshakespeare).
+        """
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        m = pb.ModelProto()
+        m.ParseFromString(self.proto)
+        n, t = m.normalizer_spec, m.trainer_spec
+        return (t.model_type == pb.TrainerSpec.BPE and n.name == "identity" and not n.add_dummy_prefix
+                and not n.remove_extra_whitespaces and n.escape_whitespaces and t.split_by_whitespace
+                and not t.treat_whitespace_as_suffix and not m.denormalizer_spec.precompiled_charsmap)
 
     @property
     def vocab_size(self) -> int:
@@ -73,23 +127,10 @@ class Tokenizer:
 
     def save(self, path: str) -> None:
         """Write the model to `path` (through a unique temporary file, then os.replace)."""
-        tmp = self.write_temporary(path)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            _remove(tmp)
-            raise
+        save_bytes(self.proto, path)
 
     def write_temporary(self, path: str) -> str:
-        """Write the model to a new unique temporary name next to `path`; returns that name."""
-        tmp = temporary_name(path)
-        try:
-            with open(tmp, "xb") as f:
-                f.write(self.proto)
-        except BaseException:
-            _remove(tmp)
-            raise
-        return tmp
+        return write_temporary(self.proto, path)
 
 
 def _remove(path: str) -> None:
@@ -99,15 +140,43 @@ def _remove(path: str) -> None:
         pass
 
 
-def load_tokenizer(path: str) -> Tokenizer:
+def tokenizer_from_bytes(data: bytes, eos_token: str = "", where: str = "tokenizer"):
+    """A `tokenizer.json` (its bytes start with '{') or a sentencepiece model, from its bytes."""
+    if data.lstrip()[:1] == b"{":
+        from jaxlm.data.tokenizer_json import JsonTokenizer
+
+        return JsonTokenizer(data, eos_token, where)
+    try:
+        return Tokenizer(data)
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError for bad protos
+        raise DataError(f"'{where}' is not a sentencepiece model: {e}") from None
+
+
+def tokenizer_file(path: str) -> str:
+    """`path`, or the tokenizer.json (else tokenizer.model) inside the folder `path`."""
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise DataError(f"tokenizer folder '{path}' holds no tokenizer.json or tokenizer.model")
     if not os.path.isfile(path):
         raise DataError(f"tokenizer file '{path}' does not exist")
+    return path
+
+
+RUN_FILES = ("tokenizer.json", "tokenizer.model")  # a run directory's copy of its tokenizer, by kind
+
+
+def run_tokenizer_file(run_dir: str) -> str | None:
+    """The tokenizer file a run directory holds (tokenizer.json or tokenizer.model), or None."""
+    return next((os.path.join(run_dir, n) for n in RUN_FILES if os.path.isfile(os.path.join(run_dir, n))), None)
+
+
+def load_tokenizer(path: str, eos_token: str = ""):
+    """The tokenizer in a file (sentencepiece .model or tokenizer.json) or a folder holding one."""
+    path = tokenizer_file(path)
     with open(path, "rb") as f:
-        proto = f.read()
-    try:
-        return Tokenizer(proto)
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError for bad protos
-        raise DataError(f"'{path}' is not a sentencepiece model: {e}") from None
+        return tokenizer_from_bytes(f.read(), eos_token, path)
 
 
 def _head(pieces: Iterable[str], n: int) -> str:
@@ -141,7 +210,7 @@ def _paragraphs(stream: Iterable[tuple[bool, str]], total_chars: int, max_bytes:
 
 
 def train_tokenizer(docs, vocab_size: int, model_type: str = "bpe", max_bytes: int = 20_000_000,
-                    total_chars: int | None = None) -> Tokenizer:
+                    total_chars: int | None = None):
     """Train on a sample of `docs` (at most `max_bytes`) and return the tokenizer.
 
     `docs`: a list of documents; or, with `total_chars` (their length in characters, which
@@ -152,6 +221,10 @@ def train_tokenizer(docs, vocab_size: int, model_type: str = "bpe", max_bytes: i
         docs = list(docs)
         total_chars = sum(map(len, docs))
         docs = ((True, d) for d in docs)
+    if model_type == "bytelevel":
+        from jaxlm.data.tokenizer_json import train_bytelevel
+
+        return train_bytelevel(_paragraphs(docs, total_chars, max_bytes), vocab_size)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
