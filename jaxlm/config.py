@@ -124,6 +124,11 @@ class DataConfig:
                         "train one on the training text")
     eos_token: str = _f("", "tokenizer.json: the end-of-text token put before each document; empty = the first of "
                         "<|endoftext|>, <|end_of_text|>, </s>, <eos>, <|end|> the file has")
+    tokens_tokenizer: str = _f("", "tokens: sources: the tokenizer their ids come from (a .model, tokenizer.json or "
+                               "folder); empty = data.tokenizer; it must be the run's tokenizer")
+    tokens_format: str = _f("llmc", "tokens: .bin files: llmc (llm.c / modded-nanogpt shards: 1024-byte header) or "
+                            "raw (headerless, data.tokens_dtype: nanoGPT's train.bin)")
+    tokens_dtype: str = _f("uint16", "tokens: raw .bin files: uint16 or uint32")
     tokenizer_vocab: int = _f(1024, "vocabulary size of a trained tokenizer")
     tokenizer_type: str = _f("bpe", "a trained tokenizer: bpe or unigram (sentencepiece), or bytelevel (a GPT-2-style "
                              "byte-level BPE tokenizer.json)")

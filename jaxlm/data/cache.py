@@ -46,7 +46,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from jaxlm.config import DataConfig, default_cache_root
-from jaxlm.data import sources
+from jaxlm.data import sources, token_files
 from jaxlm.data.tokenizer import (TEMPORARY, Tokenizer, host_name, load_tokenizer, temporary_name, temporary_owner,
                                   train_tokenizer)
 from jaxlm.errors import DataError
@@ -77,6 +77,7 @@ class Part:
     def __init__(self, cfg: DataConfig, source: str, role: str = "both"):
         self.cfg, self.source, self.role = cfg, source, role
         self.fingerprint = sources.fingerprint(cfg, source, role)
+        self.kind = sources.parse_source(source).kind
         self.splits = sources.Splits(cfg, source, role)
         self._docs = None
 
@@ -118,8 +119,12 @@ def token_dtype(tok: Tokenizer) -> np.dtype:
 
 
 def get_tokenizer(cfg: DataConfig, train_parts: list[Part], log=print) -> Tokenizer:
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer, cfg.eos_token)
+    if cfg.tokenizer or cfg.tokens_tokenizer:
+        return load_tokenizer(cfg.tokenizer or cfg.tokens_tokenizer, cfg.eos_token)
+    pre = [p.source for p in train_parts if p.kind == "tokens"]
+    if pre:
+        raise DataError(f"{', '.join(pre)}: pre-tokenized sources need the tokenizer their ids come from; set "
+                        "data.tokens_tokenizer (or data.tokenizer)")
     key = _key("tokenizer", [p.fingerprint for p in train_parts], cfg.tokenizer_vocab, cfg.tokenizer_type,
                cfg.tokenizer_max_bytes)
     ext = ".json" if cfg.tokenizer_type == "bytelevel" else ".model"
@@ -323,6 +328,52 @@ def _write_entry(directory: str, tok: Tokenizer, part: Part, split: str, label: 
     return manifest
 
 
+def _check_tokens_tokenizer(cfg: DataConfig, part: Part, tok: Tokenizer) -> None:
+    """A tokens: source's declared tokenizer (data.tokens_tokenizer) must be the run's."""
+    if cfg.tokens_tokenizer and load_tokenizer(cfg.tokens_tokenizer, cfg.eos_token).sha256 != tok.sha256:
+        raise DataError(f"{part.source} was made with data.tokens_tokenizer={cfg.tokens_tokenizer}, which is not the "
+                        f"run's tokenizer ({cfg.tokenizer or 'the run directory copy'}); token ids would mean other "
+                        "text")
+
+
+def _write_token_entry(directory: str, tok: Tokenizer, part: Part, split: str, label: str) -> dict:
+    """Copy one split of a pre-tokenized source into `directory` (`jaxlm.data.token_files`): the held-out
+    fraction is the last documents, as for text; UTF-8 bytes are counted (by decoding) for validation only."""
+    cfg = part.cfg
+    paths = token_files.files(sources.parse_source(part.source).target)
+    arrays = [token_files.open_tokens(p, cfg.tokens_format, cfg.tokens_dtype) for p in paths]
+    starts = token_files.scan(arrays, tok.eos_id, tok.vocab_size, paths)
+    total, n = sum(len(a) for a in arrays), len(starts)
+    if not total:
+        raise DataError(f"data source '{part.source}' holds no tokens")
+    lo, hi = 0, total
+    if part.role == "both":
+        if n >= 2:
+            cut = int(starts[max(0, n - max(1, round(n * cfg.valid_fraction)))])
+        else:
+            cut = int(total * (1 - cfg.valid_fraction))
+        lo, hi = (0, cut) if split == "train" else (cut, total)
+    first, last = np.searchsorted(starts, [lo, hi])
+    dtype = token_dtype(tok)
+    with open(os.path.join(directory, "tokens.bin"), "wb") as f:
+        n_tokens = token_files.copy_range(arrays, lo, hi, f, dtype)
+    n_bytes = 0
+    if split == "valid":
+        bounds = [lo, *[int(s) for s in starts[first:last] if s > lo], hi]
+        ids = np.fromfile(os.path.join(directory, "tokens.bin"), dtype=dtype)
+        for a, b in zip(bounds, bounds[1:]):
+            doc = ids[a - lo:b - lo]
+            doc = doc[1:] if len(doc) and doc[0] == tok.eos_id else doc
+            n_bytes += len(tok.decode(doc).encode("utf-8"))
+    manifest = {"format": FORMAT_VERSION, "split": split, "source": part.source, "role": part.role,
+                "source_fingerprint": part.fingerprint, "tokenizer_sha256": tok.sha256,
+                "vocab_size": tok.vocab_size, "dtype": dtype.name, "documents": int(last - first) + (lo not in starts),
+                "tokens": n_tokens, "bytes": n_bytes}
+    with open(os.path.join(directory, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
 def _install(tmp: str, entry: str, tries: int = 5) -> tuple[np.ndarray, dict] | None:
     """Rename the finished temporary directory `tmp` to `entry`. None when it is in place; the
     entry of another builder that got there first (then `tmp` is removed). An entry there
@@ -365,13 +416,17 @@ def tokens(cfg: DataConfig, tok: Tokenizer, part: Part, split: str, log=print) -
     if os.path.isdir(entry):
         log(f"token cache: {entry} does not match its manifest; rebuilding")
     t0 = time.perf_counter()
-    part.splits.check()
+    if part.kind == "tokens":
+        _check_tokens_tokenizer(cfg, part, tok)
+    else:
+        part.splits.check()
     os.makedirs(root, exist_ok=True)
     remove_stale(root, key)  # leftovers of interrupted builds, never a live one
     tmp = temporary_name(entry)
     os.makedirs(tmp)
     try:
-        manifest = _write_entry(tmp, tok, part, split, label)
+        write = _write_token_entry if part.kind == "tokens" else _write_entry
+        manifest = write(tmp, tok, part, split, label)
         found = _install(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -381,6 +436,6 @@ def tokens(cfg: DataConfig, tok: Tokenizer, part: Part, split: str, log=print) -
         return found
     dt = time.perf_counter() - t0
     n_bytes, n_tokens = manifest["bytes"], manifest["tokens"]
-    log(f"token cache: built {label} in {dt:.1f}s ({n_bytes / 1e6 / max(dt, 1e-9):.1f} MB/s of text), "
-        f"{n_tokens:,} tokens -> {entry}")
+    speed = f"{n_bytes / 1e6 / max(dt, 1e-9):.1f} MB/s of text" if n_bytes else f"{n_tokens / max(dt, 1e-9):,.0f} tokens/s"
+    log(f"token cache: built {label} in {dt:.1f}s ({speed}), {n_tokens:,} tokens -> {entry}")
     return np.memmap(os.path.join(entry, "tokens.bin"), dtype=manifest["dtype"], mode="r"), manifest

@@ -41,17 +41,17 @@ _FFFD = "\ufffd".encode("utf-8")  # a U+FFFD that is in the text itself, not a r
 
 @dataclass(frozen=True)
 class SourceSpec:
-    kind: str  # tfds | text | jsonl | parquet | hf
+    kind: str  # tfds | text | jsonl | parquet | hf | tokens (pre-tokenized: jaxlm.data.token_files)
     target: str  # dataset name (with /config), glob, or folder (hf)
     split: str | None = None
 
 
-FORMS = "tfds:NAME[/CONFIG][:SPLIT], text:GLOB, jsonl:GLOB, parquet:GLOB or hf:PATH[:SPLIT]"
+FORMS = "tfds:NAME[/CONFIG][:SPLIT], text:GLOB, jsonl:GLOB, parquet:GLOB, hf:PATH[:SPLIT] or tokens:GLOB"
 
 
 def parse_source(spec: str) -> SourceSpec:
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("tfds", "text", "jsonl", "parquet", "hf") or not rest:
+    if not sep or kind not in ("tfds", "text", "jsonl", "parquet", "hf", "tokens") or not rest:
         raise DataError(f"data source '{spec}' must look like {FORMS}")
     if kind == "tfds":
         name, _, split = rest.partition(":")
@@ -413,6 +413,8 @@ def fingerprint(cfg: DataConfig, source: str | None = None, role: str = "both") 
     h = hashlib.sha256()
     h.update(json.dumps([source, role, cfg.valid_fraction if role == "both" else None, cfg.text_field,
                          cfg.doc_separator, cfg.invalid_utf8]).encode())
+    if source.startswith("tokens:"):
+        h.update(json.dumps([cfg.tokens_format, cfg.tokens_dtype]).encode())
     spec = parse_source(source)
     if spec.kind == "tfds":
         h.update(json.dumps(prepared_files(cfg, spec.target)).encode())
