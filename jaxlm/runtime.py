@@ -12,7 +12,7 @@ versions it was measured on.
   step on a 2-core AVX-512 CPU.
 
 malloc (glibc, CPU backend with one CPU device only: JAX_PLATFORMS starts with cpu, or no
-GPU/TPU plugin is installed, and no forced host device count above 1, where several
+GPU or TPU is present (`_accelerator_present`), and no forced host device count above 1, where several
 executions and their threads would contend for the one arena; JAXLM_MALLOC=0 turns it off, and any MALLOC_* or glibc.malloc setting of the
 user's own, or an LD_PRELOAD allocator, leaves it off). The CPU runtime allocates each
 execution's scratch buffer (hundreds of MB for a train step) with posix_memalign and
@@ -53,11 +53,20 @@ def xla_flags(current: str, jaxlib_version: str) -> str:
     return " ".join(out)
 
 
-def _accelerator_installed() -> bool:
-    """A GPU or TPU plugin for jaxlib is installed (JAX would pick it over the CPU)."""
+def _accelerator_present(dev: str = "/dev") -> bool:
+    """JAX would pick an accelerator over the CPU: a jaxlib GPU plugin with an NVIDIA device node, or libtpu
+    with a TPU's (/dev/accel* on v2-v4, /dev/vfio/<n> on v5 and later). A plugin alone does not count:
+    libtpu is installed on CPU machines too, for `jaxlm compile` (the `tpu` extra), and JAX then runs on the
+    CPU. Counting it turned the malloc settings off there: the quickstart spent 190 of its 640 s in the
+    kernel, page-faulting each step's scratch buffer in again (2-core Intel Xeon, one core)."""
+    import glob
     import importlib.metadata
     import importlib.util
-    return bool(importlib.metadata.entry_points(group="jax_plugins")) or importlib.util.find_spec("libtpu") is not None
+
+    gpu = bool(importlib.metadata.entry_points(group="jax_plugins")) and bool(glob.glob(f"{dev}/nvidia[0-9]*"))
+    tpu = importlib.util.find_spec("libtpu") is not None and bool(glob.glob(f"{dev}/accel[0-9]*")
+                                                                  or glob.glob(f"{dev}/vfio/[0-9]*"))
+    return gpu or tpu
 
 
 def _host_devices(environ) -> int:
@@ -83,7 +92,7 @@ def malloc_tuned(environ) -> bool:
     platforms = environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
-    return not _accelerator_installed()
+    return not _accelerator_present()
 
 
 def tune_malloc() -> bool:

@@ -26,6 +26,30 @@ def test_malloc_left_alone_when_user_configured_it_or_not_on_cpu():
         assert not runtime.malloc_tuned({**cpu, **env}), env
 
 
+def test_an_installed_tpu_or_gpu_plugin_without_its_device_leaves_malloc_tuned(tmp_path, monkeypatch):
+    """libtpu is installed on CPU machines for `jaxlm compile`: only a TPU's device node means JAX will not
+    run on the CPU (likewise a GPU plugin and an NVIDIA device node)."""
+    import importlib.metadata
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "libtpu" else real(name))
+    assert not runtime._accelerator_present(str(tmp_path))
+    (tmp_path / "vfio").mkdir()
+    (tmp_path / "vfio" / "0").touch()  # a v5e chip
+    assert runtime._accelerator_present(str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "libtpu" else real(name))
+    assert not runtime._accelerator_present(str(tmp_path))  # the device without libtpu: JAX cannot use it
+    (tmp_path / "nvidia0").touch()
+    assert not runtime._accelerator_present(str(tmp_path)) or importlib.metadata.entry_points(group="jax_plugins")
+    real_points = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: ["cuda"] if kw.get("group") == "jax_plugins" else real_points(**kw))
+    assert runtime._accelerator_present(str(tmp_path))  # a CUDA plugin and a GPU
+    (tmp_path / "nvidia0").unlink()
+    assert not runtime._accelerator_present(str(tmp_path))  # the plugin alone
+
+
 # A jitted gradient whose scratch buffer (75 MB) is far above the sizes glibc serves from
 # its heap by default; prints the median page faults of one call.
 _FAULTS = """
