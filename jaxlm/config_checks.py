@@ -101,6 +101,7 @@ def _validate_choices(cfg: Config) -> None:
     _choice("train.on_bad_steps", cfg.train.on_bad_steps, ("stop", "rollback"))
     _choice("data.tokenizer_type", cfg.data.tokenizer_type, ("bpe", "unigram", "bytelevel"))
     _choice("data.tokens_format", cfg.data.tokens_format, ("llmc", "raw"))
+    _choice("data.sampling", cfg.data.sampling, ("random", "epochs"))
     _choice("data.tokens_dtype", cfg.data.tokens_dtype, ("uint16", "uint32"))
     _choice("data.invalid_utf8", cfg.data.invalid_utf8, ("error", "replace"))
     _choice("dist.mode", cfg.dist.mode, DIST_MODES)

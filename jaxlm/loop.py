@@ -320,7 +320,8 @@ class Steps:
         if rec is None or not rec.log:
             return
         rec.log = False
-        loss = self.p.records.train(rec.step, rec.metrics, self.p.batches.wait_s, self.s.position.skipped)
+        loss = self.p.records.train(rec.step, rec.metrics, self.p.batches.wait_s, self.s.position.skipped,
+                                    self.p.batches.epochs(rec.step))
         self.stop = self.p.guard.runaway(rec.step, loss) or self.stop
 
 

@@ -29,13 +29,16 @@ class Batches:
         c = s.cfg
         self.s, self.rows = s, c.train.batch_size
         self.loader = TrainBatches(s.train_streams, self.rows, c.train.seq_len, c.train.seed,
-                                   s.stepper.local_rows(self.rows), s.weights, s.eos_id if c.data.segment_ids else None)
+                                   s.stepper.local_rows(self.rows), s.weights, s.eos_id if c.data.segment_ids else None,
+                                   c.data.sampling)
+        self.offset = 0
         self.prefetch = None
         self.closed_wait = 0.0  # input wait of the prefetchers closed so far
         self.closed_waits = 0  # and how many of their batches were not ready when asked for
 
     def open(self, first: int, offset: int) -> None:
         poison = self.s.poison
+        self.offset = offset
 
         def make(step: int):
             batch = self.loader.batch_at(step + offset)
@@ -47,6 +50,12 @@ class Batches:
 
     def get(self, step: int):
         return self.prefetch.get(step)
+
+    def epochs(self, step: int) -> list[float] | None:
+        """Epochs of each source trained through once `step` is done ("epochs" sampling; else None)."""
+        if self.loader.sampling != "epochs":
+            return None
+        return self.loader.epochs_at(step + 1 + self.offset)
 
     def close(self) -> None:
         if self.prefetch is not None:
@@ -152,7 +161,7 @@ class Records:
         self.throughput.update(step, 0)
         self.mark = _Mark(wait, time.perf_counter(), step)
 
-    def train(self, step: int, metrics, wait: float, skipped: int) -> float:
+    def train(self, step: int, metrics, wait: float, skipped: int, epochs: list[float] | None = None) -> float:
         """Write the train record of `step` (its device metrics are fetched now) and its line; its loss."""
         m, tok_s = jax.device_get(metrics), self.throughput.update(step, self.tokens)
         now = time.perf_counter()
@@ -160,7 +169,8 @@ class Records:
         self.mark = _Mark(wait, now, step)
         rec = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                "tokens": (step + 1) * self.tokens, "tokens_per_s": tok_s, "input_wait_s": dw / max(n, 1),
-               "input_wait_frac": dw / dt if dt > 0 else 0.0, "skipped_steps": skipped}
+               "input_wait_frac": dw / dt if dt > 0 else 0.0, "skipped_steps": skipped,
+               **({"epochs": epochs} if epochs is not None else {})}
         peak, source = self.s.peak
         if peak and tok_s:
             rec["mfu"] = self.s.flops_per_token * tok_s / (peak * self.s.stepper.mesh.devices.size)

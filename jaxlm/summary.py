@@ -6,6 +6,7 @@ It is written when training starts, rewritten after every validation pass and at
 - `params`: total, non_embedding, embedding, head and matmul counts (`metrics.count_params`);
 - `flops_per_token`: training FLOPs per token under each named convention, and
   `training_flops`: those times the tokens seen (`metrics.flops_per_token_conventions`);
+- `epochs` (with `data.sampling=epochs`): epochs of each training source trained through;
 - `tokens`, `steps`, `target_steps`, `wall_s` (from the start of `run`, summed over resumed
   sessions), `compile_s`;
 - `last_eval` and `best_eval` (lowest loss): step, loss and bits per byte with their 95%
@@ -79,6 +80,8 @@ class RunSummary:
         if "loss" in rec:
             self.data["last_train_loss"] = rec["loss"]
             self.progress(rec["step"] + 1)
+            if "epochs" in rec:
+                self.data["epochs"] = rec["epochs"]
         if "eval_loss" in rec:
             entry = eval_entry(rec)
             self.data["last_eval"] = entry

@@ -82,7 +82,7 @@ OPTIMIZER_STATE_KEYS = ("model.parametrization",)
 
 # What a branch (checkpoint.branch_from) must share with its source run on top of STATE_KEYS: the
 # model and the data stream, so that its steps continue the source's exactly.
-BRANCH_KEYS = STATE_KEYS + ("model.dropout", "data.source", "data.valid_source", "data.valid_fraction",
+BRANCH_KEYS = STATE_KEYS + ("model.dropout", "data.source", "data.sampling", "data.valid_source", "data.valid_fraction",
                             "data.text_field", "data.doc_separator", "data.segment_ids", "train.seed",
                             "train.batch_size", "train.seq_len")
 

@@ -1,8 +1,11 @@
 """Training and validation batches from token streams (numpy only, no jax).
 
 The training batch at step s is a pure function of (seed, s): a generator seeded with
-(seed, s) picks, for each of the B rows, a source of the mixture (by weight) and a window
-of T+1 tokens at a random offset in that source's EOS-joined stream. It does not depend on
+(seed, s) picks, for each of the B rows, a source of the mixture (by weight), and the row reads
+a window of T+1 tokens of that source's EOS-joined stream: with `sampling="epochs"` the source's
+next window in an order without replacement (`jaxlm.data.epochs`; the k-th draw from a source,
+k counted over all earlier steps, is a pure function of (seed, source, k)); with "random" (the
+first sampling jaxlm had) a window at a uniformly random offset, drawn with replacement. It does not depend on
 how many processes or devices there are, or on where the run started; each process
 materialises only its own rows. With segment ids, each row also carries the document
 each token belongs to and its position within that document, so attention stays inside
@@ -20,7 +23,10 @@ from typing import Callable
 
 import numpy as np
 
+from jaxlm.data.epochs import EpochWindows
 from jaxlm.errors import DataError
+
+SAMPLINGS = ("random", "epochs")
 
 
 def add_segments(batch: dict[str, np.ndarray], eos_id: int) -> dict[str, np.ndarray]:
@@ -35,13 +41,16 @@ def add_segments(batch: dict[str, np.ndarray], eos_id: int) -> dict[str, np.ndar
 
 class TrainBatches:
     def __init__(self, streams: list[np.ndarray] | np.ndarray, batch_size: int, seq_len: int, seed: int,
-                 rows: slice | None = None, weights: list[float] | None = None, eos_id: int | None = None):
+                 rows: slice | None = None, weights: list[float] | None = None, eos_id: int | None = None,
+                 sampling: str = "random"):
         """`streams`: one token stream per source; `weights`: their sampling weights (default equal).
 
         `rows`: the rows of the global batch this process materialises (default all; see
         `sharding.process_rows`). `eos_id` set: batches carry segment ids and positions (see
-        `add_segments`).
+        `add_segments`). `sampling`: "epochs" or "random" (module docstring).
         """
+        if sampling not in SAMPLINGS:
+            raise DataError(f"data.sampling={sampling!r} is not one of {', '.join(SAMPLINGS)}")
         streams = [streams] if isinstance(streams, np.ndarray) else list(streams)
         for i, s in enumerate(streams):
             if len(s) < seq_len + 2:
@@ -55,14 +64,50 @@ class TrainBatches:
         self.spans = np.array([len(s) - seq_len for s in streams])  # window offsets allowed per source
         self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
         self.rows = slice(0, batch_size) if rows is None else rows
+        self.sampling = sampling
+        self.epoch_windows = EpochWindows([len(s) for s in streams], seq_len, seed)
+        # draws per source before a step, for the latest steps counted (the prefetcher runs a few steps
+        # ahead of the records that ask too); counting again from step 0 is the fallback
+        self._counted: dict[int, np.ndarray] = {0: np.zeros(len(streams), np.int64)}
+        self._lock = threading.Lock()  # the prefetcher and the loop's records both count
+
+    def _sources(self, step: int) -> tuple[np.ndarray, np.random.Generator]:
+        rng = np.random.default_rng([self.seed, step])
+        if len(self.streams) == 1:
+            return np.zeros(self.batch_size, np.int64), rng
+        return rng.choice(len(self.streams), size=self.batch_size, p=self.p), rng
+
+    def draws_before(self, step: int) -> np.ndarray:
+        """Windows drawn from each source by the steps before `step` (all rows of the global batch)."""
+        if len(self.streams) == 1:
+            return np.array([step * self.batch_size], np.int64)
+        with self._lock:
+            return self._count_to(step)
+
+    def _count_to(self, step: int) -> np.ndarray:
+        at = max(s for s in self._counted if s <= step)
+        counts = self._counted[at].copy()
+        for s in range(at, step):
+            counts += np.bincount(self._sources(s)[0], minlength=len(self.streams))
+            self._counted[s + 1] = counts.copy()
+        for s in [s for s in self._counted if 0 < s < step - 256]:
+            del self._counted[s]
+        return counts
+
+    def epochs_at(self, step: int) -> list[float]:
+        """Epochs of each source trained through after `step` steps ("epochs" sampling)."""
+        return self.epoch_windows.epochs(self.draws_before(step))
 
     def plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(source, offset) of each window of the global batch at `step`."""
-        rng = np.random.default_rng([self.seed, step])
-        if len(self.streams) == 1:
-            src = np.zeros(self.batch_size, np.int64)
-        else:
-            src = rng.choice(len(self.streams), size=self.batch_size, p=self.p)
+        src, rng = self._sources(step)
+        if self.sampling == "epochs":
+            before = self.draws_before(step)
+            order = np.argsort(src, kind="stable")  # a row's rank among this step's rows of its source
+            rank = np.empty(self.batch_size, np.int64)
+            first = np.searchsorted(src[order], src[order])
+            rank[order] = np.arange(self.batch_size) - first
+            return src, self.epoch_windows.starts(src, before[src] + rank)
         # one uniform draw per row, scaled to its source's length: exact for any mix
         u = rng.random(self.batch_size)
         span = self.spans[src]
