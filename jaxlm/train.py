@@ -121,6 +121,23 @@ def _existing_checkpoints(cfg: Config, restart: bool, resume: bool) -> list[int]
     return done
 
 
+def _sampling_it_started_with(cfg: Config, restart: bool, log) -> Config:
+    """A run directory made before `data.sampling` existed resumes with the sampling it started with:
+    its config.yaml has no such key, and windows were drawn at random."""
+    saved = os.path.join(cfg.run.path, "config.yaml")
+    if restart or cfg.data.sampling == "random" or not os.path.exists(saved) or not ckpt.steps(cfg.run.path):
+        return cfg
+    import yaml
+
+    with open(saved, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    if "sampling" in (raw.get("data") or {}):
+        return cfg
+    log(f"{cfg.run.path} started before data.sampling existed: it continues with data.sampling=random, the "
+        "sampling it was trained with")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sampling="random"))
+
+
 def _run_tokenizer(run_dir: str, done: list[int], eos_token: str = "") -> Tokenizer:
     """The tokenizer a run was trained with: its tokenizer.json or tokenizer.model, else the copy inside its
     newest checkpoint."""
@@ -386,6 +403,7 @@ def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = Fals
         raise ConfigError("restart and resume exclude each other")
     t_start = time.perf_counter()
     devices = list(jax.devices() if devices is None else devices)
+    cfg = _sampling_it_started_with(cfg, restart, log)
     setup = _setup(cfg, devices, restart, resume, log, frozenset(int(p) for p in inject_nan), t_start)
     result = Loop(setup, log, handle_signals).run()
     if result.stop.reason.diverged:

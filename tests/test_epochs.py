@@ -80,3 +80,26 @@ def test_an_epochs_run_reports_its_epochs_and_resumes_bitwise(tmp_path, small_co
     # the sampling is part of the data stream: a branch cannot change it
     assert main(args + [f"run.dir={tmp_path / 'branch'}", "train.steps=6", "data.sampling=random",
                         f"checkpoint.branch_from={straight}/checkpoints/3"]) == 2
+
+
+def test_a_run_from_before_the_sampling_key_resumes_with_random_windows(tmp_path, small_corpus, capsys):
+    """A run directory whose config.yaml has no data.sampling (made before it existed) continues with the
+    random windows it was trained with, whatever data.sampling now says."""
+    import re
+
+    from test_cli import TINY_CLI
+
+    args = ["train", f"data.source={small_corpus}", "train.log_every=1", "eval.every=0", "checkpoint.every=3",
+            "run.tensorboard=false"] + TINY_CLI
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    assert main(args + [f"run.dir={straight}", "train.steps=6", "data.sampling=random"]) == 0
+    assert main(args + [f"run.dir={old}", "train.steps=3", "data.sampling=random"]) == 0
+    saved = old / "config.yaml"
+    text = saved.read_text()
+    assert re.search(r"^  sampling: random$", text, re.M)
+    saved.write_text(re.sub(r"^  sampling: random\n", "", text, flags=re.M))
+    capsys.readouterr()
+    assert main(args + [f"run.dir={old}", "train.steps=6", "data.sampling=epochs"]) == 0
+    assert "continues with data.sampling=random" in capsys.readouterr().err
+    losses = [[r["loss"] for r in read_metrics(str(d)) if "loss" in r] for d in (straight, old)]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
