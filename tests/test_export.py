@@ -21,31 +21,29 @@ from test_cli import TINY_CLI
 PROMPTS = ["the king", "good night, sweet lady", "  love and  death\nthe crown", "fair 1234 naïve 🙂"]
 
 
+def _tiny_run(tmp_path_factory, name: str, seed: int, *extra: str):
+    """A 16-step tiny run on a corpus of its own, with `extra` overrides."""
+    from conftest import write_corpus
+
+    root = tmp_path_factory.mktemp(name)
+    source = write_corpus(root, seed=seed)
+    run_dir = root / "run"
+    assert main(["train", f"data.source={source}", f"run.dir={run_dir}", "train.steps=16", "eval.every=0",
+                 "optim.lr=3e-3", "optim.warmup_steps=0", "optim.schedule=constant", "run.tensorboard=false",
+                 *extra] + TINY_CLI) == 0
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory):
     """A tiny llama run with grouped-query attention (4 heads, 2 kv heads), untied head."""
-    from conftest import write_corpus
-
-    root = tmp_path_factory.mktemp("llama")
-    source = write_corpus(root, seed=2)
-    run_dir = root / "run"
-    assert main(["train", f"data.source={source}", f"run.dir={run_dir}", "train.steps=16", "eval.every=0",
-                 "model.family=llama", "model.n_kv_heads=2", "optim.lr=3e-3", "optim.warmup_steps=0",
-                 "optim.schedule=constant", "run.tensorboard=false"] + TINY_CLI) == 0
-    return run_dir
+    return _tiny_run(tmp_path_factory, "llama", 2, "model.family=llama", "model.n_kv_heads=2")
 
 
 @pytest.fixture(scope="module")
 def bytelevel_run(tmp_path_factory):
     """A tiny gpt2 run with a byte-level BPE tokenizer.json (data.tokenizer_type=bytelevel)."""
-    from conftest import write_corpus
-
-    root = tmp_path_factory.mktemp("bytelevel")
-    source = write_corpus(root, seed=4)
-    run_dir = root / "run"
-    assert main(["train", f"data.source={source}", f"run.dir={run_dir}", "train.steps=16", "eval.every=0",
-                 "data.tokenizer_type=bytelevel", "optim.lr=3e-3", "optim.warmup_steps=0",
-                 "optim.schedule=constant", "run.tensorboard=false"] + TINY_CLI) == 0
+    run_dir = _tiny_run(tmp_path_factory, "bytelevel", 4, "data.tokenizer_type=bytelevel")
     assert (run_dir / "tokenizer.json").exists()
     return run_dir
 
