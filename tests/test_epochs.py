@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxlm.cli import main
-from jaxlm.data.epochs import permute, window_count
+from jaxlm.data.epochs import grid_offset, permute, window_count
 from jaxlm.data.loader import TrainBatches
 from jaxlm.metrics import read_metrics
 
@@ -30,12 +30,15 @@ def _starts(loader, steps):
 
 def test_one_epoch_uses_every_window_once_and_the_next_epoch_another_order():
     T, B = 8, 4
-    stream = np.arange(8 * 40 + 1, dtype=np.int32)  # 40 windows of 9 tokens at stride 8
+    stream = np.arange(8 * 41 + 3, dtype=np.int32)  # 40 windows of 9 tokens at stride 8, whatever the grid offset
     assert window_count(len(stream), T) == 40
     loader = TrainBatches(stream, B, T, seed=7, sampling="epochs")
-    epoch = [np.concatenate([loader.plan(s)[1] for s in range(e * 10, e * 10 + 10)]) for e in range(2)]
-    for starts in epoch:
-        assert sorted(starts.tolist()) == list(range(0, 320, 8))  # each window exactly once
+    epoch = [np.concatenate([loader.plan(s)[1] for s in range(e * 10, e * 10 + 10)]) for e in range(3)]
+    offsets = [grid_offset(T, 7, 0, e) for e in range(3)]
+    assert all(0 <= o < T for o in offsets) and len(set(offsets)) > 1  # the grid moves between epochs
+    for starts, o in zip(epoch, offsets):
+        assert sorted(starts.tolist()) == list(range(o, o + 320, 8))  # each window of the epoch's grid once
+        assert starts.max() + T < len(stream)
     assert epoch[0].tolist() != epoch[1].tolist()
     assert loader.epochs_at(10) == [1.0] and loader.epochs_at(15) == [1.5]
     batch = loader.batch_at(3)
@@ -45,7 +48,7 @@ def test_one_epoch_uses_every_window_once_and_the_next_epoch_another_order():
 
 def test_a_mixture_draws_each_source_through_its_own_epochs():
     T, B = 4, 8
-    streams = [np.arange(4 * 30 + 1, dtype=np.int32), 1000 + np.arange(4 * 7 + 1, dtype=np.int32)]
+    streams = [np.arange(4 * 31, dtype=np.int32), 1000 + np.arange(4 * 8, dtype=np.int32)]
     loader = TrainBatches(streams, B, T, seed=1, weights=[3.0, 1.0], sampling="epochs")
     plans = [loader.plan(s) for s in range(60)]
     src = np.concatenate([p[0] for p in plans])
@@ -53,7 +56,8 @@ def test_a_mixture_draws_each_source_through_its_own_epochs():
     for j, w in enumerate((30, 7)):
         mine = starts[src == j]
         for e in range(len(mine) // w):  # every complete epoch of source j holds each window once
-            assert sorted(mine[e * w:(e + 1) * w].tolist()) == list(range(0, 4 * w, 4)), (j, e)
+            o = grid_offset(T, 1, j, e)
+            assert sorted(mine[e * w:(e + 1) * w].tolist()) == list(range(o, o + 4 * w, 4)), (j, e)
     counts = np.bincount(src, minlength=2)
     assert loader.epochs_at(60) == [counts[0] / 30, counts[1] / 7]
     # a fresh loader (a resumed run, another process) gives the same batch at any step, and a process's

@@ -66,6 +66,9 @@ class TrainBatches:
         self.rows = slice(0, batch_size) if rows is None else rows
         self.sampling = sampling
         self.epoch_windows = EpochWindows([len(s) for s in streams], seq_len, seed)
+        if sampling == "epochs" and not all(self.epoch_windows.windows):
+            raise DataError(f"data.sampling=epochs needs at least 2 x train.seq_len = {2 * seq_len} tokens in every "
+                            f"source; one has {min(len(s) for s in streams)}")
         # draws per source before a step, for the latest steps counted (the prefetcher runs a few steps
         # ahead of the records that ask too); counting again from step 0 is the fallback
         self._counted: dict[int, np.ndarray] = {0: np.zeros(len(streams), np.int64)}
