@@ -129,8 +129,9 @@ class DataConfig:
     tokens_format: str = _f("llmc", "tokens: .bin files: llmc (llm.c / modded-nanogpt shards: 1024-byte header) or "
                             "raw (headerless, data.tokens_dtype: nanoGPT's train.bin)")
     tokens_dtype: str = _f("uint16", "tokens: raw .bin files: uint16 or uint32")
-    sampling: str = _f("random", "training windows: random (uniform offsets, drawn with replacement) or epochs (each "
-                       "window of each source once per epoch, in a seeded order without replacement)")
+    sampling: str = _f("epochs", "training windows: epochs (each window of each source once per epoch, in a seeded "
+                       "order without replacement) or random (uniform offsets, drawn with replacement: runs made "
+                       "before this key existed)")
     tokenizer_vocab: int = _f(1024, "vocabulary size of a trained tokenizer")
     tokenizer_type: str = _f("bpe", "a trained tokenizer: bpe or unigram (sentencepiece), or bytelevel (a GPT-2-style "
                              "byte-level BPE tokenizer.json)")
