@@ -79,6 +79,7 @@ class Part:
         self.fingerprint = sources.fingerprint(cfg, source, role)
         self.kind = sources.parse_source(source).kind
         self.splits = sources.Splits(cfg, source, role)
+        self.token_scan = None  # tokens: sources: (tokenizer sha256, the files' arrays, document starts)
         self._docs = None
 
     @property
@@ -340,9 +341,11 @@ def _write_token_entry(directory: str, tok: Tokenizer, part: Part, split: str, l
     """Copy one split of a pre-tokenized source into `directory` (`jaxlm.data.token_files`): the held-out
     fraction is the last documents, as for text; UTF-8 bytes are counted (by decoding) for validation only."""
     cfg = part.cfg
-    paths = token_files.files(sources.parse_source(part.source).target)
-    arrays = [token_files.open_tokens(p, cfg.tokens_format, cfg.tokens_dtype) for p in paths]
-    starts = token_files.scan(arrays, tok.eos_id, tok.vocab_size, paths)
+    if part.token_scan is None or part.token_scan[0] != tok.sha256:  # one scan serves both splits
+        paths = token_files.files(sources.parse_source(part.source).target)
+        arrays = [token_files.open_tokens(p, cfg.tokens_format, cfg.tokens_dtype) for p in paths]
+        part.token_scan = tok.sha256, arrays, token_files.scan(arrays, tok.eos_id, tok.vocab_size, paths)
+    _, arrays, starts = part.token_scan
     total, n = sum(len(a) for a in arrays), len(starts)
     if not total:
         raise DataError(f"data source '{part.source}' holds no tokens")
