@@ -155,8 +155,20 @@ def _data(args) -> int:
     from jaxlm.config import load_config
     from jaxlm.train import prepare_data
 
+    from jaxlm import distributed
+
     cfg = load_config(args.config, args.overrides)
-    prepare_data(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    _join(cfg.dist)  # under `jaxlm launch`, SLURM or mpirun, the processes share the build
+    group, tok = (distributed.Group("data") if distributed.joined() else None), None
+    if group is not None:  # process 0 trains or loads the tokenizer; every process encodes its share
+        from jaxlm.data import cache
+        from jaxlm.data.tokenizer import tokenizer_from_bytes
+
+        proto = group.broadcast("tokenizer", lambda: distributed.encode_bytes(
+            cache.get_tokenizer(cfg.data, cache.parts(cfg.data)[0], log).proto))
+        tok = None if cfg.data.tokenizer else tokenizer_from_bytes(distributed.decode_bytes(proto), cfg.data.eos_token)
+    prepare_data(cfg, log=log, tokenizer=tok, group=group)
     return EXIT_OK
 
 
@@ -320,7 +332,9 @@ def _add_import(sub) -> None:
 def _add_data(sub) -> None:
     data = sub.add_parser("data", help="tokenize the data of a config into the token cache",
                           description="Train or load the tokenizer and build the token cache of every split "
-                                      "of the config's data, as `jaxlm train` would, without training.")
+                                      "of the config's data, as `jaxlm train` would, without training. Run "
+                                      "under `jaxlm launch --processes N` (or SLURM, mpirun), the processes "
+                                      "share the encoding when data.cache_dir is a folder they all see.")
     _config_args(data)
     data.set_defaults(func=_data)
 

@@ -137,6 +137,8 @@ class DataConfig:
                              "byte-level BPE tokenizer.json)")
     tokenizer_max_bytes: int = _f(20_000_000, "cap on the text sample the tokenizer is trained on")
     cache_dir: str = _f("", "token cache; empty = $JAXLM_CACHE_DIR or ~/.cache/jaxlm")
+    build_chunk_mb: float = _f(32.0, "token cache build: documents are encoded in chunks of about this many MB of "
+                               "text, shared between the processes of a run and kept when a build is interrupted")
     segment_ids: bool = _f(False, "rows carry document ids and in-document positions: attention never crosses "
                            "a document boundary")
     prefetch: int = _f(2, "batches prepared ahead on a background thread")

@@ -87,6 +87,8 @@ def _validate_rates(cfg: Config) -> None:
         raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
     if not 0 < cfg.data.valid_fraction < 1:
         raise ConfigError(f"data.valid_fraction must be in (0, 1), got {cfg.data.valid_fraction}")
+    if not cfg.data.build_chunk_mb > 0:
+        raise ConfigError(f"data.build_chunk_mb must be > 0, got {cfg.data.build_chunk_mb}")
 
 
 def _validate_choices(cfg: Config) -> None:

@@ -196,13 +196,20 @@ class Group:
     every method returns at once.
     """
 
-    def __init__(self, name: str = "run"):
-        import jax
-
+    def __init__(self, name: str = "run", solo: bool = False):
         self.prefix = f"{_PREFIX}/{name}{next(_groups)}"
-        self.index, self.count = jax.process_index(), jax.process_count()
-        self.client = _client()
+        if solo:  # this process alone, without touching JAX (`jaxlm data` outside a multi-process job)
+            self.index, self.count, self.client = 0, 1, None
+        else:
+            import jax
+
+            self.index, self.count = jax.process_index(), jax.process_count()
+            self.client = _client()
         self._calls = itertools.count()  # every exchange gets fresh keys (the same name may recur)
+
+    @classmethod
+    def solo(cls) -> Group:
+        return cls("solo", solo=True)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{next(self._calls)}-{name}"
@@ -246,6 +253,44 @@ class Group:
         self.client.key_value_set(f"{key}/{self.index}", json.dumps(value))
         return [json.loads(self.client.blocking_key_value_get(f"{key}/{i}", _KV_TIMEOUT_MS))
                 for i in range(self.count)]
+
+    def each(self, name: str, work: Callable[[], object]) -> list:
+        """`work()` on every process; the JSON results of all, in process order.
+
+        When `work` raises on any process, every process raises: a JaxlmError keeps its class
+        and message (bad input found by process 1 fails process 0 with the same DataError),
+        anything else becomes a DistributedError naming the process. Nobody waits forever
+        for a result that never comes.
+        """
+        try:
+            mine = {"value": work()}
+        except BaseException as e:
+            mine = {"error": str(e), "type": type(e).__name__, "user": isinstance(e, JaxlmError)}
+            if self.client is None:
+                raise
+            self.gather(name, mine)
+            raise
+        got = self.gather(name, mine)
+        for i, g in enumerate(got):
+            if "error" in g:
+                from jaxlm import errors
+
+                kind = getattr(errors, g["type"], None) if g["user"] else None
+                if isinstance(kind, type) and issubclass(kind, JaxlmError):
+                    raise kind(g["error"])
+                raise DistributedError(f"process {i} failed: {g['type']}: {g['error']}")
+        return [g["value"] for g in got]
+
+    def map(self, name: str, items: list, fn: Callable[[object], object]) -> list:
+        """[fn(item) for item in items], the items shared round-robin between the processes (JSON
+        results; errors as in `each`)."""
+        if self.count == 1:
+            return [fn(x) for x in items]
+        shares = self.each(name, lambda: [fn(x) for x in items[self.index::self.count]])
+        out = [None] * len(items)
+        for i, share in enumerate(shares):
+            out[i::self.count] = share
+        return out
 
     def agree(self, name: str, value, what: str) -> None:
         """Raise DistributedError on every process unless all processes hold the same JSON `value`."""

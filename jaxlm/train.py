@@ -47,16 +47,17 @@ class Data:
     train_bytes: int
 
 
-def prepare_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Data:
+def prepare_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None, group=None) -> Data:
     """Tokenizer and token streams, from the token cache when sources and tokenizer are unchanged.
 
-    `tokenizer` (a resumed run's own) takes the place of data.tokenizer or a trained one.
+    `tokenizer` (a resumed run's own) takes the place of data.tokenizer or a trained one. With a
+    `distributed.Group`, its processes build missing cache entries together (`jaxlm.data.build`).
     """
     t0 = time.perf_counter()
     train_parts, weights, valid_parts = cache.parts(cfg.data)
     tok = tokenizer or cache.get_tokenizer(cfg.data, train_parts, log)
-    train = [cache.tokens(cfg.data, tok, p, "train", log) for p in train_parts]
-    valid = [cache.tokens(cfg.data, tok, p, "valid", log) for p in valid_parts]
+    train = [cache.tokens(cfg.data, tok, p, "train", log, group) for p in train_parts]
+    valid = [cache.tokens(cfg.data, tok, p, "valid", log, group) for p in valid_parts]
     split = Split.joined(f"validation of {cfg.data.valid_source or cfg.data.source}", valid)
     data = Data(tok, [t for t, _ in train], weights, split, sum(m["bytes"] for _, m in train))
     n_train = sum(len(t) for t in data.train_streams)
@@ -314,49 +315,53 @@ def _shared_config(cfg: Config) -> str:
     return to_yaml(dataclasses.replace(cfg, dist=DistConfig()))
 
 
-def _own_shared_state(cfg: Config, restart: bool, resume: bool, tensor: int,
-                      log) -> tuple[dict, Data, _InitSource | None]:
-    """Process 0's part of setting up: what to resume, the tokenizer, the token cache and the run
-    directory. Returns (what the other processes need, as JSON, the data, the init_from source)."""
+def _own_setup(cfg: Config, restart: bool, resume: bool, log) -> tuple[dict, Tokenizer | None, _InitSource | None]:
+    """Process 0's decisions before the data: what to resume, the init_from source and the tokenizer
+    (the run's own, an init_from run's, data.tokenizer, or one trained now). Returns (what the
+    other processes need, as JSON, the tokenizer to pass to `prepare_data`, the init_from source)."""
     done = _existing_checkpoints(cfg, restart, resume)
     starts_from = cfg.checkpoint.init_from or cfg.checkpoint.branch_from
     init = _init_source(cfg) if starts_from and not done else None
     tokenizer = init.tokenizer if init else None
     if done and not cfg.data.tokenizer:  # the run's own tokenizer, never a retrained one
         tokenizer = _run_tokenizer(cfg.run.path, done, cfg.data.eos_token)
-    data = prepare_data(cfg, log, tokenizer)  # bad input fails here, before the run directory is touched
-    check_vocab(cfg, data.tokenizer.vocab_size, tensor)
-    run_dir = _prepare_run_dir(cfg, restart)
-    tok_path = os.path.join(run_dir, data.tokenizer.file_name)
-    if not done or not os.path.exists(tok_path):
-        data.tokenizer.save(tok_path)
-    shared = {"done": done, "tokenizer": distributed.encode_bytes(data.tokenizer.proto),
+    tok = tokenizer or cache.get_tokenizer(cfg.data, cache.parts(cfg.data)[0], log)
+    shared = {"done": done, "tokenizer": distributed.encode_bytes(tok.proto),
               "init": [init.run_dir, init.step, init.branch] if init else None}
-    return shared, data, init
+    return shared, tokenizer or (None if cfg.data.tokenizer else tok), init
 
 
 def _shared_state(cfg: Config, group: distributed.Group, restart: bool, resume: bool, tensor: int,
                   log) -> tuple[list[int], Data, _InitSource | None]:
-    """(checkpoints to resume, data, init_from source) on every process: process 0 decides and writes,
-    the others wait for it, then read the same tokenizer and token cache."""
+    """(checkpoints to resume, data, init_from source) on every process: process 0 decides (and
+    trains a tokenizer if one is needed), every process builds its share of the token cache,
+    then process 0 writes the run directory while the others wait."""
     group.agree("config", _shared_config(cfg), "resolved config")
+    owned = {}
+
+    def decide():
+        shared, owned["tokenizer"], owned["init"] = _own_setup(cfg, restart, resume, log)
+        return shared
+
+    shared = group.broadcast("setup", decide)
     if group.owner:
-        owned = {}
-
-        def make():
-            shared, owned["data"], owned["init"] = _own_shared_state(cfg, restart, resume, tensor, log)
-            return shared
-
-        shared = group.broadcast("setup", make)
-        data, init = owned["data"], owned["init"]
+        tokenizer, init = owned["tokenizer"], owned["init"]
     else:
-        shared = group.broadcast("setup", dict)
-        proto = distributed.decode_bytes(shared["tokenizer"])
-        tok = tokenizer_from_bytes(proto, cfg.data.eos_token)
-        data = prepare_data(cfg, log, None if cfg.data.tokenizer else tok)
+        tok = tokenizer_from_bytes(distributed.decode_bytes(shared["tokenizer"]), cfg.data.eos_token)
+        tokenizer = None if cfg.data.tokenizer else tok
         init = (_InitSource(shared["init"][0], shared["init"][1], tok, shared["init"][2])
                 if shared["init"] else None)
+    data = prepare_data(cfg, log, tokenizer, group)  # bad input fails here, before the run directory is touched
     group.agree("tokenizer", data.tokenizer.sha256, "tokenizer (sha256 of its model)")
+
+    def write_run_dir():
+        check_vocab(cfg, data.tokenizer.vocab_size, tensor)
+        run_dir = _prepare_run_dir(cfg, restart)
+        tok_path = os.path.join(run_dir, data.tokenizer.file_name)
+        if not shared["done"] or not os.path.exists(tok_path):
+            data.tokenizer.save(tok_path)
+
+    group.each("run dir", write_run_dir if group.owner else dict)
     return shared["done"], data, init
 
 

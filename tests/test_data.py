@@ -178,7 +178,7 @@ def _stream(docs: list[str]):
 
 
 def test_encoding_in_pieces_gives_the_ids_of_whole_documents():
-    from jaxlm.data.cache import encode_stream
+    from jaxlm.data.build import encode_stream
 
     docs = [shared_data("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:300_000],
             shared_data("wikitext-2-raw/wiki.test.raw").read_text(encoding="utf-8")[:300_000],
@@ -198,7 +198,7 @@ def test_tokenizers_that_merge_across_spaces_encode_whole_documents():
 
     import sentencepiece as spm
 
-    from jaxlm.data.cache import encode_stream
+    from jaxlm.data.build import encode_stream
     from jaxlm.data.tokenizer import Tokenizer
 
     text = ["the cat sat on the mat and the dog sat on the log " * 40]
@@ -343,16 +343,16 @@ def test_streamed_cache_gives_the_ids_of_whole_document_lists(tmp_path, monkeypa
     those of the old whole-list build, with blocks, encode groups and pieces cut anywhere."""
     import random
 
-    from jaxlm.data import cache, sources, tokenizer
+    from jaxlm.data import build, cache, sources, tokenizer
 
     docs = _messy_corpus(tmp_path, random.Random(0))
     corpora = _write_sources(tmp_path, docs)
     monkeypatch.setattr(sources, "_BLOCK_BYTES", 997)  # blocks cut characters, separators and paragraph breaks
-    monkeypatch.setattr(cache, "_GROUP_CHARS", 5000)  # encode groups end inside documents
+    monkeypatch.setattr(build, "_GROUP_CHARS", 5000)  # encode groups end inside documents
     for source, all_docs in corpora.items():
         sep = "\n\n\n\n" if "book" in source else ""
         cfg = DataConfig(source=source, cache_dir=str(tmp_path / "c"), tokenizer_vocab=300, valid_fraction=0.2,
-                         doc_separator=sep, tokenizer_max_bytes=9_000)
+                         doc_separator=sep, tokenizer_max_bytes=9_000, build_chunk_mb=0.004)  # chunks of a few docs
         train_docs, valid_docs = _old_hold_out(all_docs, 0.2)
         (part,), _, _ = cache.parts(cfg)
         assert part.splits.chars("train") == sum(map(len, train_docs))
@@ -434,21 +434,21 @@ def _entry_dir(cache_dir):
 def test_a_builder_that_loses_the_race_uses_the_winners_entry(small_corpus, tmp_path, monkeypatch):
     import shutil
 
-    from jaxlm.data import cache
+    from jaxlm.data import build
 
     first, manifest, _, _ = _cache_run(small_corpus, tmp_path / "c")
     entry = _entry_dir(tmp_path / "c")
     winner = tmp_path / "winner"
     shutil.copytree(entry, winner)
     shutil.rmtree(entry)
-    write_entry = cache._write_entry
+    assemble = build.assemble
 
-    def racing(directory, *args):  # another process renames its entry into place while this one encodes
-        out = write_entry(directory, *args)
+    def racing(*args):  # another process renames its entry into place while this one joins its chunks
+        out = assemble(*args)
         shutil.copytree(winner, entry)
         return out
 
-    monkeypatch.setattr(cache, "_write_entry", racing)
+    monkeypatch.setattr(build, "assemble", racing)
     again, manifest2, logs, _ = _cache_run(small_corpus, tmp_path / "c")
     assert any("another process built train" in m for m in logs), logs
     np.testing.assert_array_equal(first, again)
@@ -483,7 +483,8 @@ def test_a_damaged_entry_is_moved_aside_before_the_new_one_is_renamed_in(small_c
     (tmp, _, _), (moved, aside, _), (tmp2, final, _) = renames
     assert tmp == tmp2 and tmp.startswith(key + ".tmp-") and final == key  # the new one, tried twice
     assert moved == key and aside.startswith(key + ".tmp-") and aside != tmp  # the damaged one moved aside
-    assert removed == [(aside, True)]  # deleted only once the new entry was in place
+    assert removed[0] == (aside, True)  # deleted only once the new entry was in place
+    assert [name for name, _ in removed[1:]] == [key + ".parts-" + removed[1][0].rpartition("-")[2]]  # then the chunks
     assert [p.name for p in _entry_dir(tmp_path / "c").parent.iterdir()] == [key]
 
 

@@ -182,11 +182,12 @@ def test_two_processes_train_like_one_and_only_process_0_writes_the_run(env, two
     _close(_losses(two["run_dir"]), _losses(_reference(env, "2x4x1")))
     _close(_evals(two["run_dir"]), _evals(_reference(env, "2x4x1")))
     lines = two["lines"]
-    # one tokenizer, one token cache build, by process 0; process 1 reads both
+    # one tokenizer, trained by process 0; the token cache encoded by both: the 5 training files (one
+    # chunk each: the sixth is held out), 3 by process 0 and 2 by process 1
     assert sum("tokenizer: trained" in line for line in lines) == 1
     assert any(line.startswith("[0] tokenizer: trained") for line in lines)
-    assert not any(line.startswith("[1] token cache: built") for line in lines)
-    assert any(line.startswith("[1] token cache: reusing") for line in lines)
+    for who, chunks in ((0, 3), (1, 2)):
+        assert any(line.startswith(f"[{who}] token cache: process {who} encoded {chunks} chunks") for line in lines)
     assert any("processes: 2 (explicit), this is process 1 with 4 local cpu devices" in line for line in lines)
     by_process = {}
     for w in two["writes"]:
@@ -316,3 +317,83 @@ def test_the_slurm_recipe_runs_two_tasks_as_one_run(env, two, tmp_path):
     assert p.finish() == 0, p.output()
     assert "processes: 2 (SLURM), this is process 1" in "".join(p.lines)
     assert _losses(run_dir) == _losses(two["run_dir"])
+
+
+KILL_HOOK = '''
+import os, signal, sys
+_after, _who = os.environ.get("KILL_AFTER_CHUNKS"), os.environ.get("KILL_PROCESS")
+if _after and _who == os.environ.get("JAX_PROCESS_ID"):
+    _seen = []
+    def _hook(event, args):
+        if event == "os.rename" and ".parts-" in str(args[1]) and str(args[1]).endswith(".json"):
+            _seen.append(1)
+            if len(_seen) > int(_after):  # dies right before committing one more chunk (os.replace audits as os.rename)
+                os.kill(os.getpid(), signal.SIGKILL)
+    sys.addaudithook(_hook)
+'''
+
+
+def _books(directory, files: int = 6, docs: int = 24) -> None:
+    """Files of several documents each (separated by four newlines), some of them non-ASCII."""
+    rng = random.Random(5)
+    words = "the king queen lord lady good night day love death sword crown heart mind fair über café 日本 naïve".split()
+    directory.mkdir()
+    for f in range(files):
+        books = ["\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "."
+                           for _ in range(rng.randint(20, 200))) for _ in range(docs)]
+        (directory / f"books{f}.txt").write_text("\n\n\n\n".join(books), encoding="utf-8")
+
+
+def _entries(cache) -> dict[str, bytes]:
+    """tokens.bin of every complete entry of a cache, by entry name."""
+    root = cache / "tokens"
+    return {p.name: (p / "tokens.bin").read_bytes() for p in root.iterdir() if (p / "manifest.json").exists()}
+
+
+def test_two_processes_build_the_token_cache_of_one_and_a_killed_build_completes(env, tmp_path):
+    """`jaxlm data` on 2 processes: each encodes its own run of chunks, and the entries are the bytes of a
+    one-process build (one chunk per split). Process 1 killed after committing 3 chunks: the relaunch
+    keeps what was committed, encodes the rest, and the bytes are the same again."""
+    from jaxlm.config import load_config
+    from jaxlm.train import prepare_data
+
+    _books(tmp_path / "books")
+    config = tmp_path / "books.yaml"
+    config.write_text(f'data:\n  source: "text:{tmp_path}/books/*.txt"\n  doc_separator: "\\n\\n\\n\\n"\n'
+                      "  tokenizer_vocab: 320\n  valid_fraction: 0.1\n")
+    prepare_data(load_config(str(config), [f"data.cache_dir={tmp_path / 'one'}"]), log=lambda m: None)
+    want = _entries(tmp_path / "one")
+    assert len(want) == 2
+    (tok,) = (tmp_path / "one" / "tokenizers").iterdir()  # the launched builds use the same tokenizer file
+
+    def data(cache, env_extra=None):
+        e = dict(env["env"], **(env_extra or {}))
+        return Launched([sys.executable, "-m", "jaxlm.cli", "launch", "--processes", "2", "--grace", "30", "--",
+                         "data", str(config), f"data.cache_dir={cache}", f"data.tokenizer={tok}",
+                         "data.build_chunk_mb=0.01", "dist.heartbeat_s=3"], e)
+
+    p = data(tmp_path / "two")
+    assert p.finish() == 0, p.output()
+    assert _entries(tmp_path / "two") == want
+    out = p.output()
+    n = int(out.split("of the ")[1].split()[0])  # chunks of the training split
+    assert n >= 10, out
+    for who in (0, 1):
+        assert f"[{who}] token cache: process {who} encoded {len(range(-(-who * n // 2), -(-(who + 1) * n // 2)))} " \
+               f"chunks" in out, out
+    site = tmp_path / "kill-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(KILL_HOOK)
+    killing = {"PYTHONPATH": os.pathsep.join([str(site), env["env"].get("PYTHONPATH", "")]),
+               "KILL_AFTER_CHUNKS": "3", "KILL_PROCESS": "1"}
+    p = data(tmp_path / "killed", env_extra=killing)
+    assert p.finish(timeout=120) != 0
+    assert _entries(tmp_path / "killed") == {}  # nothing a run would read
+    (parts,) = [d for d in (tmp_path / "killed" / "tokens").iterdir() if ".parts-" in d.name]
+    committed = len(list(parts.glob("*.json")))
+    assert 3 < committed < n
+    again = data(tmp_path / "killed")
+    assert again.finish() == 0, again.output()
+    assert f"token cache: {committed} of the {n} chunks of train" in again.output(), again.output()
+    assert _entries(tmp_path / "killed") == want
+    assert not [d for d in (tmp_path / "killed" / "tokens").iterdir() if ".parts-" in d.name or ".tmp-" in d.name]

@@ -5,24 +5,27 @@ Layout under the cache root (`data.cache_dir`, `$JAXLM_CACHE_DIR` or ~/.cache/ja
     tokenizers/<key>.model          a tokenizer trained on a source (key: source + settings)
     tokens/<key>/manifest.json      what the entry holds (key: source + tokenizer + split)
     tokens/<key>/tokens.bin         the EOS-joined token stream, uint16 or uint32
+    tokens/<key>.parts-<plan>/      a text build in progress: its committed chunks, NNNNNN.bin + .json
 
 Every source of a mixture (and a separate validation source) has its own entries, so a
 new mixture of known sources tokenizes nothing. Reads are memory-mapped.
 
 A build streams its source (`sources.Splits`): a first pass counts documents and
-characters (which documents are held out, the sampling stride of tokenizer training),
-then text is read, encoded and written group by group, so its memory does not grow with
-the corpus. Encoding runs on all cores (sentencepiece threads). Long documents, and a
-single document of any size, are cut into pieces of about `_PIECE_CHARS` characters right
-before a space, where a tokenizer that splits words at whitespace (and adds no dummy
-prefix) cannot merge across, so the ids are the same as encoding the whole document
-(`Tokenizer.splits_at_spaces`). Other tokenizers (tokenizer.json files among them) encode whole documents: each document is then held
-in memory whole (with its ids), so memory grows with the longest document.
+characters (which documents are held out, the sampling stride of tokenizer training, where
+the build's chunks start), then text is read, encoded and written chunk by chunk
+(`jaxlm.data.build`), so its memory does not grow with the corpus. Encoding runs on all the
+cores the process may use (sentencepiece threads, `tokenizers`' encode_batch). The processes
+of a run (`distributed.Group`) whose cache root is one shared folder share a missing text
+entry's build: the first pass file by file, the encoding chunk by chunk, each into the
+build's parts folder; process 0 then joins the chunks into the entry. The tokens are the
+same bytes whatever the number of processes, and an interrupted build keeps its committed
+chunks for the relaunch. A pre-tokenized source (`tokens:`) is copied by process 0.
 
-Several processes, on several hosts sharing the file system, may build the same entry at
-once. Each writes into its own temporary directory, `<key>.tmp-<host>-<pid>-<random>`,
-and renames it into place, so an interrupted build leaves nothing that is ever read. A
-build removes only stale temporaries of its key: of a process of this host that is gone,
+Runs that do not know of each other, on several hosts sharing the file system, may build
+the same entry at once: each encodes the chunks it finds uncommitted (the same bytes as
+the other's). Every file is written under its own temporary name,
+`<name>.tmp-<host>-<pid>-<random>`, and renamed into place, so an interrupted build leaves
+nothing that is ever read. A build removes only stale temporaries of its key: of a process of this host that is gone,
 or untouched for `STALE_AFTER_S`. When another builder renamed its entry into place first,
 a build discards its own and uses that one. An entry that fails its manifest check is
 moved aside (to a temporary name) before the new one is renamed in, then deleted, so a
@@ -41,19 +44,17 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from jaxlm.config import DataConfig, default_cache_root
-from jaxlm.data import sources, token_files
+from jaxlm.data import build, sources, token_files
+from jaxlm.data.build import token_dtype
 from jaxlm.data.tokenizer import (TEMPORARY, Tokenizer, host_name, load_tokenizer, temporary_name, temporary_owner,
                                   train_tokenizer)
 from jaxlm.errors import DataError
 
 FORMAT_VERSION = 2
-_GROUP_CHARS = 1 << 20  # text per encode call: bounds memory (its ids as Python lists) and drives the progress bar
-_PIECE_CHARS = 2048  # long documents are encoded in pieces of about this many characters
 STALE_AFTER_S = 24 * 3600  # a temporary untouched this long is left over, whoever made it
 
 
@@ -113,10 +114,6 @@ def train_on(cfg: DataConfig, train_parts: list[Part]) -> Tokenizer:
     stream = itertools.chain.from_iterable(p.splits.stream("train") for p in train_parts)
     return train_tokenizer(stream, cfg.tokenizer_vocab, cfg.tokenizer_type, cfg.tokenizer_max_bytes,
                            total_chars=total)
-
-
-def token_dtype(tok: Tokenizer) -> np.dtype:
-    return np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
 
 
 def get_tokenizer(cfg: DataConfig, train_parts: list[Part], log=print) -> Tokenizer:
@@ -210,82 +207,6 @@ def remove_stale(directory: str, name: str) -> list[str]:
     return removed
 
 
-def _cut(doc: str, size: int) -> list[str]:
-    """`doc` in consecutive pieces of about `size` characters, each cut right before a space."""
-    out, start = [], 0
-    while len(doc) - start > size:
-        cut = doc.find(" ", start + size)
-        while cut > 0 and doc[cut - 1] == " ":
-            cut = doc.find(" ", cut + 1)
-        if cut < 0:
-            break
-        out.append(doc[start:cut])
-        start = cut
-    out.append(doc[start:])
-    return out
-
-
-def _pieces(stream: Iterable[tuple[bool, str]], piece_chars: int | None) -> Iterator[tuple[bool, str]]:
-    """A document stream regrouped into (starts a document, piece) to encode: each document in
-    pieces of about `piece_chars` characters cut right before a space (`_cut`; the text not yet
-    cut is carried into the next pair), or whole with `piece_chars=None`."""
-    if not piece_chars:
-        for doc in sources.by_document(stream):
-            yield True, "".join(doc)
-        return
-    start, buf = True, None
-    for new, text in stream:
-        if new and buf is not None:
-            yield start, buf
-        if new or buf is None:
-            start, buf = True, text
-        else:
-            buf += text
-        if len(buf) > piece_chars:
-            *done, buf = _cut(buf, piece_chars)
-            for piece in done:
-                yield start, piece
-                start = False
-    if buf is not None:
-        yield start, buf
-
-
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
-
-
-def _encode_group(tok: Tokenizer, pieces: list[str], starts: list[bool]) -> np.ndarray:
-    """The ids of consecutive pieces, with EOS before each piece that starts a document."""
-    ids = tok.encode(pieces)
-    lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), token_dtype(tok), count=int(lengths.sum()))
-    offsets = np.cumsum(lengths) - lengths
-    return np.insert(flat, offsets[np.asarray(starts, bool)], tok.eos_id)
-
-
-def encode_stream(tok: Tokenizer, stream: Iterable[tuple[bool, str]], piece_chars: int | None = _PIECE_CHARS):
-    """Yield (EOS-joined ids of a group of text, its UTF-8 bytes, its characters) for a document
-    stream (`jaxlm.data.sources`), group by group of about `_GROUP_CHARS` characters.
-
-    Each document is preceded by EOS. `piece_chars=None`, or a tokenizer for which cuts
-    before spaces are not safe (`splits_at_spaces`), encodes whole documents.
-    """
-    if piece_chars and not tok.splits_at_spaces:
-        piece_chars = None
-    group: list[str] = []
-    starts: list[bool] = []
-    size = 0
-    for start, piece in itertools.chain(_pieces(stream, piece_chars), [(None, None)]):
-        if piece is not None:
-            group.append(piece)
-            starts.append(start)
-            size += len(piece)
-        if not group or (piece is not None and size < _GROUP_CHARS):
-            continue
-        yield _encode_group(tok, group, starts), sum(map(_utf8_len, group)), size
-        group, starts, size = [], [], 0
-
-
 def _open_entry(entry: str) -> tuple[np.ndarray, dict] | None:
     """(memory-mapped token stream, manifest) of a complete entry; None if it is missing or
     does not match its manifest."""
@@ -296,37 +217,6 @@ def _open_entry(entry: str) -> tuple[np.ndarray, dict] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return (arr, manifest) if len(arr) == manifest.get("tokens") else None
-
-
-def _write_entry(directory: str, tok: Tokenizer, part: Part, split: str, label: str) -> dict:
-    """Encode one split of `part` into `directory` (tokens.bin, then manifest.json); its manifest."""
-    from tqdm import tqdm
-
-    shown = sys.stderr.isatty()
-    total_chars = part.splits.chars(split) if shown else 0  # may read part of the source once more
-    n_docs = n_tokens = n_bytes = 0
-
-    def counted(stream):
-        nonlocal n_docs
-        for start, text in stream:
-            n_docs += start
-            yield start, text
-
-    with open(os.path.join(directory, "tokens.bin"), "wb") as f, \
-            tqdm(total=total_chars, unit="char", unit_scale=True, desc=f"tokenizing {label}", leave=False,
-                 disable=total_chars < _GROUP_CHARS or not shown) as bar:
-        for ids, nb, nc in encode_stream(tok, counted(part.splits.stream(split))):
-            f.write(ids.tobytes())
-            n_tokens += len(ids)
-            n_bytes += nb
-            bar.update(nc)
-    manifest = {"format": FORMAT_VERSION, "split": split, "source": part.source, "role": part.role,
-                "source_fingerprint": part.fingerprint, "tokenizer_sha256": tok.sha256,
-                "vocab_size": tok.vocab_size, "dtype": token_dtype(tok).name, "documents": n_docs,
-                "tokens": n_tokens, "bytes": n_bytes}
-    with open(os.path.join(directory, "manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-    return manifest
 
 
 def _check_tokens_tokenizer(cfg: DataConfig, part: Part, tok: Tokenizer) -> None:
@@ -406,39 +296,136 @@ def _install(tmp: str, entry: str, tries: int = 5) -> tuple[np.ndarray, dict] | 
             shutil.rmtree(path, ignore_errors=True)
 
 
-def tokens(cfg: DataConfig, tok: Tokenizer, part: Part, split: str, log=print) -> tuple[np.ndarray, dict]:
-    """(memory-mapped token stream, manifest) of one split of one source, built if missing."""
+def _shared_root(group, root: str) -> bool:
+    """Whether every process of `group` sees the same `root` (a file process 0 makes there)."""
+    probe = group.broadcast("probe", lambda: os.path.basename(_touch(root)))
+    seen = group.gather("probed", os.path.exists(os.path.join(root, probe)))
+    group.barrier("probe seen")
+    if group.owner:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(root, probe))
+    return all(seen)
+
+
+def _touch(root: str) -> str:
+    os.makedirs(root, exist_ok=True)
+    path = temporary_name(os.path.join(root, ".probe"))
+    open(path, "w").close()
+    return path
+
+
+def _build_tokens_entry(tok: Tokenizer, part: Part, split: str, entry: str, label: str) -> None:
+    """Copy one split of a pre-tokenized source into place (one process)."""
+    tmp = temporary_name(entry)
+    os.makedirs(tmp)
+    try:
+        _write_token_entry(tmp, tok, part, split, label)
+        _install(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _assemble(parts: build.Parts, chunks: list[build.Chunk], part: Part, tok: Tokenizer, split: str,
+              entry: str) -> bool:
+    """Process 0: join the committed chunks into a temporary entry, write its manifest, rename it
+    into place and remove the parts folder. True when another builder's entry got there first."""
+    tmp = temporary_name(entry)
+    os.makedirs(tmp)
+    try:
+        try:
+            totals = build.assemble(parts, chunks, tmp)
+        except DataError:
+            if _open_entry(entry) is not None:  # another builder finished (and removed the parts) first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return True
+            raise
+        manifest = {"format": FORMAT_VERSION, "split": split, "source": part.source, "role": part.role,
+                    "source_fingerprint": part.fingerprint, "tokenizer_sha256": tok.sha256,
+                    "vocab_size": tok.vocab_size, "dtype": token_dtype(tok).name, **totals}
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+        found = _install(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(parts.dir, ignore_errors=True)
+    return found is not None
+
+
+def _build_text_entry(cfg: DataConfig, tok: Tokenizer, part: Part, split: str, key: str, entry: str, label: str,
+                      group, log) -> None:
+    """Encode one split of a text source into place, its chunks shared between the processes of `group`."""
+    part.splits.group = group  # the first pass is shared too
+    try:
+        part.splits.check()
+        chunks = build.plan(part.splits, split)
+    finally:
+        part.splits.group = None
+    root = os.path.dirname(entry)
+    name = f"{key}.parts-{_key('parts', cfg.build_chunk_mb, build._GROUP_CHARS, build._PIECE_CHARS)[:8]}"
+    parts = build.Parts(os.path.join(root, name), token_dtype(tok))
+    for left in {n.partition(TEMPORARY)[0] for n in os.listdir(parts.dir) if TEMPORARY in n}:
+        remove_stale(parts.dir, left)  # chunks of an interrupted build that were never committed
+    mine = build.share(len(chunks), group.index, group.count)
+    if group.count > 1:
+        which = f"chunks {mine.start}-{mine.stop - 1}" if len(mine) else "none"
+        log(f"token cache: process {group.index} encodes {which} of the {len(chunks)} chunks of {label}")
+    done = group.each("encoded", lambda: build.encode_share(tok, part.splits, split, chunks, mine, parts, label,
+                                                            sys.stderr.isatty()))
+    kept = len(chunks) - sum(d["chunks"] for d in done)
+    lost = group.each("assembled", lambda: _assemble(parts, chunks, part, tok, split, entry) if group.owner else None)
+    if lost[0]:
+        log(f"token cache: another process built {label} first; using {entry}")
+    if kept:
+        log(f"token cache: {kept} of the {len(chunks)} chunks of {label} were kept from an interrupted build")
+    if group.count > 1:
+        me = done[group.index]
+        log(f"token cache: process {group.index} encoded {me['chunks']} chunks, {me['bytes'] / 1e6:.1f} MB of text "
+            f"in {me['seconds']:.1f}s ({me['bytes'] / 1e6 / max(me['seconds'], 1e-9):.2f} MB/s)")
+
+
+def tokens(cfg: DataConfig, tok: Tokenizer, part: Part, split: str, log=print, group=None) -> tuple[np.ndarray, dict]:
+    """(memory-mapped token stream, manifest) of one split of one source, built if missing.
+
+    With a `distributed.Group` of several processes whose cache root is one shared folder,
+    they build a missing text entry together (`jaxlm.data.build`); without one, or when the
+    processes do not share the folder, each builds it alone.
+    """
+    from jaxlm.distributed import Group
+
     key = _key("tokens", part.fingerprint, tok.sha256, split, *([tok.eos_id] if tok.kind != "sentencepiece" else []))
     root = os.path.join(cache_root(cfg), "tokens")
     entry = os.path.join(root, key)
     label = f"{split} of {part.source}"
+    if group is None or group.count == 1:
+        group = Group.solo()
+    elif not _shared_root(group, root):
+        log(f"token cache: the processes do not share {root}; each builds what it misses alone (put "
+            "data.cache_dir on a file system every host sees to share the work)")
+        group = Group.solo()
     found = _open_entry(entry)
-    if found is not None:
+    if group.broadcast("cached", lambda: found is not None):
+        if found is None:
+            raise DataError(f"token cache entry {entry} cannot be read by process {group.index}")
         log(f"token cache: reusing {label} ({found[1]['tokens']:,} tokens) from {entry}")
         return found
     if os.path.isdir(entry):
         log(f"token cache: {entry} does not match its manifest; rebuilding")
     t0 = time.perf_counter()
+    os.makedirs(root, exist_ok=True)
+    if group.owner:
+        remove_stale(root, key)  # leftovers of interrupted builds, never a live one
     if part.kind == "tokens":
         _check_tokens_tokenizer(cfg, part, tok)
+        group.each("copied", lambda: _build_tokens_entry(tok, part, split, entry, label) if group.owner else None)
     else:
-        part.splits.check()
-    os.makedirs(root, exist_ok=True)
-    remove_stale(root, key)  # leftovers of interrupted builds, never a live one
-    tmp = temporary_name(entry)
-    os.makedirs(tmp)
-    try:
-        write = _write_token_entry if part.kind == "tokens" else _write_entry
-        manifest = write(tmp, tok, part, split, label)
-        found = _install(tmp, entry)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if found is not None:
-        log(f"token cache: another process built {label} first; using {entry}")
-        return found
+        _build_text_entry(cfg, tok, part, split, key, entry, label, group, log)
+    found = _open_entry(entry)
+    if found is None:
+        raise DataError(f"token cache entry {entry} cannot be read by process {group.index} after its build")
     dt = time.perf_counter() - t0
-    n_bytes, n_tokens = manifest["bytes"], manifest["tokens"]
+    n_bytes, n_tokens = found[1]["bytes"], found[1]["tokens"]
     speed = f"{n_bytes / 1e6 / max(dt, 1e-9):.1f} MB/s of text" if n_bytes else f"{n_tokens / max(dt, 1e-9):,.0f} tokens/s"
     log(f"token cache: built {label} in {dt:.1f}s ({speed}), {n_tokens:,} tokens -> {entry}")
-    return np.memmap(os.path.join(entry, "tokens.bin"), dtype=manifest["dtype"], mode="r"), manifest
+    return found

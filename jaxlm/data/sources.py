@@ -218,6 +218,28 @@ class Scan:
     chars: int
     first_text: int  # number of the first document that holds text; -1: none does
     last_text: int
+    marks: list[list[list[int]]]  # per unit: [document, characters before it] where a build chunk starts
+    # (documents numbered from 0 in the unit; `jaxlm.data.build`)
+
+
+def _scan_unit(docs: Iterable[tuple[bool, str]], chunk_chars: int) -> dict:
+    """Documents, characters, first and last document with text, and chunk marks of one unit: a
+    document starts a new chunk when the chunk before it holds at least `chunk_chars` characters."""
+    n = chars = since = 0
+    first = last = -1
+    marks = []
+    for start, text in docs:
+        if start:
+            if since >= chunk_chars:
+                marks.append([n, chars])
+                since = 0
+            n += 1
+        if text:
+            chars += len(text)
+            since += len(text)
+            first = n - 1 if first < 0 else first
+            last = n - 1
+    return {"docs": n, "chars": chars, "first": first, "last": last, "marks": marks}
 
 
 @dataclass(frozen=True)
@@ -251,6 +273,7 @@ class Splits:
         self._ranges: dict[str, _Range | None] = {}
         self._chars: dict[str, int] = {}
         self._tfds: dict[str, list[str]] = {}
+        self.group = None  # a distributed.Group: scans are then shared between its processes, file by file
 
     def _docs(self, unit: str, warn: bool = False, skip: int = 0) -> Iterator[tuple[bool, str]]:
         """All documents of one file (or TFDS split), empty ones included; `skip`: see `_jsonl_docs`."""
@@ -271,18 +294,22 @@ class Splits:
         if read not in self._scans:
             kind, target = self.spec.kind, self.spec.target
             units = [read] if kind == "tfds" else columnar.hf_files(target, read) if kind == "hf" else _files(target)
+            chunk = max(1, int(self.cfg.build_chunk_mb * 1e6))
+            scan = lambda unit: _scan_unit(self._docs(unit, warn=True), chunk)  # noqa: E731
+            found = self.group.map("scan", units, scan) if self.group else [scan(u) for u in units]
             rows, n, chars, first, last = [], 0, 0, -1, -1
-            for unit in units:
-                n0, c0 = n, chars
-                for start, text in self._docs(unit, warn=True):
-                    n += start
-                    if text:
-                        chars += len(text)
-                        first = n - 1 if first < 0 else first
-                        last = n - 1
-                rows.append((unit, n - n0, chars - c0))
-            self._scans[read] = Scan(rows, n, chars, first, last)
+            for unit, f in zip(units, found):
+                if f["first"] >= 0:
+                    first = n + f["first"] if first < 0 else first
+                    last = n + f["last"]
+                rows.append((unit, f["docs"], f["chars"]))
+                n, chars = n + f["docs"], chars + f["chars"]
+            self._scans[read] = Scan(rows, n, chars, first, last, [f["marks"] for f in found])
         return self._scans[read]
+
+    def range(self, split: str) -> _Range | None:
+        """What `split` reads: documents [lo, hi) of one read (see `_Range`); None: nothing."""
+        return self._range(split)
 
     def _range(self, split: str) -> _Range | None:
         if split not in self._ranges:
@@ -344,6 +371,10 @@ class Splits:
 
     def _pick(self, unit: str, first: int, r: _Range) -> Iterator[tuple[bool, str]]:
         """The non-empty documents in `r` of one file whose first document is number `first`."""
+        return ((start, text) for _, start, text in self.pick_numbered(unit, first, r))
+
+    def pick_numbered(self, unit: str, first: int, r: _Range) -> Iterator[tuple[int, bool, str]]:
+        """`_pick` with the number of the document each pair belongs to."""
         i, pos, pending = first - 1, 0, False
         lo_c, hi_c = r.chars or (0, 0)
         for start, text in self._docs(unit, skip=max(0, r.lo - first)):
@@ -356,7 +387,7 @@ class Splits:
             if r.chars:
                 pos, text = pos + len(text), text[max(lo_c - pos, 0):max(hi_c - pos, 0)]
             if text:
-                yield pending, text
+                yield i, pending, text
                 pending = False
             if r.chars and pos >= hi_c:
                 return

@@ -33,6 +33,11 @@ _MAX_PIECE_INPUT = 1 << 15  # longest training "sentence" (a paragraph), in byte
 TEMPORARY = ".tmp-"  # marks temporary names: <final name>.tmp-<host>-<pid>-<random>
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: `taskset`, SLURM's binding), the encoder's threads."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def host_name() -> str:
     """This host's name as temporary names carry it (characters other than letters, digits, '.' and '-' become '_')."""
     return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
@@ -120,7 +125,7 @@ class Tokenizer:
         return hashlib.sha256(self.proto).hexdigest()
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+        return self.sp.encode(texts, num_threads=usable_cores())
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in np.asarray(ids).ravel()])
@@ -233,7 +238,7 @@ def train_tokenizer(docs, vocab_size: int, model_type: str = "bpe", max_bytes: i
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=_MAX_PIECE_INPUT,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, hard_vocab_limit=True,
-            num_threads=os.cpu_count() or 1, minloglevel=2)
+            num_threads=usable_cores(), minloglevel=2)
     except RuntimeError as e:
         raise DataError(f"tokenizer training failed ({e}); adjust data.tokenizer_vocab (byte fallback needs "
                         f"at least 260 plus the distinct characters; a small corpus supports only a small vocabulary)") from None
