@@ -4,30 +4,21 @@ no recorded tensor's scale may grow or shrink with width (|log2 slope per doubli
 steps >= 2); under sp the attention and MLP outputs must grow (slope >= +1.0), so the check fails
 in both directions: a µP that stopped scaling, or a check that stopped seeing sp's growth."""
 
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import user_env
-
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import coord_check  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
-    """The tool's own command, in a process of its own as a user runs it (optimised programs: in this
-    process, compiled without LLVM's optimisations, the same 200 runs took 167 s against about 25)."""
-    out = tmp_path_factory.mktemp("coord") / "coord_check.json"
-    subprocess.run([sys.executable, str(TOOLS / "coord_check.py"), "--widths", "64", "128", "256", "512", "--layers",
-                    "2", "--head-dim", "16", "--steps", "10", "--seeds", "5", "--out", str(out)],
-                   env=user_env(), check=True, timeout=900, capture_output=True)  # timeout: a hang guard
-    return json.loads(out.read_text())["table"]
+    args = coord_check.parser().parse_args(["--widths", "64", "128", "256", "512", "--layers", "2", "--head-dim", "16",
+                                            "--steps", "10", "--seeds", "5"])
+    return coord_check.run(args)
 
 
 @pytest.mark.slow
