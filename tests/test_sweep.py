@@ -52,7 +52,10 @@ resume_every: 20
 
 def _jaxlm(*args, **kw):
     exe = os.path.join(os.path.dirname(sys.executable), "jaxlm")
-    return subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    # one CPU device, as a user's sweep runs (the tests' 8 devices cost it 123 CPU-s against 103), programs
+    # compiled without LLVM's optimisations as in the tests (optimised: 143 CPU-s, mostly compiling)
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+    return subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
 
 
 @pytest.fixture(scope="module")
