@@ -98,6 +98,11 @@ def _validate_choices(cfg: Config) -> None:
     _choice("model.remat", m.remat, REMAT_POLICIES)
     _choice("model.attention", m.attention, ATTENTION)
     _choice("model.kernels", m.kernels, KERNELS)
+    _choice("model.rope_scaling", m.rope_scaling, ("none", "llama3"))
+    if m.rope_scaling == "llama3" and not (m.rope_scaling_factor > 0 and 0 < m.rope_low_freq_factor
+                                           < m.rope_high_freq_factor and m.rope_original_max_len > 0):
+        raise ConfigError("model.rope_scaling=llama3 needs rope_scaling_factor > 0, 0 < rope_low_freq_factor < "
+                          "rope_high_freq_factor and rope_original_max_len > 0")
     _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
     _choice("mesh.backend", cfg.mesh.backend, BACKENDS)
     _choice("train.on_bad_steps", cfg.train.on_bad_steps, ("stop", "rollback"))

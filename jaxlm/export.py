@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -109,6 +110,16 @@ def special_token_ids(tok: Tokenizer) -> dict[str, int]:
     return {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, **({"pad_token_id": pad} if pad is not None else {})}
 
 
+def _rope_config(cfg: ModelConfig) -> dict:
+    """config.json's rope entries: rope_parameters (transformers 5), and rope_scaling (older versions) when scaled."""
+    if cfg.rope_scaling != "llama3":
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+    scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, "low_freq_factor": cfg.rope_low_freq_factor,
+               "high_freq_factor": cfg.rope_high_freq_factor,
+               "original_max_position_embeddings": cfg.rope_original_max_len}
+    return {"rope_parameters": {**scaling, "rope_theta": cfg.rope_theta}, "rope_scaling": scaling}
+
+
 def hf_config(cfg: ModelConfig, vocab: int, tok: Tokenizer | None) -> dict:
     ids = {}
     if tok is not None:
@@ -118,7 +129,7 @@ def hf_config(cfg: ModelConfig, vocab: int, tok: Tokenizer | None) -> dict:
                 "hidden_size": cfg.d_model, "intermediate_size": cfg.ff_dim, "num_hidden_layers": cfg.n_layers,
                 "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
                 "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-                "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                "rope_theta": cfg.rope_theta, **_rope_config(cfg),
                 "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias, "tie_word_embeddings": cfg.tied,
                 "attention_dropout": 0.0, "initializer_range": cfg.init_std, "torch_dtype": "float32",
                 "dtype": "float32", **ids}
@@ -163,26 +174,44 @@ def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str, max_shard_by
     return names
 
 
-def read_safetensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, metadata of the first file) of model.safetensors or a sharded set with its index."""
-    from safetensors import safe_open
+class SafetensorsFiles(Mapping):
+    """The tensors of model.safetensors or a sharded set (model.safetensors.index.json), read one at a time
+    when asked for, so an import holds one tensor of the checkpoint at a time beside what it built."""
 
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise ExportError(f"'{directory}' has no model.safetensors or model.safetensors.index.json "
-                          "(save the model with save_pretrained(..., safe_serialization=True))")
-    tensors, meta = {}, None
-    for name in files:
-        with safe_open(os.path.join(directory, name), framework="numpy") as f:
-            meta = meta if meta is not None else (f.metadata() or {})
-            for k in f.keys():
-                tensors[k] = f.get_tensor(k)
-    return tensors, meta or {}
+    def __init__(self, directory: str):
+        from safetensors import safe_open
+
+        index = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+            files = ["model.safetensors"]
+        elif any(os.path.isfile(os.path.join(directory, n)) for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+            raise ExportError(f"'{directory}' holds only pytorch_model.bin (a pickle, which jaxlm never loads); convert "
+                              "it with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, "
+                              "safe_serialization=True)")
+        else:
+            raise ExportError(f"'{directory}' has no model.safetensors or model.safetensors.index.json "
+                              "(save the model with save_pretrained(..., safe_serialization=True))")
+        self.files = [safe_open(os.path.join(directory, name), framework="numpy") for name in files]
+        self.where = {k: f for f in self.files for k in f.keys()}
+        self.metadata = (self.files[0].metadata() if self.files else None) or {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.where[name].get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+def read_safetensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata of the first file) of model.safetensors or a sharded set with its index, all in memory."""
+    files = SafetensorsFiles(directory)
+    return {k: files[k] for k in files}, files.metadata
 
 
 def _json(path: str, obj) -> None:
@@ -242,23 +271,24 @@ def export(path: str, out_dir: str, fmt: str = "hf", max_shard_bytes: int = DEFA
 def model_config_from_hf(hf: dict) -> list[str]:
     """jaxlm model.* overrides for a Hugging Face config.json (llama or gpt2)."""
     kind = hf.get("model_type")
-    if kind == "llama":
+    if kind in ("llama", "mistral"):
         D, N = hf["hidden_size"], hf["num_attention_heads"]
-        if hf.get("head_dim", D // N) != D // N:
+        if (hf.get("head_dim") or D // N) != D // N:
             raise ExportError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads={D // N}; "
                               "jaxlm derives the head size from the width")
         if hf.get("hidden_act", "silu") != "silu":
             raise ExportError(f"hidden_act={hf['hidden_act']}: jaxlm's llama MLP is SwiGLU (silu)")
         rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling:
-            raise ExportError(f"rope scaling {scaling} is not supported")
         if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
             raise ExportError("attention_bias and mlp_bias differ; jaxlm has one model.bias for both")
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        longest = hf["max_position_embeddings"]
+        if kind == "mistral" and hf.get("sliding_window") and hf["sliding_window"] < longest:
+            longest = hf["sliding_window"]  # within the window, sliding-window attention is causal attention
         return ["model.family=llama", f"model.d_model={D}", f"model.n_layers={hf['num_hidden_layers']}",
                 f"model.n_heads={N}", f"model.n_kv_heads={hf.get('num_key_value_heads') or N}",
-                f"model.d_ff={hf['intermediate_size']}", f"model.max_seq_len={hf['max_position_embeddings']}",
+                f"model.d_ff={hf['intermediate_size']}", f"model.max_seq_len={longest}",
+                *_rope_scaling_keys(hf.get("rope_scaling") or rope),
                 f"model.norm_eps={hf.get('rms_norm_eps', 1e-6)}", f"model.rope_theta={theta}",
                 f"model.bias={str(bool(hf.get('attention_bias', False))).lower()}",
                 f"model.tie_embeddings={str(bool(hf.get('tie_word_embeddings', False))).lower()}"]
@@ -274,7 +304,21 @@ def model_config_from_hf(hf: dict) -> list[str]:
                 f"model.n_heads={hf['n_head']}", f"model.d_ff={hf.get('n_inner') or 4 * D}",
                 f"model.max_seq_len={hf['n_positions']}", f"model.norm_eps={hf.get('layer_norm_epsilon', 1e-5)}",
                 "model.bias=true", f"model.tie_embeddings={str(bool(hf.get('tie_word_embeddings', True))).lower()}"]
-    raise ExportError(f"model_type={kind!r}: jaxlm imports llama and gpt2 checkpoints")
+    raise ExportError(f"model_type={kind!r} ({', '.join(hf.get('architectures') or [])}) is not supported: jaxlm "
+                      "imports llama, mistral and gpt2 checkpoints")
+
+
+def _rope_scaling_keys(scaling: dict) -> list[str]:
+    """model.rope_* overrides for config.json's rope_scaling (or rope_parameters); refuses kinds jaxlm lacks."""
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return []
+    if kind != "llama3":
+        raise ExportError(f"rope scaling of type {kind!r} is not supported (jaxlm has llama3's)")
+    return ["model.rope_scaling=llama3", f"model.rope_scaling_factor={scaling['factor']}",
+            f"model.rope_low_freq_factor={scaling['low_freq_factor']}",
+            f"model.rope_high_freq_factor={scaling['high_freq_factor']}",
+            f"model.rope_original_max_len={scaling['original_max_position_embeddings']}"]
 
 
 def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, target) -> dict:
@@ -374,8 +418,7 @@ def import_hf(hf_dir: str, run_dir: str, tokenizer: str | None = None, overrides
     model, tx, schedule = build(cfg, vocab, mesh)
     stepper = Stepper(cfg, model, tx, schedule, mesh)
     abstract = stepper.abstract_state()
-    tensors, _ = read_safetensors(hf_dir)
-    params = from_hf(tensors, cfg.model, abstract.params)
+    params = from_hf(SafetensorsFiles(hf_dir), cfg.model, abstract.params)
     state = stepper.init_state(cfg.train.seed)
     state = state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract.params)))
     with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:

@@ -23,6 +23,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm import kernels, mup
@@ -90,11 +91,28 @@ class Norm(nn.Module):
                             name=name)(x_BTD)
 
 
-def rope(x_BTNH, positions_BT, theta: float):
-    """Rotary embedding in the rotate-half layout (the Hugging Face Llama layout)."""
-    half = x_BTNH.shape[-1] // 2
-    inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-    angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+def rope_frequencies(c: ModelConfig) -> np.ndarray:
+    """The H/2 rotary frequencies (float32): theta^(-i/(H/2)), and with model.rope_scaling=llama3 the
+    frequency scaling Llama 3.1 was trained with. Wavelengths shorter than the original context over
+    rope_high_freq_factor keep their frequency; those longer than it over rope_low_freq_factor are
+    divided by rope_scaling_factor; in between, the two are blended linearly in context/wavelength."""
+    half = c.head_dim // 2
+    inv = (1.0 / c.rope_theta ** (np.arange(half, dtype=np.float32) / np.float32(half))).astype(np.float32)
+    if c.rope_scaling != "llama3":
+        return inv
+    factor, lo, hi, ctx = (np.float32(c.rope_scaling_factor), np.float32(c.rope_low_freq_factor),
+                           np.float32(c.rope_high_freq_factor), np.float32(c.rope_original_max_len))
+    wavelen = np.float32(2 * np.pi) / inv
+    scaled = np.where(wavelen > ctx / lo, inv / factor, inv)
+    blend = (ctx / wavelen - lo) / (hi - lo)
+    middle = (wavelen >= ctx / hi) & (wavelen <= ctx / lo)
+    return np.where(middle, (1 - blend) * scaled / factor + blend * scaled, scaled).astype(np.float32)
+
+
+def rope(x_BTNH, positions_BT, inv_freq_h):
+    """Rotary embedding in the rotate-half layout (the Hugging Face Llama layout), at the frequencies
+    `inv_freq_h` (`rope_frequencies`)."""
+    angles_BTh = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_h, jnp.float32)
     cos = jnp.cos(angles_BTh)[:, :, None, :]
     sin = jnp.sin(angles_BTh)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
@@ -147,8 +165,8 @@ class Attention(nn.Module):
         k_BTKH = linear((D, K, H), ("embed", "kv_heads", "head_dim"), std, name="k")(x_BTD)
         v_BTKH = linear((D, K, H), ("embed", "kv_heads", "head_dim"), std, name="v")(x_BTD)
         if c.family == "llama":
-            q_BTNH = rope(q_BTNH, positions_BT, c.rope_theta)
-            k_BTKH = rope(k_BTKH, positions_BT, c.rope_theta)
+            q_BTNH = rope(q_BTNH, positions_BT, rope_frequencies(c))
+            k_BTKH = rope(k_BTKH, positions_BT, rope_frequencies(c))
         if mup.query_mult(c) != 1.0:  # µP: scores alpha_attn / H * q.k, the kernels scaling by 1/sqrt(H)
             q_BTNH = q_BTNH * jnp.asarray(mup.query_mult(c), q_BTNH.dtype)
         q_BTNH = _constrain(q_BTNH, ("batch", "length", "act_heads", "head_dim"))

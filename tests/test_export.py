@@ -1,5 +1,6 @@
 """Hugging Face export and import, checked against transformers (torch, CPU, float32)."""
 
+import dataclasses
 import json
 
 import jax
@@ -242,10 +243,18 @@ def test_transformers_greedy_from_plain_tokenizer_call_matches_jaxlm_generate(fa
 
 def _random_hf(family, tmp_path):
     torch.manual_seed(0)
+    llama = dict(vocab_size=384, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 initializer_range=0.2)
     if family == "llama":
-        config = transformers.LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                          rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.2)
+        config = transformers.LlamaConfig(**llama)
+    elif family == "llama3":  # Llama 3.1's frequency scaling, from a context of 32 to 256
+        config = transformers.LlamaConfig(**{**llama, "max_position_embeddings": 256}, rope_theta=500000.0,
+                                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 32})
+    elif family == "mistral":
+        config = transformers.MistralConfig(**llama, sliding_window=None)
     else:
         config = transformers.GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                          initializer_range=0.2)
@@ -255,7 +264,7 @@ def _random_hf(family, tmp_path):
     return model, directory
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama3", "mistral"])
 def test_import_random_transformers_model_and_export_it_back_bit_for_bit(family, trained_run, tmp_path):
     model, hf_dir = _random_hf(family, tmp_path)
     tok = trained_run[1] / "tokenizer.model"
@@ -263,11 +272,16 @@ def test_import_random_transformers_model_and_export_it_back_bit_for_bit(family,
     assert main(["import", "hf", str(hf_dir), "--out", str(run_dir), "--tokenizer", str(tok)]) == 0
 
     m = load(str(run_dir), devices=jax.devices()[:1])
-    ids = np.random.default_rng(0).integers(0, 320, (3, 20)).astype(np.int32)
+    ids = np.random.default_rng(0).integers(0, 320, (3, 200 if family == "llama3" else 20)).astype(np.int32)
     ours = np.asarray(m.model.apply({"params": m.params}, jnp.asarray(ids)))
-    err = float(np.max(np.abs(ours - _hf_logits(model, ids))))
-    print(f"imported {family}: max abs logit error {err:.2e}")
-    assert err <= 1e-4
+    want = _hf_logits(model, ids)
+    err = float(np.max(np.abs(ours - want)) / np.max(np.abs(want)))
+    print(f"imported {family}: largest logit error relative to the largest logit {err:.2e}")
+    assert err <= 1e-5
+    if family == "llama3":  # the scaling matters at these positions: without it the logits are far off
+        plain = m.model.clone(cfg=dataclasses.replace(m.model.cfg, rope_scaling="none"))
+        off = np.max(np.abs(np.asarray(plain.apply({"params": m.params}, jnp.asarray(ids))) - want))
+        assert off / np.max(np.abs(want)) > 1e-2, off
 
     out = tmp_path / "re-exported"
     assert main(["export", str(run_dir), "--out", str(out)]) == 0
@@ -315,10 +329,22 @@ def test_what_cannot_be_exported_or_imported_is_refused_by_name(trained_run, tmp
         from_hf(extra, m.model.cfg, target)
     odd = tmp_path / "odd"
     odd.mkdir()
-    (odd / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    (odd / "config.json").write_text(json.dumps({"model_type": "falcon", "architectures": ["FalconForCausalLM"]}))
     assert main(["import", "hf", str(odd), "--out", str(tmp_path / "x"), "--tokenizer",
                  str(trained_run[1] / "tokenizer.model")]) == 2
-    assert "model_type='mistral'" in capsys.readouterr().err
+    assert "model_type='falcon' (FalconForCausalLM) is not supported" in capsys.readouterr().err
+    # a rope scaling jaxlm does not have, and weights that are only a pickle, are refused by name
+    _, hf_dir = _random_hf("llama", tmp_path)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    assert main(["import", "hf", str(hf_dir), "--out", str(tmp_path / "y"), "--tokenizer",
+                 str(trained_run[1] / "tokenizer.model")]) == 2
+    assert "rope scaling of type 'yarn' is not supported" in capsys.readouterr().err
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    (hf_dir / "model.safetensors").rename(hf_dir / "pytorch_model.bin")  # not a pickle: it must not be opened
+    assert main(["import", "hf", str(hf_dir), "--out", str(tmp_path / "z"), "--tokenizer",
+                 str(trained_run[1] / "tokenizer.model")]) == 2
+    assert "holds only pytorch_model.bin" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main(["export", str(trained_run[1]), "--out", str(tmp_path / "x2"), "--format", "onnx"])
 
