@@ -406,6 +406,7 @@ def tokens(cfg: DataConfig, tok: Tokenizer, part: Part, split: str, log=print, g
         group = Group.solo()
     found = _open_entry(entry)
     if group.broadcast("cached", lambda: found is not None):
+        found = found or _open_entry(entry)  # another run may have put it in place since this process looked
         if found is None:
             raise DataError(f"token cache entry {entry} cannot be read by process {group.index}")
         log(f"token cache: reusing {label} ({found[1]['tokens']:,} tokens) from {entry}")
