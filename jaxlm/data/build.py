@@ -12,7 +12,7 @@ its ids), so memory grows with the longest document.
 A build cuts the split into chunks at document boundaries, about `data.build_chunk_mb` MB of
 text each (the marks of the first pass, `sources.Scan`), so the chunks depend on the source
 alone, never on the number of processes. Process i of P encodes the contiguous run of chunks
-[i*n/P, (i+1)*n/P), reading each of its files once from the first document it needs, and
+[ceil(i*n/P), ceil((i+1)*n/P)), reading each of its files once from the first document it needs, and
 commits each chunk into the build's parts folder as NNNNNN.bin (its EOS-joined ids) and then
 NNNNNN.json (what it holds), each written under a temporary name and renamed into place.
 When every process is done, process 0 joins the chunks in order into the entry's tokens.bin
