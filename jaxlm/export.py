@@ -382,7 +382,8 @@ def import_hf(hf_dir: str, run_dir: str, tokenizer: str | None = None, overrides
     eos_token when that names one)."""
     from jaxlm import checkpoint as ckpt
     from jaxlm.config import check_vocab
-    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.data.tokenizer import load_tokenizer, tokenizer_from_bytes
+    from jaxlm.data.tokenizer_json import from_vocab_merges
     from jaxlm.errors import DataError
     from jaxlm.sharding import make_mesh
     from jaxlm.step import Stepper, build
@@ -395,12 +396,18 @@ def import_hf(hf_dir: str, run_dir: str, tokenizer: str | None = None, overrides
     model_keys = model_config_from_hf(hf)
     tok_path = tokenizer or next((os.path.join(hf_dir, n) for n in ("tokenizer.model", "tokenizer.json")
                                   if os.path.isfile(os.path.join(hf_dir, n))), "")
+    vocab_merges = [os.path.join(hf_dir, n) for n in ("vocab.json", "merges.txt")]
+    if not tok_path and all(map(os.path.isfile, vocab_merges)):
+        tok_path = vocab_merges[0]  # GPT-2's files: a tokenizer.json is made from them
     if not os.path.exists(tok_path):
-        raise ExportError(f"no tokenizer: '{tokenizer or hf_dir}' has no tokenizer.model or tokenizer.json (pass "
-                          "--tokenizer PATH; jaxlm needs the file its token ids come from)")
+        raise ExportError(f"no tokenizer: '{tokenizer or hf_dir}' has no tokenizer.model, tokenizer.json or vocab.json + "
+                          "merges.txt (pass --tokenizer PATH; jaxlm needs the file its token ids come from)")
     eos = _hf_eos_token(hf_dir) if tok_path.endswith(".json") else ""
     try:
-        tok = load_tokenizer(tok_path, eos)
+        if tok_path in vocab_merges:
+            tok = tokenizer_from_bytes(from_vocab_merges(*vocab_merges), eos)
+        else:
+            tok = load_tokenizer(tok_path, eos)
     except DataError as e:
         raise ExportError(str(e)) from None
     if eos:

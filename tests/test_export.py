@@ -376,3 +376,34 @@ def test_from_hf_inverts_to_hf_exactly_for_random_params(family):
         assert jax.tree.structure(back) == jax.tree.structure(params), case
         for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(back)):
             assert y.dtype == np.float32 and y.shape == x.shape and np.array_equal(x, y), (case, path)
+
+
+def test_a_gpt2_with_vocab_json_and_merges_txt_imports_with_the_ids_of_transformers(bytelevel_run, tmp_path):
+    """A GPT-2 folder whose tokenizer is vocab.json + merges.txt (no tokenizer.json): the imported run's ids
+    are those of transformers' GPT2Tokenizer (the slow, pure-Python one) on non-ASCII text, and its logits
+    are transformers'."""
+    from tokenizers import Tokenizer as Fast
+
+    fast = Fast.from_file(str(bytelevel_run / "tokenizer.json"))
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=fast.get_vocab_size(), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                     initializer_range=0.2)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf_dir = tmp_path / "hf-gpt2-files"
+    model.save_pretrained(str(hf_dir))
+    fast.model.save(str(hf_dir))  # vocab.json, merges.txt
+    assert sorted(p.name for p in hf_dir.iterdir() if "token" in p.name or p.suffix in (".txt", ".json")) == [
+        "config.json", "generation_config.json", "merges.txt", "vocab.json"]
+    run_dir = tmp_path / "imported"
+    assert main(["import", "hf", str(hf_dir), "--out", str(run_dir)]) == 0
+    slow = transformers.GPT2Tokenizer(str(hf_dir / "vocab.json"), str(hf_dir / "merges.txt"))
+    ours = load_tokenizer(str(run_dir / "tokenizer.json"))
+    texts = PROMPTS + ["日本語のテキスト、中文字符", "e\u0301 combining, 👩‍👩‍👧 family", "<|endoftext|> tail"]
+    for text in texts:
+        assert ours.encode([text])[0] == slow.encode(text), text
+    assert ours.eos_id == slow.convert_tokens_to_ids("<|endoftext|>")
+    m = load(str(run_dir), devices=jax.devices()[:1])
+    ids = np.asarray([ours.encode([t])[0][:8] + [0] * (8 - len(ours.encode([t])[0][:8])) for t in texts[:3]], np.int32)
+    want = _hf_logits(model, ids)
+    got = np.asarray(m.model.apply({"params": m.params}, jnp.asarray(ids)))
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5

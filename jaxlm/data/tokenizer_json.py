@@ -105,3 +105,23 @@ def train_bytelevel(paragraphs: Iterable[str], vocab_size: int) -> JsonTokenizer
                                   show_progress=False)
     fast.train_from_iterator(paragraphs, trainer=trainer)
     return JsonTokenizer(fast.to_str().encode("utf-8"))
+
+
+def from_vocab_merges(vocab_path: str, merges_path: str) -> bytes:
+    """The tokenizer.json of a GPT-2-style checkpoint that ships vocab.json + merges.txt only: their BPE
+    with GPT-2's byte-level pre-tokenizer, decoder and post-processor (no prefix space, offsets kept), and
+    <|endoftext|> as a special token when the vocabulary has it, as transformers builds GPT2TokenizerFast."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import decoders, models, pre_tokenizers, processors
+
+    try:
+        fast = Fast(models.BPE.from_file(vocab_path, merges_path))
+    except Exception as e:
+        raise DataError(f"{vocab_path} and {merges_path} do not load as a BPE ({e})") from None
+    fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    fast.decoder = decoders.ByteLevel()
+    fast.post_processor = processors.ByteLevel(trim_offsets=False)
+    if fast.token_to_id(BYTELEVEL_EOS) is not None:
+        fast.add_special_tokens([AddedToken(BYTELEVEL_EOS, special=True)])
+    return fast.to_str().encode("utf-8")
