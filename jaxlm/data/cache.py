@@ -258,10 +258,15 @@ def _write_token_entry(directory: str, tok: Tokenizer, part: Part, split: str, l
             doc = ids[a - lo:b - lo]
             doc = doc[1:] if len(doc) and doc[0] == tok.eos_id else doc
             n_bytes += len(tok.decode(doc).encode("utf-8"))
+    return _write_manifest(directory, part, tok, split, documents=int(last - first) + (lo not in starts),
+                           tokens=n_tokens, bytes=n_bytes)
+
+
+def _write_manifest(directory: str, part: Part, tok: Tokenizer, split: str, **counts) -> dict:
+    """Write and return an entry's manifest: what it was built from, and its documents, tokens and bytes."""
     manifest = {"format": FORMAT_VERSION, "split": split, "source": part.source, "role": part.role,
                 "source_fingerprint": part.fingerprint, "tokenizer_sha256": tok.sha256,
-                "vocab_size": tok.vocab_size, "dtype": dtype.name, "documents": int(last - first) + (lo not in starts),
-                "tokens": n_tokens, "bytes": n_bytes}
+                "vocab_size": tok.vocab_size, "dtype": token_dtype(tok).name, **counts}
     with open(os.path.join(directory, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     return manifest
@@ -340,11 +345,7 @@ def _assemble(parts: build.Parts, chunks: list[build.Chunk], part: Part, tok: To
                 shutil.rmtree(tmp, ignore_errors=True)
                 return True
             raise
-        manifest = {"format": FORMAT_VERSION, "split": split, "source": part.source, "role": part.role,
-                    "source_fingerprint": part.fingerprint, "tokenizer_sha256": tok.sha256,
-                    "vocab_size": tok.vocab_size, "dtype": token_dtype(tok).name, **totals}
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
+        _write_manifest(tmp, part, tok, split, **totals)
         found = _install(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
