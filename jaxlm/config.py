@@ -144,9 +144,20 @@ class DataConfig:
     cache_dir: str = _f("", "token cache; empty = $JAXLM_CACHE_DIR or ~/.cache/jaxlm")
     build_chunk_mb: float = _f(32.0, "token cache build: documents are encoded in chunks of about this many MB of "
                                "text, shared between the processes of a run and kept when a build is interrupted")
+    format: str = _f("text", "text (documents: every token is a target) or sft (jsonl examples, {prompt, completion} "
+                     "or {messages}, packed into rows with segment ids; the loss counts data.loss_on)")
+    loss_on: str = _f("completion", "sft: the targets the loss counts: completion (completions and assistant "
+                      "replies, with the end token after them) or all")
+    chat_template: str = _f("", "sft messages: a Jinja chat template (a file, or the template itself); empty = "
+                            "the tokenizer folder's tokenizer_config.json chat_template, else jaxlm's own")
     segment_ids: bool = _f(False, "rows carry document ids and in-document positions: attention never crosses "
                            "a document boundary")
     prefetch: int = _f(2, "batches prepared ahead on a background thread")
+
+    @property
+    def segmented(self) -> bool:
+        """Rows carry segment ids and positions (always for packed fine-tuning examples)."""
+        return self.segment_ids or self.format == "sft"
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,8 @@ def _validate_choices(cfg: Config) -> None:
     _choice("data.tokenizer_type", cfg.data.tokenizer_type, ("bpe", "unigram", "bytelevel"))
     _choice("data.tokens_format", cfg.data.tokens_format, ("llmc", "raw"))
     _choice("data.sampling", cfg.data.sampling, ("random", "epochs"))
+    _choice("data.format", cfg.data.format, ("text", "sft"))
+    _choice("data.loss_on", cfg.data.loss_on, ("completion", "all"))
     _choice("data.tokens_dtype", cfg.data.tokens_dtype, ("uint16", "uint32"))
     _choice("data.invalid_utf8", cfg.data.invalid_utf8, ("error", "replace"))
     _choice("dist.mode", cfg.dist.mode, DIST_MODES)

@@ -259,7 +259,7 @@ def export(path: str, out_dir: str, fmt: str = "hf", max_shard_bytes: int = DEFA
         _json(os.path.join(out_dir, "config.json"), hf_config(cfg, vocab, o.tokenizer))
         _json(os.path.join(out_dir, "generation_config.json"),
               {**special_token_ids(o.tokenizer), "max_length": cfg.max_seq_len})
-        write_hf_tokenizer(o.tokenizer, out_dir, cfg.max_seq_len)
+        write_hf_tokenizer(o.tokenizer, out_dir, cfg.max_seq_len, o.cfg.data.chat_template)
         _json(os.path.join(out_dir, "jaxlm_export.json"), info)
     log(f"exported step {step} of {o.run_dir} as {fmt} to {out_dir} ({len(files)} weight file"
         f"{'s' if len(files) > 1 else ''}, {time.perf_counter() - t0:.1f}s)")

@@ -97,28 +97,30 @@ def _json_with_eos_first(tok):
     return fast
 
 
-def write_hf_tokenizer(tok: Tokenizer, out_dir: str, max_len: int) -> None:
+def write_hf_tokenizer(tok: Tokenizer, out_dir: str, max_len: int, chat_template: str = "") -> None:
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json (and a sentencepiece run's
     tokenizer.model) into `out_dir`. A run trained with a tokenizer.json exports that file, with
-    EOS put in front of the text as above."""
+    EOS put in front of the text as above. `chat_template` (a fine-tuning run's) goes into
+    tokenizer_config.json; a sentencepiece tokenizer then reads special tokens in text as their ids,
+    as fine-tuning read the rendered conversations (`jaxlm.data.examples`)."""
     if tok.kind != "sentencepiece":
         _json_with_eos_first(tok).save(os.path.join(out_dir, "tokenizer.json"))
         special = {"bos_token": tok.eos_token, "eos_token": tok.eos_token}
-        _write_configs(out_dir, special, max_len, split_special=False)  # as the tokenizers library reads text
+        _write_configs(out_dir, special, max_len, False, chat_template)  # as the tokenizers library reads text
         return
     build(tok).save(os.path.join(out_dir, "tokenizer.json"))
     sp = tok.sp
     eos = sp.id_to_piece(tok.eos_id)
     special = {"bos_token": eos, "eos_token": eos,  # sequences start with EOS (see `build`)
                "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(sp.pad_id())}
-    _write_configs(out_dir, special, max_len, split_special=True)
+    _write_configs(out_dir, special, max_len, not chat_template, chat_template)
     tok.save(os.path.join(out_dir, "tokenizer.model"))
 
 
-def _write_configs(out_dir: str, special: dict, max_len: int, split_special: bool) -> None:
+def _write_configs(out_dir: str, special: dict, max_len: int, split_special: bool, chat_template: str = "") -> None:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": True,
               "add_eos_token": False, "split_special_tokens": split_special, "clean_up_tokenization_spaces": False,
-              "model_max_length": max_len}
+              "model_max_length": max_len, **({"chat_template": chat_template} if chat_template else {})}
     for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)

@@ -62,6 +62,7 @@ class Setup:
     resumed: bool
     group: Group = dataclasses.field(default_factory=Group)  # this run's processes
     poison: frozenset[int] = frozenset()  # data positions whose steps come out NaN (tests only)
+    examples: tuple | None = None  # data.format=sft: (training, validation) `jaxlm.data.examples.Examples`
 
 
 class StopReason(enum.Enum):

@@ -17,7 +17,8 @@ import jax
 from jaxlm import checkpoint as ckpt
 from jaxlm import faults
 from jaxlm.data.loader import Prefetch, TrainBatches
-from jaxlm.evaluate import validate
+from jaxlm.data.packing import ExampleBatches
+from jaxlm.evaluate import validate, validate_examples
 from jaxlm.metrics import MetricsWriter, Throughput, mfu_note, read_metrics
 
 
@@ -28,9 +29,13 @@ class Batches:
     def __init__(self, s):
         c = s.cfg
         self.s, self.rows = s, c.train.batch_size
-        self.loader = TrainBatches(s.train_streams, self.rows, c.train.seq_len, c.train.seed,
-                                   s.stepper.local_rows(self.rows), s.weights, s.eos_id if c.data.segment_ids else None,
-                                   c.data.sampling)
+        if s.examples:
+            self.loader = ExampleBatches(s.examples[0], self.rows, c.train.seq_len, c.train.seed,
+                                         s.stepper.local_rows(self.rows))
+        else:
+            self.loader = TrainBatches(s.train_streams, self.rows, c.train.seq_len, c.train.seed,
+                                       s.stepper.local_rows(self.rows), s.weights,
+                                       s.eos_id if c.data.segment_ids else None, c.data.sampling)
         self.offset = 0
         self.prefetch = None
         self.closed_wait = 0.0  # input wait of the prefetchers closed so far
@@ -190,7 +195,8 @@ class Records:
     def evaluate(self, step: int, params, wait: float) -> None:
         """Score the validation split with the evaluation harness's scorer; record and say it."""
         t0 = time.perf_counter()
-        ev = validate(self.s.stepper, params, self.s.valid, self.s.cfg, self.s.eos_id)
+        ev = (validate_examples(self.s.stepper, params, self.s.examples[1], self.s.cfg) if self.s.examples
+              else validate(self.s.stepper, params, self.s.valid, self.s.cfg, self.s.eos_id))
         rec = {"step": step, **ev, "eval_s": time.perf_counter() - t0}
         self.out.record(rec)
         self.eval = ev

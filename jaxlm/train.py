@@ -24,7 +24,7 @@ import numpy as np
 from jaxlm import checkpoint as ckpt
 from jaxlm import distributed, faults, kernels, memory, mup
 from jaxlm.config import Config, DistConfig, check_vocab, load_config, to_yaml
-from jaxlm.data import cache
+from jaxlm.data import cache, chat, examples
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer, run_tokenizer_file, tokenizer_from_bytes
 from jaxlm.errors import CheckpointError, ConfigError, DivergedError
 from jaxlm.evaluate import Split
@@ -45,6 +45,7 @@ class Data:
     weights: list[float]
     valid: Split  # the validation split, EOS-joined
     train_bytes: int
+    examples: tuple | None = None  # data.format=sft: (training, validation) `examples.Examples`
 
 
 def prepare_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None, group=None) -> Data:
@@ -54,6 +55,8 @@ def prepare_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None, gro
     `distributed.Group`, its processes build missing cache entries together (`jaxlm.data.build`).
     """
     t0 = time.perf_counter()
+    if cfg.data.format == "sft":
+        return _prepare_examples(cfg, log, tokenizer, t0)
     train_parts, weights, valid_parts = cache.parts(cfg.data)
     tok = tokenizer or cache.get_tokenizer(cfg.data, train_parts, log)
     train = [cache.tokens(cfg.data, tok, p, "train", log, group) for p in train_parts]
@@ -68,6 +71,19 @@ def prepare_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None, gro
         log("mixture: " + ", ".join(f"{p.source} weight {w / sum(weights):.3f} ({len(t):,} tokens)"
                                     for p, w, t in zip(train_parts, weights, data.train_streams)))
     return data
+
+
+def _prepare_examples(cfg: Config, log, tokenizer: Tokenizer | None, t0: float) -> Data:
+    """data.format=sft: the examples, encoded by every process (they are small next to pretraining text)."""
+    tok = tokenizer or cache.get_tokenizer(cfg.data, [], log)
+    train, valid = examples.load(cfg.data, tok, cfg.train.seq_len)
+    empty = Split("no text", np.zeros(1, np.int32), 0, 0)
+    log(f"data: {len(train)} train / {len(valid)} valid examples, {len(train.ids):,} / {len(valid.ids):,} tokens, "
+        f"{int(train.trained.sum()):,} / {int(valid.trained.sum()):,} of them trained (data.loss_on="
+        f"{cfg.data.loss_on}), vocab {tok.vocab_size}" + (f", {train.truncated + valid.truncated} examples cut to "
+                                                         f"train.seq_len+1" if train.truncated + valid.truncated else "")
+        + f" ({time.perf_counter() - t0:.1f}s)")
+    return Data(tok, [], [1.0], empty, 0, (train, valid))
 
 
 # Keys that shape the train state or the token ids: a run cannot resume across a change in them.
@@ -194,6 +210,21 @@ def _init_source(cfg: Config) -> _InitSource:
     return _InitSource(src_dir, step, tok, branch)
 
 
+def with_chat_template(cfg: Config) -> Config:
+    """data.format=sft: data.chat_template resolved to its text (`chat.resolve`), so the run's config
+    holds the template it trained with (export writes it). An empty one is taken from the tokenizer's
+    folder, else from the init_from/branch_from run's config, else it is jaxlm's own."""
+    if cfg.data.format != "sft":
+        return cfg
+    template = cfg.data.chat_template
+    source = cfg.checkpoint.init_from or cfg.checkpoint.branch_from
+    if not template and not cfg.data.tokenizer and source:
+        src_cfg = os.path.join(ckpt.resolve(source)[0], "config.yaml")
+        template = load_config(src_cfg).data.chat_template if os.path.exists(src_cfg) else ""
+    text = chat.resolve(template, cfg.data.tokenizer)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, chat_template=text))
+
+
 def _prepare_run_dir(cfg: Config, restart: bool) -> str:
     run_dir = cfg.run.path
     if restart and os.path.exists(run_dir):
@@ -273,7 +304,7 @@ def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_ke
     """Compile the train step and print the plan; (compile seconds, parameter counts, FLOPs per token by
     convention, (peak FLOP/s, its source))."""
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    eval_keys = ("inputs", "targets", "mask") + (("segment_ids", "positions") if cfg.data.segment_ids else ())
+    eval_keys = ("inputs", "targets", "mask") + (("segment_ids", "positions") if cfg.data.segmented else ())
     eval_rows = cfg.eval.batch_size or B
     compile_s = stepper.compile(state, {k: (B, T) for k in batch_keys}, {k: (eval_rows, T) for k in eval_keys})
     mesh = stepper.mesh
@@ -378,8 +409,8 @@ def _setup(cfg: Config, devices, restart: bool, resume: bool, log, poison: froze
         model, tx, schedule = build(cfg, vocab, mesh)
         stepper = Stepper(cfg, model, tx, schedule, mesh, wrap_step=faults.nan_step if poison else None)
         start, state, position = _first_state(cfg, stepper, group, done, init, saver, data.tokenizer, log)
-        batch_keys = (("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segment_ids else ())
-                      + (("poison",) if poison else ()))
+        batch_keys = (("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segmented else ())
+                      + (("mask",) if data.examples else ()) + (("poison",) if poison else ()))
         compile_s, counts, flops, peak = _compile_and_plan(cfg, stepper, state, vocab, batch_keys, log)
         summary = RunSummary(run_dir, cfg, counts, flops, compile_s, read_metrics(run_dir) if done else [], started)
         summary.progress(max(summary.data["steps"], start))
@@ -389,6 +420,7 @@ def _setup(cfg: Config, devices, restart: bool, resume: bool, log, poison: froze
         raise
     return Setup(cfg=cfg, run_dir=run_dir, stepper=stepper, saver=saver, state=state, start=start,
                  position=position, train_streams=data.train_streams, weights=data.weights, valid=data.valid,
+                 examples=data.examples,
                  eos_id=data.tokenizer.eos_id, summary=summary, flops_per_token=flops["6N+attn"], peak=peak,
                  resumed=bool(done), group=group, poison=poison)
 
@@ -408,7 +440,7 @@ def run(cfg: Config, *, devices=None, restart: bool = False, resume: bool = Fals
         raise ConfigError("restart and resume exclude each other")
     t_start = time.perf_counter()
     devices = list(jax.devices() if devices is None else devices)
-    cfg = _sampling_it_started_with(cfg, restart, log)
+    cfg = with_chat_template(_sampling_it_started_with(cfg, restart, log))
     setup = _setup(cfg, devices, restart, resume, log, frozenset(int(p) for p in inject_nan), t_start)
     result = Loop(setup, log, handle_signals).run()
     if result.stop.reason.diverged:

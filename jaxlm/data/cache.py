@@ -119,6 +119,9 @@ def train_on(cfg: DataConfig, train_parts: list[Part]) -> Tokenizer:
 def get_tokenizer(cfg: DataConfig, train_parts: list[Part], log=print) -> Tokenizer:
     if cfg.tokenizer or cfg.tokens_tokenizer:
         return load_tokenizer(cfg.tokenizer or cfg.tokens_tokenizer, cfg.eos_token)
+    if cfg.format == "sft":
+        raise DataError("data.format=sft fine-tunes with a model's tokenizer: set data.tokenizer, or "
+                        "checkpoint.init_from (its run's tokenizer)")
     pre = [p.source for p in train_parts if p.kind == "tokens"]
     if pre:
         raise DataError(f"{', '.join(pre)}: pre-tokenized sources need the tokenizer their ids come from; set "

@@ -121,6 +121,14 @@ class Tokenizer:
         return self.sp.eos_id()
 
     @property
+    def eos_token(self) -> str:
+        return self.sp.id_to_piece(self.eos_id)
+
+    # The token in front of every document and prompt: EOS for the models jaxlm pretrains.
+    start_id = eos_id
+    start_token = eos_token
+
+    @property
     def sha256(self) -> str:
         return hashlib.sha256(self.proto).hexdigest()
 

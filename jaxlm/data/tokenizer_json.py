@@ -52,6 +52,7 @@ class JsonTokenizer:
         if eos is None:
             raise DataError(f"data.eos_token={self.eos_token!r} is not a token of '{where}'")
         self.eos_id = eos
+        self.start_id, self.start_token = eos, self.eos_token  # the token in front of every document and prompt
 
     @property
     def proto(self) -> bytes:  # the bytes stored in checkpoints, as for sentencepiece models
