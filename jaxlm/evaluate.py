@@ -214,6 +214,61 @@ def validate_examples(stepper, params, ex, cfg: Config) -> dict:
     return out
 
 
+def each_checkpoint(o, all_checkpoints: bool, log):
+    """(step, params, time its restore began) of each checkpoint `open_checkpoints` chose; with
+    `all_checkpoints` one that does not restore is skipped with a warning."""
+    for s in o.steps:
+        t0 = time.perf_counter()
+        try:
+            params, _, s = ckpt.restore_params(o.run_dir, s, o.target, log)
+        except CheckpointError as e:
+            if not all_checkpoints:
+                raise
+            log(f"warning: skipping checkpoint {s}: {e}")
+            continue
+        yield s, params, t0
+        del params
+
+
+def evaluate_task(path: str, task_file: str, *, fewshot: int = 0, seq_len: int = 0, all_checkpoints: bool = False,
+                  overrides: list[str] | tuple[str, ...] = (), devices=None, write: bool = True,
+                  log=None) -> list[dict]:
+    """Multiple-choice accuracy (`jaxlm.tasks`) of the checkpoint(s) at `path`; each result is stored
+    as <run>/eval/task-<name>-step<N>.json with every example's prediction."""
+    from jaxlm import tasks
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    task = tasks.read_task(task_file, fewshot)  # bad input fails before any checkpoint is opened
+    o = open_checkpoints(path, overrides, devices, all_checkpoints)
+    T = seq_len or o.cfg.train.seq_len
+    if T > o.cfg.model.max_seq_len:
+        raise ConfigError(f"context length {T} is longer than the model's max_seq_len {o.cfg.model.max_seq_len}")
+    results = []
+    for s, params, t0 in each_checkpoint(o, all_checkpoints, log):
+        t1 = time.perf_counter()
+        res = tasks.score_task(o.stepper, params, o.tokenizer, task, T, o.cfg.eval.batch_size)
+        res = {"run_dir": o.run_dir, "step": s, "task": task_file, "fewshot": fewshot, "context": T, **res,
+               "restore_s": t1 - t0, "eval_s": time.perf_counter() - t1, "tokenizer_sha256": o.tokenizer.sha256,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        results.append(res)
+        if write and jax.process_index() == 0:
+            files.write_json(os.path.join(o.run_dir, "eval", f"task-{files.slug(task.name)}-step{s}.json"), res)
+        log(f"checkpoint {s}: acc {res['acc']:.4f}, acc_norm {res['acc_norm']:.4f} over {res['examples']} examples "
+            f"({res['eval_s']:.1f}s)")
+    if not results:
+        raise CheckpointError(f"no checkpoint of {o.run_dir} could be evaluated")
+    return results
+
+
+def task_table(results: list[dict]) -> str:
+    lines = [f"{'step':>8} {'examples':>8} {'acc':>7} {'acc 95% CI':>15} {'acc_norm':>8} {'acc_norm 95% CI':>15}"]
+    for r in results:
+        lines.append(f"{r['step']:>8} {r['examples']:>8} {r['acc']:>7.4f} {'{:.3f}..{:.3f}'.format(*r['acc_ci95']):>15}"
+                     f" {r['acc_norm']:>8.4f} {'{:.3f}..{:.3f}'.format(*r['acc_norm_ci95']):>15}")
+    lines.append(f"task: {results[0]['task']}; {results[0]['fewshot']}-shot; 95% Wilson intervals over examples")
+    return "\n".join(lines)
+
+
 def evaluate(path: str, *, data: str | None = None, split: str | None = None, seq_len: int = 0,
              stride: int = 0, all_checkpoints: bool = False, ci_unit: str = "auto", ci_block: int = 0,
              overrides: list[str] | tuple[str, ...] = (), devices=None, write: bool = True,
@@ -235,15 +290,7 @@ def evaluate(path: str, *, data: str | None = None, split: str | None = None, se
     block = ci_block or T
     shape = {k: int(v) for k, v in mesh.shape.items()}
     results = []
-    for s in todo:
-        t0 = time.perf_counter()
-        try:
-            params, _, s = ckpt.restore_params(run_dir, s, target, log)
-        except CheckpointError as e:
-            if not all_checkpoints:
-                raise
-            log(f"warning: skipping checkpoint {s}: {e}")
-            continue
+    for s, params, t0 in each_checkpoint(o, all_checkpoints, log):
         t1 = time.perf_counter()
         nll = score(o.stepper, params, evaluated.tokens, T, stride or None, B, eos, log)
         dt = time.perf_counter() - t1
@@ -252,7 +299,6 @@ def evaluate(path: str, *, data: str | None = None, split: str | None = None, se
                **summarize(nll, evaluated, tok.eos_id, ci_unit, block),
                "restore_s": t1 - t0, "eval_s": dt, "tokens_per_s": (len(evaluated.tokens) - 1) / dt,
                "tokenizer_sha256": tok.sha256, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        del params
         results.append(res)
         if write and jax.process_index() == 0:
             _write(run_dir, res, f"step{s}")
