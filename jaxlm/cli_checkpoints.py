@@ -13,6 +13,7 @@ def add(sub) -> None:
     _add_generate(sub)
     _add_export(sub)
     _add_import(sub)
+    _add_harness(sub)
 
 
 def _eval(args) -> int:
@@ -169,3 +170,47 @@ def _add_import(sub) -> None:
                                             "else DIR/tokenizer.json)")
     imp_hf.add_argument("--force", action="store_true", help="replace a non-empty run directory")
     imp_hf.set_defaults(func=_import)
+
+
+def _harness(args) -> int:
+    import json
+
+    from jaxlm import files
+    from jaxlm.config import load_config
+    from jaxlm.errors import ConfigError
+
+    names = [t for t in args.tasks.split(",") if t]
+    if not names:
+        raise ConfigError("--tasks names at least one lm-eval task (comma-separated)")
+    from jaxlm import distributed
+
+    distributed.initialize(load_config(None, [o for o in args.overrides if o.startswith("dist.")]).dist)
+    from jaxlm import harness
+    from lm_eval.utils import make_table
+
+    results = harness.evaluate(args.path, names, args.include_path, args.num_fewshot, args.limit, args.overrides,
+                               args.max_length)
+    print(make_table(results))
+    if args.output:
+        files.write_json(args.output, json.loads(json.dumps({k: results[k] for k in ("results", "configs", "versions",
+                                                                                   "n-shot") if k in results},
+                                                            default=str)))
+    return EXIT_OK
+
+
+def _add_harness(sub) -> None:
+    h = sub.add_parser("harness", help="run lm-evaluation-harness tasks on a checkpoint (the `harness` extra)",
+                       description="Evaluate a run's newest checkpoint (or <run>/checkpoints/<step>) on "
+                                   "lm-evaluation-harness tasks with jaxlm's own model class (jaxlm.harness.JaxlmLM), "
+                                   "on this machine's devices, with no export step. Needs lm-eval: pip install "
+                                   "-e '.[harness]'.")
+    h.add_argument("path", help="run directory (its newest checkpoint) or <run>/checkpoints/<step>")
+    h.add_argument("overrides", nargs="*", help="dotted key=value overrides (mesh.*, eval.batch_size)")
+    h.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    h.add_argument("--include-path", help="a folder of task YAML files (local tasks, offline datasets)")
+    h.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    h.add_argument("--limit", type=float, default=None, help="at most this many examples per task (a fraction "
+                                                             "if below 1)")
+    h.add_argument("--max-length", type=int, default=0, help="context length in tokens (default: model.max_seq_len)")
+    h.add_argument("--output", help="write lm-eval's results, configs and versions as JSON here")
+    h.set_defaults(func=_harness)

@@ -240,7 +240,7 @@ def evaluate_task(path: str, task_file: str, *, fewshot: int = 0, seq_len: int =
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     task = tasks.read_task(task_file, fewshot)  # bad input fails before any checkpoint is opened
     o = open_checkpoints(path, overrides, devices, all_checkpoints)
-    T = seq_len or o.cfg.train.seq_len
+    T = seq_len or o.cfg.model.max_seq_len  # lm-eval's max_length on an export (config.json)
     if T > o.cfg.model.max_seq_len:
         raise ConfigError(f"context length {T} is longer than the model's max_seq_len {o.cfg.model.max_seq_len}")
     results = []
@@ -279,7 +279,7 @@ def evaluate(path: str, *, data: str | None = None, split: str | None = None, se
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     o = open_checkpoints(path, overrides, devices, all_checkpoints)
-    run_dir, todo, cfg, tok, mesh, target = o.run_dir, o.steps, o.cfg, o.tokenizer, o.mesh, o.target
+    run_dir, cfg, tok, mesh = o.run_dir, o.cfg, o.tokenizer, o.mesh
     T = seq_len or cfg.train.seq_len
     if T > cfg.model.max_seq_len:
         raise ConfigError(f"context length {T} is longer than the model's max_seq_len {cfg.model.max_seq_len}")
