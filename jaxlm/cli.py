@@ -100,7 +100,8 @@ def _data(args) -> int:
 
         proto = group.broadcast("tokenizer", lambda: distributed.encode_bytes(
             cache.get_tokenizer(cfg.data, cache.parts(cfg.data)[0], log).proto))
-        tok = None if cfg.data.tokenizer else tokenizer_from_bytes(distributed.decode_bytes(proto), cfg.data.eos_token)
+        tok = None if cfg.data.tokenizer else tokenizer_from_bytes(distributed.decode_bytes(proto), cfg.data.eos_token,
+                                                                      bos_token=cfg.data.bos_token)
     prepare_data(cfg, log=log, tokenizer=tok, group=group)
     return EXIT_OK
 

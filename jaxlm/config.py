@@ -129,6 +129,8 @@ class DataConfig:
                         "train one on the training text")
     eos_token: str = _f("", "tokenizer.json: the end-of-text token put before each document; empty = the first of "
                         "<|endoftext|>, <|end_of_text|>, </s>, <eos>, <|end|> the file has")
+    bos_token: str = _f("", "the token in front of every document and prompt: empty = EOS (jaxlm's rule for the "
+                        "models it pretrains); an imported model's own start token, e.g. <|begin_of_text|>")
     tokens_tokenizer: str = _f("", "tokens: sources: the tokenizer their ids come from (a .model, tokenizer.json or "
                                "folder); empty = data.tokenizer; it must be the run's tokenizer")
     tokens_format: str = _f("llmc", "tokens: .bin files: llmc (llm.c / modded-nanogpt shards: 1024-byte header) or "

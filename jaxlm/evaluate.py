@@ -34,7 +34,7 @@ from jaxlm import checkpoint as ckpt
 from jaxlm import files
 from jaxlm.config import Config
 from jaxlm.data import cache, packing
-from jaxlm.data.loader import Windows, window_batches
+from jaxlm.data.loader import Windows, unscored_id, window_batches
 from jaxlm.data.sources import parse_source
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.errors import CheckpointError, ConfigError, DataError
@@ -109,14 +109,17 @@ def units(tokens: np.ndarray, eos_id: int, unit: str, block: int) -> tuple[np.nd
     return ids, f"{int(ids[-1]) + 1} blocks of {block} tokens"
 
 
-def summarize(nll: np.ndarray, split: Split, eos_id: int, unit: str = "auto", block: int = 1024) -> dict:
-    """Totals and intervals from the NLL of every target (nll[p] for target p; nll[0] unused)."""
+def summarize(nll: np.ndarray, split: Split, eos_id: int, unit: str = "auto", block: int = 1024,
+              unscored: int | None = None) -> dict:
+    """Totals and intervals from the NLL of every target (nll[p] for target p; nll[0] unused); `eos_id`:
+    the id that starts a document; targets equal to `unscored` (`loader.unscored_id`) are not counted."""
     per_target = nll[1:]
-    n = len(per_target)
+    kept = np.ones(len(per_target), bool) if unscored is None else split.tokens[1:] != unscored
+    n = int(kept.sum())
     total = float(per_target.sum())
     loss = total / n
     ids, described = units(split.tokens, eos_id, unit, block)
-    counts = np.bincount(ids).astype(np.float64)
+    counts = np.bincount(ids, weights=kept).astype(np.float64)
     sums = np.bincount(ids, weights=per_target)[counts > 0]
     counts = counts[counts > 0]
     ci = ratio_interval(sums, counts)
@@ -130,7 +133,7 @@ def summarize(nll: np.ndarray, split: Split, eos_id: int, unit: str = "auto", bl
 
 
 def score(stepper, params, tokens: np.ndarray, seq_len: int, stride: int | None, batch_size: int,
-          eos_id: int | None = None, log=None) -> np.ndarray:
+          eos_id: int | None = None, log=None, unscored: int | None = None) -> np.ndarray:
     """float64 NLL of every target p of `tokens` at index p (index 0 is 0), each scored exactly once.
 
     `stepper.eval_step(params, batch)` scores each batch on the devices (params in the
@@ -152,7 +155,8 @@ def score(stepper, params, tokens: np.ndarray, seq_len: int, stride: int | None,
             np.add.at(nll, pos[scored], got[scored])
             np.add.at(seen, pos[scored], 1)
 
-    batches = window_batches(tokens, batch_size, seq_len, stride, 0, stepper.local_rows(batch_size), eos_id)
+    batches = window_batches(tokens, batch_size, seq_len, stride, 0, stepper.local_rows(batch_size), eos_id,
+                             unscored)
     for b, (ids, local) in enumerate(batches):
         pending.append((ids, stepper.eval_step(params, stepper.place(local, batch_size))))
         drain(2)
@@ -165,7 +169,7 @@ def score(stepper, params, tokens: np.ndarray, seq_len: int, stride: int | None,
     return nll
 
 
-def validate(stepper, params, split: Split, cfg: Config, eos_id: int) -> dict:
+def validate(stepper, params, split: Split, cfg: Config, eos_id: int, unscored: int | None = None) -> dict:
     """The training loop's validation pass: `score` and `summarize` exactly as `jaxlm eval` runs them
     on the run's own validation split (windows of train.seq_len, 95% intervals over documents or
     blocks of train.seq_len targets), as `eval_*` metrics. eval.max_batches scores only the
@@ -174,8 +178,9 @@ def validate(stepper, params, split: Split, cfg: Config, eos_id: int) -> dict:
     if cfg.eval.max_batches:
         n = min(len(split.tokens), cfg.eval.max_batches * B * T + 1)
         split = Split(split.label, split.tokens[:n], 0 if n < len(split.tokens) else split.bytes, split.documents)
-    nll = score(stepper, params, split.tokens, T, None, B, eos_id if cfg.data.segment_ids else None)
-    res = summarize(nll, split, eos_id, "auto", T)
+    nll = score(stepper, params, split.tokens, T, None, B, eos_id if cfg.data.segment_ids else None,
+                unscored=unscored)
+    res = summarize(nll, split, eos_id, "auto", T, unscored)
     keys = ["loss", "ppl", "tokens", "loss_ci95", "ppl_ci95"] + (["bpb", "bpb_ci95"] if split.bytes else [])
     return {f"eval_{k}": res[k] for k in keys if k in res}
 
@@ -285,18 +290,18 @@ def evaluate(path: str, *, data: str | None = None, split: str | None = None, se
         raise ConfigError(f"context length {T} is longer than the model's max_seq_len {cfg.model.max_seq_len}")
     evaluated = load_split(cfg, tok, data, split, log)
     win = Windows(len(evaluated.tokens), T, stride or None)  # the same windows for every checkpoint
-    eos = tok.eos_id if cfg.data.segment_ids else None
+    eos = tok.start_id if cfg.data.segment_ids else None
     B = cfg.eval.batch_size
     block = ci_block or T
     shape = {k: int(v) for k, v in mesh.shape.items()}
     results = []
     for s, params, t0 in each_checkpoint(o, all_checkpoints, log):
         t1 = time.perf_counter()
-        nll = score(o.stepper, params, evaluated.tokens, T, stride or None, B, eos, log)
+        nll = score(o.stepper, params, evaluated.tokens, T, stride or None, B, eos, log, unscored_id(tok))
         dt = time.perf_counter() - t1
         res = {"run_dir": run_dir, "step": s, "data": evaluated.label, "context": T, "stride": win.stride,
                "min_context": win.min_context, "windows": win.count, "batch_size": B, "mesh": shape,
-               **summarize(nll, evaluated, tok.eos_id, ci_unit, block),
+               **summarize(nll, evaluated, tok.start_id, ci_unit, block, unscored_id(tok)),
                "restore_s": t1 - t0, "eval_s": dt, "tokens_per_s": (len(evaluated.tokens) - 1) / dt,
                "tokenizer_sha256": tok.sha256, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         results.append(res)

@@ -13,6 +13,7 @@ safetensors export writes the stored parameters as they are (multipliers not fol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -104,10 +105,11 @@ def to_hf(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def special_token_ids(tok: Tokenizer) -> dict[str, int]:
-    """bos/eos/pad ids for config.json and generation_config.json. bos is EOS: jaxlm starts every document and
-    prompt with EOS (and the exported tokenizer prepends it), so generating from nothing starts there too."""
+    """bos/eos/pad ids for config.json and generation_config.json. bos is the start token: EOS for the models
+    jaxlm pretrains, which start every document and prompt with it (and the exported tokenizer prepends it),
+    so generating from nothing starts there too; an imported model's own (data.bos_token)."""
     pad = tok.sp.pad_id() if tok.kind == "sentencepiece" else None
-    return {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, **({"pad_token_id": pad} if pad is not None else {})}
+    return {"bos_token_id": tok.start_id, "eos_token_id": tok.eos_id, **({"pad_token_id": pad} if pad is not None else {})}
 
 
 def _rope_config(cfg: ModelConfig) -> dict:
@@ -364,14 +366,14 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, target) -> dict:
     return jax.tree.map(lambda x: np.ascontiguousarray(x, np.float32), params)
 
 
-def _hf_eos_token(hf_dir: str) -> str:
-    """tokenizer_config.json's eos_token (a string, or {"content": ...}); '' when absent."""
+def _hf_special(hf_dir: str, name: str) -> str:
+    """tokenizer_config.json's `name` (eos_token, bos_token: a string, or {"content": ...}); '' when absent."""
     path = os.path.join(hf_dir, "tokenizer_config.json")
     if not os.path.isfile(path):
         return ""
     with open(path, encoding="utf-8") as f:
-        eos = json.load(f).get("eos_token") or ""
-    return eos.get("content", "") if isinstance(eos, dict) else str(eos)
+        value = json.load(f).get(name) or ""
+    return value.get("content", "") if isinstance(value, dict) else str(value)
 
 
 def import_hf(hf_dir: str, run_dir: str, tokenizer: str | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -382,7 +384,8 @@ def import_hf(hf_dir: str, run_dir: str, tokenizer: str | None = None, overrides
     eos_token when that names one)."""
     from jaxlm import checkpoint as ckpt
     from jaxlm.config import check_vocab
-    from jaxlm.data.tokenizer import load_tokenizer, tokenizer_from_bytes
+    from jaxlm.data.chat import _folder_template
+    from jaxlm.data.tokenizer import load_tokenizer, set_start, tokenizer_from_bytes
     from jaxlm.data.tokenizer_json import from_vocab_merges
     from jaxlm.errors import DataError
     from jaxlm.sharding import make_mesh
@@ -402,22 +405,29 @@ def import_hf(hf_dir: str, run_dir: str, tokenizer: str | None = None, overrides
     if not os.path.exists(tok_path):
         raise ExportError(f"no tokenizer: '{tokenizer or hf_dir}' has no tokenizer.model, tokenizer.json or vocab.json + "
                           "merges.txt (pass --tokenizer PATH; jaxlm needs the file its token ids come from)")
-    eos = _hf_eos_token(hf_dir) if tok_path.endswith(".json") else ""
+    eos = _hf_special(hf_dir, "eos_token") if tok_path.endswith(".json") else ""
     try:
         if tok_path in vocab_merges:
             tok = tokenizer_from_bytes(from_vocab_merges(*vocab_merges), eos)
         else:
             tok = load_tokenizer(tok_path, eos)
+        bos = _hf_special(hf_dir, "bos_token")
+        set_start(tok, bos, tok_path)  # the model's own start token in front of documents and prompts
     except DataError as e:
         raise ExportError(str(e)) from None
     if eos:
         overrides = [f"data.eos_token={eos}", *overrides]
+    if tok.start_id != tok.eos_id:
+        overrides = [f"data.bos_token={tok.start_token}", *overrides]
     V = int(hf["vocab_size"])
     run_dir = _fresh_dir(run_dir, force)
     base = [f"run.dir={run_dir}", f"model.vocab_size={V if V != tok.vocab_size else 0}", "model.scan_layers=false",
             "mesh.data=1", "train.steps=1", "train.batch_size=1", "eval.batch_size=1",
             f"train.seq_len={min(256, model_keys_value(model_keys, 'model.max_seq_len'))}"]
     cfg = load_config(None, base + model_keys + list(overrides))
+    template = _folder_template(hf_dir)
+    if template:  # the run's config keeps the model's chat template (fine-tuning and export use it)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, chat_template=template))
     vocab = check_vocab(cfg, tok.vocab_size)
     if vocab != V:
         raise ExportError(f"config.json vocab_size={V} does not fit the tokenizer's {tok.vocab_size} tokens")

@@ -1,7 +1,7 @@
 """Sampling from a checkpoint with a KV cache.
 
-Prompts of different lengths share one batch: each is encoded with an EOS in front (every
-training document starts that way) and left-padded to the longest, so all rows decode in
+Prompts of different lengths share one batch: each is encoded with the start token in front
+(EOS, or an imported model's own; every training document starts that way) and left-padded to the longest, so all rows decode in
 lockstep. Padding slots are masked out of attention and each row's positions start at 0
 at its first real token, so a row decodes exactly as it would alone.
 
@@ -171,8 +171,9 @@ def load(path: str, overrides: list[str] | tuple[str, ...] = (), devices=None, l
 
 
 def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
-    """EOS, then the text's ids: how every training document starts."""
-    return [tok.eos_id] + tok.encode([text])[0]
+    """The start token (EOS, or an imported model's own: data.bos_token), then the text's ids: how every
+    training document starts."""
+    return [tok.start_id] + tok.encode([text])[0]
 
 
 def stream_printer(tok: Tokenizer, out=None) -> Callable[[int, np.ndarray], None]:

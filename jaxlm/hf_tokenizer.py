@@ -76,24 +76,28 @@ def build(tok: Tokenizer):
     fast.normalizer = normalizers.Replace(" ", "▁")
     fast.pre_tokenizer = None
     fast.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    eos = tok.sp.id_to_piece(tok.eos_id)
-    fast.post_processor = processors.TemplateProcessing(single=f"{eos}:0 $A:0", pair=f"{eos}:0 $A:0 {eos}:1 $B:1",
-                                                        special_tokens=[(eos, tok.eos_id)])
+    start = tok.start_token
+    fast.post_processor = processors.TemplateProcessing(single=f"{start}:0 $A:0",
+                                                        pair=f"{start}:0 $A:0 {start}:1 $B:1",
+                                                        special_tokens=[(start, tok.start_id)])
     fast.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
                              for p in pieces if p.type in (_CONTROL, _UNKNOWN)])
     return fast
 
 
-def _json_with_eos_first(tok):
-    """A run's own tokenizer.json as it is, its post-processor followed by "EOS $A" (jaxlm's convention)."""
+def _json_with_start_first(tok):
+    """A run's own tokenizer.json as it is, its post-processor followed by "START $A": EOS for the models jaxlm
+    pretrains; a model with a start token of its own (data.bos_token) gets "START $A" in place of its
+    post-processor, which is how such tokenizers (Llama 3's) put it in front."""
     from tokenizers import Tokenizer as FastTokenizer
     from tokenizers import processors
 
     fast = FastTokenizer.from_str(tok.data.decode("utf-8"))
-    eos = tok.eos_token
-    template = processors.TemplateProcessing(single=f"{eos} $A", pair=f"{eos} $A {eos} $B",
-                                             special_tokens=[(eos, tok.eos_id)])
-    fast.post_processor = processors.Sequence([fast.post_processor, template]) if fast.post_processor else template
+    start = tok.start_token
+    template = processors.TemplateProcessing(single=f"{start} $A", pair=f"{start} $A {start} $B",
+                                             special_tokens=[(start, tok.start_id)])
+    own = fast.post_processor if tok.start_id == tok.eos_id else None
+    fast.post_processor = processors.Sequence([own, template]) if own else template
     return fast
 
 
@@ -104,14 +108,14 @@ def write_hf_tokenizer(tok: Tokenizer, out_dir: str, max_len: int, chat_template
     tokenizer_config.json; a sentencepiece tokenizer then reads special tokens in text as their ids,
     as fine-tuning read the rendered conversations (`jaxlm.data.examples`)."""
     if tok.kind != "sentencepiece":
-        _json_with_eos_first(tok).save(os.path.join(out_dir, "tokenizer.json"))
-        special = {"bos_token": tok.eos_token, "eos_token": tok.eos_token}
+        _json_with_start_first(tok).save(os.path.join(out_dir, "tokenizer.json"))
+        special = {"bos_token": tok.start_token, "eos_token": tok.eos_token}
         _write_configs(out_dir, special, max_len, False, chat_template)  # as the tokenizers library reads text
         return
     build(tok).save(os.path.join(out_dir, "tokenizer.json"))
     sp = tok.sp
     eos = sp.id_to_piece(tok.eos_id)
-    special = {"bos_token": eos, "eos_token": eos,  # sequences start with EOS (see `build`)
+    special = {"bos_token": tok.start_token, "eos_token": eos,  # sequences start with it (see `build`)
                "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(sp.pad_id())}
     _write_configs(out_dir, special, max_len, not chat_template, chat_template)
     tok.save(os.path.join(out_dir, "tokenizer.model"))

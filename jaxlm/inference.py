@@ -60,7 +60,8 @@ def open_checkpoints(path: str, overrides: list[str] | tuple[str, ...] = (), dev
         raise ConfigError("--all-checkpoints takes a run directory, not one checkpoint")
     todo = available if all_checkpoints else [step if step is not None else available[-1]]
     cfg = eval_config(ckpt.read_meta(run_dir, todo[-1])["config"], list(overrides))
-    tok = tokenizer_from_bytes(ckpt.read_tokenizer(run_dir, todo[-1]), cfg.data.eos_token, f"checkpoint {todo[-1]}")
+    tok = tokenizer_from_bytes(ckpt.read_tokenizer(run_dir, todo[-1]), cfg.data.eos_token, f"checkpoint {todo[-1]}",
+                               cfg.data.bos_token)
     mesh = sharding.make_mesh(cfg, list(jax.devices() if devices is None else devices))
     model, tx, schedule = build(cfg, check_vocab(cfg, tok.vocab_size, mesh.shape["tensor"]), mesh)
     stepper = Stepper(cfg, model, tx, schedule, mesh)

@@ -55,13 +55,14 @@ class Setup:
     train_streams: list[np.ndarray]
     weights: list[float]
     valid: Split
-    eos_id: int
+    start_id: int  # the id in front of every document (EOS for the models jaxlm pretrains)
     summary: RunSummary
     flops_per_token: float
     peak: tuple[float | None, str]  # (peak FLOP/s of one device, where that number comes from)
     resumed: bool
     group: Group = dataclasses.field(default_factory=Group)  # this run's processes
     poison: frozenset[int] = frozenset()  # data positions whose steps come out NaN (tests only)
+    unscored: int | None = None  # targets of this id are not scored (`jaxlm.data.loader.unscored_id`)
     examples: tuple | None = None  # data.format=sft: (training, validation) `jaxlm.data.examples.Examples`
 
 

@@ -35,7 +35,7 @@ class Batches:
         else:
             self.loader = TrainBatches(s.train_streams, self.rows, c.train.seq_len, c.train.seed,
                                        s.stepper.local_rows(self.rows), s.weights,
-                                       s.eos_id if c.data.segment_ids else None, c.data.sampling)
+                                       s.start_id if c.data.segment_ids else None, c.data.sampling, s.unscored)
         self.offset = 0
         self.prefetch = None
         self.closed_wait = 0.0  # input wait of the prefetchers closed so far
@@ -196,7 +196,8 @@ class Records:
         """Score the validation split with the evaluation harness's scorer; record and say it."""
         t0 = time.perf_counter()
         ev = (validate_examples(self.s.stepper, params, self.s.examples[1], self.s.cfg) if self.s.examples
-              else validate(self.s.stepper, params, self.s.valid, self.s.cfg, self.s.eos_id))
+              else validate(self.s.stepper, params, self.s.valid, self.s.cfg, self.s.start_id,
+                                 self.s.unscored))
         rec = {"step": step, **ev, "eval_s": time.perf_counter() - t0}
         self.out.record(rec)
         self.eval = ev

@@ -53,7 +53,7 @@ def _flops_per_token(run_dir: str, cfg) -> float:
     if cfg.model.vocab_size:
         vocab = cfg.model.vocab_size
     elif tok_path:
-        vocab = check_vocab(cfg, load_tokenizer(tok_path, cfg.data.eos_token).vocab_size)
+        vocab = check_vocab(cfg, load_tokenizer(tok_path, cfg.data.eos_token, cfg.data.bos_token).vocab_size)
     else:
         raise ConfigError(f"'{run_dir}' has no tokenizer file and its config sets no model.vocab_size")
     return flops_per_token(cfg.model, model_param_counts(cfg.model, vocab), cfg.train.seq_len)

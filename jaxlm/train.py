@@ -27,6 +27,7 @@ from jaxlm.config import Config, DistConfig, check_vocab, load_config, to_yaml
 from jaxlm.data import cache, chat, examples
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer, run_tokenizer_file, tokenizer_from_bytes
 from jaxlm.errors import CheckpointError, ConfigError, DivergedError
+from jaxlm.data.loader import unscored_id
 from jaxlm.evaluate import Split
 from jaxlm.loop import Loop, Position, RunResult, Setup
 from jaxlm.metrics import (count_params, flops_per_token_conventions, peak_flops_info, read_metrics,
@@ -155,16 +156,16 @@ def _sampling_it_started_with(cfg: Config, restart: bool, log) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sampling="random"))
 
 
-def _run_tokenizer(run_dir: str, done: list[int], eos_token: str = "") -> Tokenizer:
+def _run_tokenizer(run_dir: str, done: list[int], eos_token: str = "", bos_token: str = "") -> Tokenizer:
     """The tokenizer a run was trained with: its tokenizer.json or tokenizer.model, else the copy inside its
     newest checkpoint."""
     path = run_tokenizer_file(run_dir)
     if path:
-        return load_tokenizer(path, eos_token)
+        return load_tokenizer(path, eos_token, bos_token)
     errors = []
     for step in reversed(done):
         try:
-            return tokenizer_from_bytes(ckpt.read_tokenizer(run_dir, step), eos_token, f"checkpoint {step}")
+            return tokenizer_from_bytes(ckpt.read_tokenizer(run_dir, step), eos_token, f"checkpoint {step}", bos_token)
         except CheckpointError as e:
             errors.append(str(e))
     raise CheckpointError(f"run '{run_dir}' has no tokenizer file and no checkpoint with a readable tokenizer: "
@@ -203,8 +204,8 @@ def _init_source(cfg: Config) -> _InitSource:
             what = "model or data stream" if branch else "model"
             raise ConfigError(f"checkpoint.{key}={path} has a different {what}: " + ", ".join(differ)
                               + "; use the same keys as that run")
-    tok = _run_tokenizer(src_dir, done if step is None else [step], cfg.data.eos_token)
-    if cfg.data.tokenizer and load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token).sha256 != tok.sha256:
+    tok = _run_tokenizer(src_dir, done if step is None else [step], cfg.data.eos_token, cfg.data.bos_token)
+    if cfg.data.tokenizer and load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token, cfg.data.bos_token).sha256 != tok.sha256:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer of {src_dir}; drop "
                           "data.tokenizer to use that run's own (token ids must mean the same)")
     return _InitSource(src_dir, step, tok, branch)
@@ -355,7 +356,7 @@ def _own_setup(cfg: Config, restart: bool, resume: bool, log) -> tuple[dict, Tok
     init = _init_source(cfg) if starts_from and not done else None
     tokenizer = init.tokenizer if init else None
     if done and not cfg.data.tokenizer:  # the run's own tokenizer, never a retrained one
-        tokenizer = _run_tokenizer(cfg.run.path, done, cfg.data.eos_token)
+        tokenizer = _run_tokenizer(cfg.run.path, done, cfg.data.eos_token, cfg.data.bos_token)
     tok = tokenizer or cache.get_tokenizer(cfg.data, cache.parts(cfg.data)[0], log)
     shared = {"done": done, "tokenizer": distributed.encode_bytes(tok.proto),
               "init": [init.run_dir, init.step, init.branch] if init else None}
@@ -378,7 +379,8 @@ def _shared_state(cfg: Config, group: distributed.Group, restart: bool, resume: 
     if group.owner:
         tokenizer, init = owned["tokenizer"], owned["init"]
     else:
-        tok = tokenizer_from_bytes(distributed.decode_bytes(shared["tokenizer"]), cfg.data.eos_token)
+        tok = tokenizer_from_bytes(distributed.decode_bytes(shared["tokenizer"]), cfg.data.eos_token,
+                                   bos_token=cfg.data.bos_token)
         tokenizer = None if cfg.data.tokenizer else tok
         init = (_InitSource(shared["init"][0], shared["init"][1], tok, shared["init"][2])
                 if shared["init"] else None)
@@ -410,7 +412,8 @@ def _setup(cfg: Config, devices, restart: bool, resume: bool, log, poison: froze
         stepper = Stepper(cfg, model, tx, schedule, mesh, wrap_step=faults.nan_step if poison else None)
         start, state, position = _first_state(cfg, stepper, group, done, init, saver, data.tokenizer, log)
         batch_keys = (("inputs", "targets") + (("segment_ids", "positions") if cfg.data.segmented else ())
-                      + (("mask",) if data.examples else ()) + (("poison",) if poison else ()))
+                      + (("mask",) if data.examples or unscored_id(data.tokenizer) is not None else ())
+                      + (("poison",) if poison else ()))
         compile_s, counts, flops, peak = _compile_and_plan(cfg, stepper, state, vocab, batch_keys, log)
         summary = RunSummary(run_dir, cfg, counts, flops, compile_s, read_metrics(run_dir) if done else [], started)
         summary.progress(max(summary.data["steps"], start))
@@ -421,7 +424,7 @@ def _setup(cfg: Config, devices, restart: bool, resume: bool, log, poison: froze
     return Setup(cfg=cfg, run_dir=run_dir, stepper=stepper, saver=saver, state=state, start=start,
                  position=position, train_streams=data.train_streams, weights=data.weights, valid=data.valid,
                  examples=data.examples,
-                 eos_id=data.tokenizer.eos_id, summary=summary, flops_per_token=flops["6N+attn"], peak=peak,
+                 start_id=data.tokenizer.start_id, unscored=unscored_id(data.tokenizer), summary=summary, flops_per_token=flops["6N+attn"], peak=peak,
                  resumed=bool(done), group=group, poison=poison)
 
 

@@ -95,12 +95,15 @@ def _utf8_len(text: str) -> int:
 
 
 def _encode_group(tok: Tokenizer, pieces: list[str], starts: list[bool]) -> np.ndarray:
-    """The ids of consecutive pieces, with EOS before each piece that starts a document."""
+    """The ids of consecutive pieces, with EOS before each piece that starts a document (EOS and the start
+    token when the tokenizer's start token is another: data.bos_token)."""
     ids = tok.encode(pieces)
     lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), token_dtype(tok), count=int(lengths.sum()))
-    offsets = np.cumsum(lengths) - lengths
-    return np.insert(flat, offsets[np.asarray(starts, bool)], tok.eos_id)
+    at = (np.cumsum(lengths) - lengths)[np.asarray(starts, bool)]
+    if tok.start_id == tok.eos_id:
+        return np.insert(flat, at, tok.eos_id)
+    return np.insert(flat, np.repeat(at, 2), np.tile(np.array([tok.eos_id, tok.start_id], flat.dtype), len(at)))
 
 
 def encode_stream(tok: Tokenizer, stream: Iterable[tuple[bool, str]], piece_chars: int | None = _PIECE_CHARS):

@@ -118,7 +118,7 @@ def train_on(cfg: DataConfig, train_parts: list[Part]) -> Tokenizer:
 
 def get_tokenizer(cfg: DataConfig, train_parts: list[Part], log=print) -> Tokenizer:
     if cfg.tokenizer or cfg.tokens_tokenizer:
-        return load_tokenizer(cfg.tokenizer or cfg.tokens_tokenizer, cfg.eos_token)
+        return load_tokenizer(cfg.tokenizer or cfg.tokens_tokenizer, cfg.eos_token, cfg.bos_token)
     if cfg.format == "sft":
         raise DataError("data.format=sft fine-tunes with a model's tokenizer: set data.tokenizer, or "
                         "checkpoint.init_from (its run's tokenizer)")
@@ -224,7 +224,7 @@ def _open_entry(entry: str) -> tuple[np.ndarray, dict] | None:
 
 def _check_tokens_tokenizer(cfg: DataConfig, part: Part, tok: Tokenizer) -> None:
     """A tokens: source's declared tokenizer (data.tokens_tokenizer) must be the run's."""
-    if cfg.tokens_tokenizer and load_tokenizer(cfg.tokens_tokenizer, cfg.eos_token).sha256 != tok.sha256:
+    if cfg.tokens_tokenizer and load_tokenizer(cfg.tokens_tokenizer, cfg.eos_token, cfg.bos_token).sha256 != tok.sha256:
         raise DataError(f"{part.source} was made with data.tokens_tokenizer={cfg.tokens_tokenizer}, which is not the "
                         f"run's tokenizer ({cfg.tokenizer or 'the run directory copy'}); token ids would mean other "
                         "text")
@@ -398,7 +398,8 @@ def tokens(cfg: DataConfig, tok: Tokenizer, part: Part, split: str, log=print, g
     """
     from jaxlm.distributed import Group
 
-    key = _key("tokens", part.fingerprint, tok.sha256, split, *([tok.eos_id] if tok.kind != "sentencepiece" else []))
+    key = _key("tokens", part.fingerprint, tok.sha256, split, *([tok.eos_id] if tok.kind != "sentencepiece" else []),
+               *([tok.start_id] if tok.start_id != tok.eos_id else []))
     root = os.path.join(cache_root(cfg), "tokens")
     entry = os.path.join(root, key)
     label = f"{split} of {part.source}"

@@ -29,10 +29,17 @@ from jaxlm.errors import DataError
 SAMPLINGS = ("random", "epochs")
 
 
-def add_segments(batch: dict[str, np.ndarray], eos_id: int) -> dict[str, np.ndarray]:
-    """Segment ids and in-document positions of `batch["inputs"]`: an EOS input starts a document."""
+def unscored_id(tok) -> int | None:
+    """The id no target is scored on: the start token of a model whose start token is not EOS (its
+    documents begin EOS, start token: the EOS ends the document before, the start token is given)."""
+    return tok.start_id if tok.start_id != tok.eos_id else None
+
+
+def add_segments(batch: dict[str, np.ndarray], start_id: int) -> dict[str, np.ndarray]:
+    """Segment ids and in-document positions of `batch["inputs"]`: a start-token input (EOS for the models
+    jaxlm pretrains) starts a document."""
     inputs = batch["inputs"]
-    starts = inputs == eos_id
+    starts = inputs == start_id
     idx = np.arange(inputs.shape[1])
     first = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
     return {**batch, "segment_ids": np.cumsum(starts, axis=1, dtype=np.int32),
@@ -42,12 +49,13 @@ def add_segments(batch: dict[str, np.ndarray], eos_id: int) -> dict[str, np.ndar
 class TrainBatches:
     def __init__(self, streams: list[np.ndarray] | np.ndarray, batch_size: int, seq_len: int, seed: int,
                  rows: slice | None = None, weights: list[float] | None = None, eos_id: int | None = None,
-                 sampling: str = "random"):
+                 sampling: str = "random", unscored: int | None = None):
         """`streams`: one token stream per source; `weights`: their sampling weights (default equal).
 
         `rows`: the rows of the global batch this process materialises (default all; see
         `sharding.process_rows`). `eos_id` set: batches carry segment ids and positions (see
-        `add_segments`). `sampling`: "epochs" or "random" (module docstring).
+        `add_segments`; with a start token other than EOS, pass its id). `sampling`: "epochs" or "random"
+        (module docstring). `unscored`: targets of this id get mask 0 (`unscored_id`).
         """
         if sampling not in SAMPLINGS:
             raise DataError(f"data.sampling={sampling!r} is not one of {', '.join(SAMPLINGS)}")
@@ -63,6 +71,7 @@ class TrainBatches:
         self.streams, self.p = streams, w / w.sum()
         self.spans = np.array([len(s) - seq_len for s in streams])  # window offsets allowed per source
         self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
+        self.unscored = unscored
         self.rows = slice(0, batch_size) if rows is None else rows
         self.sampling = sampling
         self.epoch_windows = EpochWindows([len(s) for s in streams], seq_len, seed)
@@ -125,6 +134,8 @@ class TrainBatches:
             rows = src == i
             window[rows] = self.streams[i][start[rows, None] + offsets]
         batch = {"inputs": window[:, :-1], "targets": window[:, 1:]}
+        if self.unscored is not None:
+            batch["mask"] = (batch["targets"] != self.unscored).astype(np.int32)
         return add_segments(batch, self.eos_id) if self.eos_id is not None else batch
 
 
@@ -166,7 +177,8 @@ class Windows:
 
 
 def window_batches(tokens: np.ndarray, batch_size: int, seq_len: int, stride: int | None = None,
-                   max_batches: int = 0, rows: slice | None = None, eos_id: int | None = None):
+                   max_batches: int = 0, rows: slice | None = None, eos_id: int | None = None,
+                   unscored: int | None = None):
     """Yield (window ids of the global batch, this process's `rows` of it) covering every target once.
 
     The last batch is filled with repeats of the last window whose mask is 0, so every
@@ -184,6 +196,8 @@ def window_batches(tokens: np.ndarray, batch_size: int, seq_len: int, stride: in
         mine = ids[rows]
         pos, scored = win.positions(mine)
         window = padded[(pos[:, :1] - 1) + np.arange(seq_len + 1)]
+        if unscored is not None:
+            scored = scored & (window[:, 1:] != unscored)
         batch = {"inputs": window[:, :-1], "targets": window[:, 1:], "mask": scored.astype(np.int32)}
         yield ids, (add_segments(batch, eos_id) if eos_id is not None else batch)
 

@@ -124,9 +124,17 @@ class Tokenizer:
     def eos_token(self) -> str:
         return self.sp.id_to_piece(self.eos_id)
 
-    # The token in front of every document and prompt: EOS for the models jaxlm pretrains.
-    start_id = eos_id
-    start_token = eos_token
+    # The token in front of every document and prompt: EOS for the models jaxlm pretrains, an imported
+    # model's own start token with data.bos_token (`set_start`).
+    start = None
+
+    @property
+    def start_id(self) -> int:
+        return self.eos_id if self.start is None else self.sp.piece_to_id(self.start)
+
+    @property
+    def start_token(self) -> str:
+        return self.eos_token if self.start is None else self.start
 
     @property
     def sha256(self) -> str:
@@ -153,16 +161,30 @@ def _remove(path: str) -> None:
         pass
 
 
-def tokenizer_from_bytes(data: bytes, eos_token: str = "", where: str = "tokenizer"):
-    """A `tokenizer.json` (its bytes start with '{') or a sentencepiece model, from its bytes."""
+def tokenizer_from_bytes(data: bytes, eos_token: str = "", where: str = "tokenizer", bos_token: str = ""):
+    """A `tokenizer.json` (its bytes start with '{') or a sentencepiece model, from its bytes; `bos_token`:
+    the start token when it is not EOS (data.bos_token)."""
     if data.lstrip()[:1] == b"{":
         from jaxlm.data.tokenizer_json import JsonTokenizer
 
-        return JsonTokenizer(data, eos_token, where)
-    try:
-        return Tokenizer(data)
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError for bad protos
-        raise DataError(f"'{where}' is not a sentencepiece model: {e}") from None
+        tok = JsonTokenizer(data, eos_token, where)
+    else:
+        try:
+            tok = Tokenizer(data)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError for bad protos
+            raise DataError(f"'{where}' is not a sentencepiece model: {e}") from None
+    return set_start(tok, bos_token, where)
+
+
+def set_start(tok, bos_token: str, where: str = "tokenizer"):
+    """`tok` with `bos_token` as the token in front of every document and prompt ('' = EOS)."""
+    if not bos_token or bos_token == tok.eos_token:
+        return tok
+    known = tok.sp.piece_to_id(bos_token) if tok.kind == "sentencepiece" else tok.fast.token_to_id(bos_token)
+    if known is None or (tok.kind == "sentencepiece" and tok.sp.id_to_piece(known) != bos_token):
+        raise DataError(f"data.bos_token={bos_token!r} is not a token of '{where}'")
+    tok.start = bos_token
+    return tok
 
 
 def tokenizer_file(path: str) -> str:
@@ -185,11 +207,11 @@ def run_tokenizer_file(run_dir: str) -> str | None:
     return next((os.path.join(run_dir, n) for n in RUN_FILES if os.path.isfile(os.path.join(run_dir, n))), None)
 
 
-def load_tokenizer(path: str, eos_token: str = ""):
+def load_tokenizer(path: str, eos_token: str = "", bos_token: str = ""):
     """The tokenizer in a file (sentencepiece .model or tokenizer.json) or a folder holding one."""
     path = tokenizer_file(path)
     with open(path, "rb") as f:
-        return tokenizer_from_bytes(f.read(), eos_token, path)
+        return tokenizer_from_bytes(f.read(), eos_token, path, bos_token)
 
 
 def _head(pieces: Iterable[str], n: int) -> str:

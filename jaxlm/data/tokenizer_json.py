@@ -52,7 +52,15 @@ class JsonTokenizer:
         if eos is None:
             raise DataError(f"data.eos_token={self.eos_token!r} is not a token of '{where}'")
         self.eos_id = eos
-        self.start_id, self.start_token = eos, self.eos_token  # the token in front of every document and prompt
+        self.start = None  # the token in front of every document and prompt: None = EOS (`tokenizer.set_start`)
+
+    @property
+    def start_token(self) -> str:
+        return self.eos_token if self.start is None else self.start
+
+    @property
+    def start_id(self) -> int:
+        return self.eos_id if self.start is None else self.fast.token_to_id(self.start)
 
     @property
     def proto(self) -> bytes:  # the bytes stored in checkpoints, as for sentencepiece models
