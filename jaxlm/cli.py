@@ -236,16 +236,19 @@ def _sweep(args) -> int:
     from jaxlm.errors import ConfigError
     from jaxlm.scaling.cluster import emit_slurm
     from jaxlm.scaling.plan import command, mup_note, plan, plan_table
-    from jaxlm.scaling.results import rescore
+    from jaxlm.scaling.results import rescore, rescore_task
     from jaxlm.scaling.run import run_sweep
     from jaxlm.scaling.sweep_file import load_sweep
 
     if args.target[0] == "eval":
-        if len(args.target) != 2 or not args.data:
-            raise ConfigError("usage: jaxlm sweep eval SWEEP_DIR --data SOURCE [--name NAME]")
-        rescore(args.target[1], args.data, args.name or "")
+        if len(args.target) != 2 or bool(args.data) == bool(args.task):
+            raise ConfigError("usage: jaxlm sweep eval SWEEP_DIR (--data SOURCE | --task FILE.jsonl) [--name NAME]")
+        if args.task:
+            rescore_task(args.target[1], args.task, args.name or "", args.fewshot)
+        else:
+            rescore(args.target[1], args.data, args.name or "")
         return EXIT_OK
-    if len(args.target) != 1 or args.data or args.name:
+    if len(args.target) != 1 or args.data or args.name or args.task:
         raise ConfigError("usage: jaxlm sweep SWEEP.yaml [--dir DIR] [--list | --emit slurm | --run NAME]; "
                           "--data and --name belong to `jaxlm sweep eval SWEEP_DIR`")
     sw = load_sweep(args.target[0], args.dir)
@@ -279,6 +282,9 @@ def _add_sweep(sub) -> None:
     sw.add_argument("--data", help="eval: the source to score on (tfds:NAME, text:GLOB, jsonl:GLOB, parquet:GLOB, "
                                    "hf:PATH)")
     sw.add_argument("--name", help="eval: name of the rescored results (default: from the source)")
+    sw.add_argument("--task", help="eval: a multiple-choice jsonl file; adds acc and acc_norm columns (with 95%% "
+                                   "intervals) to the rows, for `jaxlm fit DIR --accuracy acc`")
+    sw.add_argument("--fewshot", type=int, default=0, help="eval --task: the first K examples become a fixed prefix")
     sw.set_defaults(func=_sweep)
 
 

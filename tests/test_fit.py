@@ -429,3 +429,42 @@ def test_plot_sweep_draws_isoflop_profiles(tmp_path):
     result = fitting.fit(load_source(str(sweep)), bootstrap=0)
     assert result["isoflop"]["a"] is not None
     _assert_pngs(fit_plot.plot_sweep(str(sweep), str(tmp_path / "plots"), result), tmp_path / "plots")
+
+
+def test_accuracy_sigmoid_recovers_its_parameters_and_predicts_a_held_out_size(tmp_path, capsys):
+    """acc = 0.25 + 0.7 / (1 + exp(6 (L - 3.2))) measured on 400 examples per run (binomial noise): the fit finds
+    L0 and k, and the held-out size's accuracy, chained through the law's loss prediction, is inside its interval."""
+    from jaxlm.scaling.accuracy import sigmoid
+
+    rng = np.random.default_rng(0)
+    rows = grid_rows(np.geomspace(3e4, 3e6, 5), np.geomspace(2e6, 2e8, 4), seeds=2, noise=0.005)
+    for r in rows:
+        p = float(sigmoid(r["loss"], 0.25, 0.7, 6.0, 3.2))
+        r.update(acc=rng.binomial(400, p) / 400, acc_norm=p, chance=0.25)
+    rows[-1]["size"] = rows[-2]["size"]  # the largest size's runs, held out below
+    sweep = write_results(tmp_path / "scored", rows)
+    args = parse([str(sweep), "--holdout", "s4", "--bootstrap", "100", "--accuracy", "acc"])
+    _, result, _ = fitting.command(args)
+    acc = result["accuracy"]
+    assert abs(acc["L0"] - 3.2) < 0.1 and abs(acc["k"] - 6.0) < 2.5 and abs(acc["a"] - 0.7) < 0.1
+    assert acc["rmse"] < 0.05 and acc["runs"] == sum(r["size"] != "s4" for r in rows)
+    held = acc["held_out"]
+    assert len(held) == 4 and all(h["size"] == "s4" for h in held)  # one per token budget of the size
+    truth = [float(sigmoid(h["measured_loss"], 0.25, 0.7, 6.0, 3.2)) for h in held]
+    assert all(abs(h["from_law"]["acc"] - t) < 0.05 and abs(h["from_loss"]["acc"] - t) < 0.05
+               for h, t in zip(held, truth)), held
+    # measured with binomial noise on 800 examples; 95% intervals: most of the four are inside
+    assert sum(h["from_law"]["inside"] for h in held) >= 3 and sum(h["from_loss"]["inside"] for h in held) >= 3
+    assert all(h["from_law"]["ci95"][1] - h["from_law"]["ci95"][0] < 0.2 for h in held)
+    assert max(h["from_law"]["acc"] for h in held) - min(h["from_law"]["acc"] for h in held) > 0.4
+    assert "held out s4: predicted acc" in capsys.readouterr().out
+    saved = json.loads((sweep / "fit.json").read_text())
+    assert saved["accuracy"]["L0"] == pytest.approx(acc["L0"])
+
+
+def test_accuracy_fit_needs_a_task_scored_sweep(tmp_path):
+    from jaxlm.errors import ConfigError
+
+    sweep = write_results(tmp_path / "plain", grid_rows(np.geomspace(3e4, 3e6, 4), np.geomspace(2e6, 2e8, 3)))
+    with pytest.raises(ConfigError, match="sweep eval SWEEP_DIR --task"):
+        fitting.command(parse([str(sweep), "--bootstrap", "0", "--accuracy", "acc"]))

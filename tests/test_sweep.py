@@ -286,3 +286,28 @@ def test_a_sweep_with_a_failed_run_exits_1_and_names_it(tmp_path, capsys):
     assert "0 of 2 runs done, 2 failed" in out and "not finished: w32-d1.02k-s0, w64-d1.02k-s0" in out, out
     assert [r["status"] for r in results.read_results(sweep.dir)] == ["failed", "failed"]
     assert "missing.txt" in open(os.path.join(sweep.dir, "logs", "w32-d1.02k-s0.error")).read()
+
+
+def test_sweep_eval_task_adds_accuracy_columns_and_fit_fits_accuracy_against_loss(finished, tmp_path, capsys):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+    import make_sentiment
+    from jaxlm.evaluate import evaluate_task
+
+    sweep, _, _, _ = finished
+    task = make_sentiment.write(str(tmp_path), n_train=1, n_valid=1, n_test=24, seed=2)["task"]
+    assert main(["sweep", "eval", sweep.dir, "--task", task]) == 0
+    out_dir = os.path.join(sweep.dir, "rescored", "task-task")
+    scored = json.load(open(os.path.join(out_dir, "results.json")))["runs"]
+    original = {r["name"]: r for r in results.read_results(sweep.dir) if r["status"] == "done"}
+    assert sorted(r["name"] for r in scored) == sorted(original) and len(scored) >= 8
+    for r in scored:
+        assert r["loss"] == original[r["name"]]["loss"] and r["chance"] == 0.5
+        assert r["acc_lo"] <= r["acc"] <= r["acc_hi"] and r["acc_norm_lo"] <= r["acc_norm"] <= r["acc_norm_hi"]
+    one = scored[0]
+    assert evaluate_task(os.path.join(sweep.dir, "runs", one["name"]), task, write=False)[0]["acc"] == one["acc"]
+    capsys.readouterr()
+    # three sizes: all are needed by the law, so no size is held out here (tests/test_fit.py predicts one)
+    assert main(["fit", out_dir, "--bootstrap", "10", "--accuracy", "acc"]) == 0
+    assert "acc(L) = 0.500 + " in capsys.readouterr().out
+    fit = json.load(open(os.path.join(out_dir, "fit.json")))["accuracy"]
+    assert fit["runs"] == len(scored) and fit["chance"] == 0.5 and 0 <= fit["a"] <= 0.5 and fit["k"] > 0

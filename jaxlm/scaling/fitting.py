@@ -120,6 +120,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", metavar="DIR",
                         help="where fit.json goes (default: the sweep directory, or the CSV's directory)")
     parser.add_argument("--plot", action="store_true", help="also draw the sweep figures into OUT/plots")
+    parser.add_argument("--accuracy", choices=("acc", "acc_norm"), default=None,
+                        help="a task-scored sweep (`jaxlm sweep eval SWEEP_DIR --task FILE`): also fit this accuracy "
+                             "against loss (a sigmoid) and predict the held-out sizes' accuracy")
 
 
 def command(args) -> tuple[Points, dict, str]:
@@ -130,6 +133,11 @@ def command(args) -> tuple[Points, dict, str]:
     result = fit(points, bootstrap=args.bootstrap, seed=args.seed, budgets=args.budget,
                  seconds=getattr(args, "seconds", None))
     out = args.out or os.path.dirname(os.path.abspath(points.source))
+    if getattr(args, "accuracy", None):
+        from jaxlm.scaling.accuracy import accuracy_fit, format_accuracy
+
+        result["accuracy"] = accuracy_fit(points, result, args.accuracy, args.bootstrap, args.seed)
+        print(format_accuracy(result["accuracy"]))
     print(format_table(result))
     print(f"wrote {write_result(result, out)}")
     return points, result, out

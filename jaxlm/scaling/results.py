@@ -20,7 +20,8 @@ from jaxlm.scaling.sweep_file import Sweep
 
 RESULT_COLUMNS = ("name", "size", "n_total", "n_non_embedding", "n_embedding", "n_head", "n_matmul", "tokens",
                   "steps", *(f"c_{k}" for k in FLOP_CONVENTIONS), "loss", "loss_lo", "loss_hi", "bpb", "bpb_lo",
-                  "bpb_hi", "lr", "seed", "budget", "isoflop_c", "holdout", "wall_s", "status", "kind", "branch_of")
+                  "bpb_hi", "lr", "seed", "budget", "isoflop_c", "holdout", "wall_s", "status", "kind", "branch_of",
+                  "acc", "acc_lo", "acc_hi", "acc_norm", "acc_norm_lo", "acc_norm_hi", "chance")
 FINISHED = ("done", "diverged", "failed")
 
 
@@ -111,4 +112,32 @@ def rescore(sweep_dir: str, source: str, name: str = "", log=print) -> str:
             + (f" ({rec['bpb']:.4f} bits/byte)" if "bpb" in rec else "") + f" in {time.perf_counter() - t0:.0f}s")
     save_results(out_dir, out, {"sweep_dir": os.path.abspath(sweep_dir), "data": source})
     log(f"rescored {len(out)} runs on {source}: {os.path.join(out_dir, 'results.csv')}")
+    return out_dir
+
+
+def rescore_task(sweep_dir: str, task_file: str, name: str = "", fewshot: int = 0, log=print) -> str:
+    """Multiple-choice accuracy (`jaxlm eval --task`) of every finished run's final checkpoint; writes
+    <sweep_dir>/rescored/<name>/results.csv/.json: the sweep's rows (their own validation loss) with the
+    acc, acc_norm and chance columns, which `jaxlm fit DIR --accuracy acc` fits. Returns that directory."""
+    from jaxlm.evaluate import evaluate_task
+    from jaxlm.tasks import read_task
+
+    task = read_task(task_file, fewshot)  # a bad task file fails before any run is opened
+    chance = sum(1.0 / len(c) for c in task.choices) / len(task.choices)
+    rows = [row for row in read_results(sweep_dir) if row["status"] == "done"]
+    if not rows:
+        raise ConfigError(f"sweep '{sweep_dir}' has no finished run to score")
+    out_dir = os.path.join(sweep_dir, "rescored", name or f"task-{files.slug(task.name)}")
+    out = []
+    for i, row in enumerate(rows, 1):
+        rec = evaluate_task(os.path.join(sweep_dir, "runs", row["name"]), task_file, fewshot=fewshot,
+                            log=lambda m: None)[-1]
+        out.append(dict(row, chance=chance, **{f"{k}{s}": v for k in ("acc", "acc_norm")
+                                               for s, v in zip(("", "_lo", "_hi"), (rec[k], *rec[f"{k}_ci95"]))}))
+        log(f"[{i}/{len(rows)}] {row['name']}: loss {row['loss']}, acc {rec['acc']:.4f} (95% "
+            f"{rec['acc_ci95'][0]:.3f}..{rec['acc_ci95'][1]:.3f}), acc_norm {rec['acc_norm']:.4f} in "
+            f"{rec['eval_s']:.1f}s")
+    save_results(out_dir, out, {"sweep_dir": os.path.abspath(sweep_dir), "task": os.path.abspath(task_file),
+                                "fewshot": fewshot})
+    log(f"scored {len(out)} runs on {task_file}: {os.path.join(out_dir, 'results.csv')}")
     return out_dir
