@@ -38,6 +38,7 @@ class ModelConfig:
     d_ff: int = _f(0, "MLP hidden width; 0 = 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)")
     max_seq_len: int = _f(1024, "longest sequence the model accepts (gpt2: size of the position table)")
     bias: Optional[bool] = _f(None, "biases in dense layers and norms; default: gpt2 yes, llama no")
+    qkv_bias: bool = _f(False, "llama: biases on the q, k and v projections only (Qwen2's layout)")
     tie_embeddings: Optional[bool] = _f(None, "share input embedding and output head; default: gpt2 yes, llama no")
     norm_eps: float = _f(1e-5, "epsilon of LayerNorm / RMSNorm")
     rope_theta: float = _f(10000.0, "RoPE base frequency (llama)")
@@ -98,6 +99,10 @@ class ModelConfig:
     @property
     def use_bias(self) -> bool:
         return self.family == "gpt2" if self.bias is None else self.bias
+
+    @property
+    def use_qkv_bias(self) -> bool:
+        return self.use_bias or self.qkv_bias
 
     @property
     def tied(self) -> bool:

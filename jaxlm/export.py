@@ -90,7 +90,7 @@ def to_hf(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     dims = _dims(cfg, p["embed"]["embedding"].shape[0])
     out: dict[str, np.ndarray] = {}
     for e, name, i in hf_names.rows(hf_names.TABLES[cfg.family], cfg.n_layers):
-        if not e.applies(cfg.use_bias, cfg.tied):
+        if not e.applies(cfg.use_bias, cfg.tied, cfg.qkv_bias):
             continue
         shapes = e.shapes(dims)
         xs = []
@@ -127,7 +127,10 @@ def hf_config(cfg: ModelConfig, vocab: int, tok: Tokenizer | None) -> dict:
     if tok is not None:
         ids = special_token_ids(tok)
     if cfg.family == "llama":
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+        qwen2 = cfg.qkv_bias and not cfg.use_bias  # biases on q, k and v only: transformers' Qwen2
+        kind = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False} if qwen2 \
+            else {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+        return {**kind, "vocab_size": vocab,
                 "hidden_size": cfg.d_model, "intermediate_size": cfg.ff_dim, "num_hidden_layers": cfg.n_layers,
                 "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
                 "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
@@ -273,7 +276,9 @@ def export(path: str, out_dir: str, fmt: str = "hf", max_shard_bytes: int = DEFA
 def model_config_from_hf(hf: dict) -> list[str]:
     """jaxlm model.* overrides for a Hugging Face config.json (llama or gpt2)."""
     kind = hf.get("model_type")
-    if kind in ("llama", "mistral"):
+    if kind == "qwen2" and hf.get("use_sliding_window"):
+        raise ExportError("use_sliding_window=true (Qwen2's sliding window on some layers) is not supported")
+    if kind in ("llama", "mistral", "qwen2"):
         D, N = hf["hidden_size"], hf["num_attention_heads"]
         if (hf.get("head_dim") or D // N) != D // N:
             raise ExportError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads={D // N}; "
@@ -293,6 +298,7 @@ def model_config_from_hf(hf: dict) -> list[str]:
                 *_rope_scaling_keys(hf.get("rope_scaling") or rope),
                 f"model.norm_eps={hf.get('rms_norm_eps', 1e-6)}", f"model.rope_theta={theta}",
                 f"model.bias={str(bool(hf.get('attention_bias', False))).lower()}",
+                f"model.qkv_bias={str(kind == 'qwen2').lower()}",
                 f"model.tie_embeddings={str(bool(hf.get('tie_word_embeddings', False))).lower()}"]
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
@@ -307,7 +313,7 @@ def model_config_from_hf(hf: dict) -> list[str]:
                 f"model.max_seq_len={hf['n_positions']}", f"model.norm_eps={hf.get('layer_norm_epsilon', 1e-5)}",
                 "model.bias=true", f"model.tie_embeddings={str(bool(hf.get('tie_word_embeddings', True))).lower()}"]
     raise ExportError(f"model_type={kind!r} ({', '.join(hf.get('architectures') or [])}) is not supported: jaxlm "
-                      "imports llama, mistral and gpt2 checkpoints")
+                      "imports llama, mistral, qwen2 and gpt2 checkpoints")
 
 
 def _rope_scaling_keys(scaling: dict) -> list[str]:
@@ -342,7 +348,7 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, target) -> dict:
     params: dict = {}
     layers: list[dict] = [{} for _ in range(cfg.n_layers)]
     for e, name, i in hf_names.rows(table, cfg.n_layers):
-        if not e.applies(cfg.use_bias, cfg.tied):
+        if not e.applies(cfg.use_bias, cfg.tied, cfg.qkv_bias):
             continue
         shapes = e.shapes(dims)
         for path, x in zip(e.paths, e.layout.from_hf(get(name, e.layout.hf_shape(shapes)), shapes)):

@@ -85,8 +85,8 @@ class Entry:
     def per_layer(self) -> bool:
         return "{i}" in self.hf
 
-    def applies(self, use_bias: bool, tied: bool) -> bool:
-        return {"bias": use_bias, "untied": not tied}.get(self.when, True)
+    def applies(self, use_bias: bool, tied: bool, qkv_bias: bool = False) -> bool:
+        return {"bias": use_bias, "qkv_bias": use_bias or qkv_bias, "untied": not tied}.get(self.when, True)
 
     def shapes(self, dims: dict[str, int]) -> Shapes:
         return [tuple(dims[d] for d in self.shape.split())] * len(self.paths)
@@ -101,11 +101,11 @@ def _table(*rows) -> tuple[Entry, ...]:
 LLAMA = _table(  # LlamaForCausalLM
     ("embed.embedding", "V D", "model.embed_tokens.weight", SAME),
     ("attn.q.kernel", "D N H", "model.layers.{i}.self_attn.q_proj.weight", HEADS_IN),
-    ("attn.q.bias", "N H", "model.layers.{i}.self_attn.q_proj.bias", MERGE_HEADS, "bias"),
+    ("attn.q.bias", "N H", "model.layers.{i}.self_attn.q_proj.bias", MERGE_HEADS, "qkv_bias"),
     ("attn.k.kernel", "D K H", "model.layers.{i}.self_attn.k_proj.weight", HEADS_IN),
-    ("attn.k.bias", "K H", "model.layers.{i}.self_attn.k_proj.bias", MERGE_HEADS, "bias"),
+    ("attn.k.bias", "K H", "model.layers.{i}.self_attn.k_proj.bias", MERGE_HEADS, "qkv_bias"),
     ("attn.v.kernel", "D K H", "model.layers.{i}.self_attn.v_proj.weight", HEADS_IN),
-    ("attn.v.bias", "K H", "model.layers.{i}.self_attn.v_proj.bias", MERGE_HEADS, "bias"),
+    ("attn.v.bias", "K H", "model.layers.{i}.self_attn.v_proj.bias", MERGE_HEADS, "qkv_bias"),
     ("attn.o.kernel", "N H D", "model.layers.{i}.self_attn.o_proj.weight", HEADS_OUT),
     ("mlp.gate.kernel", "D F", "model.layers.{i}.mlp.gate_proj.weight", TRANSPOSE),
     ("mlp.up.kernel", "D F", "model.layers.{i}.mlp.up_proj.weight", TRANSPOSE),

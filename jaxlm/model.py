@@ -160,10 +160,11 @@ class Attention(nn.Module):
         D, N, K, H = c.d_model, c.n_heads, c.kv_heads, c.head_dim
         linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c), kernels=c.kernels)
         std = mup.init_std(c, "hidden", c.init_std)
-        q_BTNH = linear((D, N, H), ("embed", "heads", "head_dim"), mup.init_std(c, "query", c.init_std),
-                        name="q")(x_BTD)
-        k_BTKH = linear((D, K, H), ("embed", "kv_heads", "head_dim"), std, name="k")(x_BTD)
-        v_BTKH = linear((D, K, H), ("embed", "kv_heads", "head_dim"), std, name="v")(x_BTD)
+        qkv = functools.partial(linear, use_bias=c.use_qkv_bias)
+        q_BTNH = qkv((D, N, H), ("embed", "heads", "head_dim"), mup.init_std(c, "query", c.init_std),
+                     name="q")(x_BTD)
+        k_BTKH = qkv((D, K, H), ("embed", "kv_heads", "head_dim"), std, name="k")(x_BTD)
+        v_BTKH = qkv((D, K, H), ("embed", "kv_heads", "head_dim"), std, name="v")(x_BTD)
         if c.family == "llama":
             q_BTNH = rope(q_BTNH, positions_BT, rope_frequencies(c))
             k_BTKH = rope(k_BTKH, positions_BT, rope_frequencies(c))

@@ -89,7 +89,7 @@ def _prepare_examples(cfg: Config, log, tokenizer: Tokenizer | None, t0: float) 
 
 # Keys that shape the train state or the token ids: a run cannot resume across a change in them.
 STATE_KEYS = ("model.family", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
-              "model.n_kv_heads", "model.d_ff", "model.max_seq_len", "model.bias", "model.tie_embeddings",
+              "model.n_kv_heads", "model.d_ff", "model.max_seq_len", "model.bias", "model.qkv_bias", "model.tie_embeddings",
               "model.scan_layers", "model.parametrization", "optim.grad_clip", "optim.decay_embeddings",
               "data.tokenizer_vocab", "data.tokenizer_type", "data.tokenizer_max_bytes")
 

@@ -255,16 +255,22 @@ def _random_hf(family, tmp_path):
                                                         "original_max_position_embeddings": 32})
     elif family == "mistral":
         config = transformers.MistralConfig(**llama, sliding_window=None)
+    elif family == "qwen2":  # biases on q, k and v only
+        config = transformers.Qwen2Config(**llama, use_sliding_window=False)
     else:
         config = transformers.GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                          initializer_range=0.2)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # transformers initialises biases to zero: random ones, so their mapping is tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
     directory = tmp_path / f"hf-{family}"
     model.save_pretrained(str(directory))
     return model, directory
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "llama3", "mistral"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama3", "mistral", "qwen2"])
 def test_import_random_transformers_model_and_export_it_back_bit_for_bit(family, trained_run, tmp_path):
     model, hf_dir = _random_hf(family, tmp_path)
     tok = trained_run[1] / "tokenizer.model"
