@@ -285,6 +285,11 @@ def evaluate(path: str, *, data: str | None = None, split: str | None = None, se
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     o = open_checkpoints(path, overrides, devices, all_checkpoints)
     run_dir, cfg, tok, mesh = o.run_dir, o.cfg, o.tokenizer, o.mesh
+    if cfg.data.format == "sft" and data is None:
+        if seq_len or stride:
+            raise ConfigError("a fine-tuning run's examples are scored as it trained on them: --context and "
+                              "--stride apply to --data")
+        return _evaluate_examples(o, split or "validation", all_checkpoints, write, log)
     T = seq_len or cfg.train.seq_len
     if T > cfg.model.max_seq_len:
         raise ConfigError(f"context length {T} is longer than the model's max_seq_len {cfg.model.max_seq_len}")
@@ -313,6 +318,36 @@ def evaluate(path: str, *, data: str | None = None, split: str | None = None, se
         raise CheckpointError(f"no checkpoint of {run_dir} could be evaluated")
     if write and all_checkpoints and jax.process_index() == 0:
         _write(run_dir, {"data": evaluated.label, "results": results}, "all")
+    return results
+
+
+def _evaluate_examples(o, split: str, all_checkpoints: bool, write: bool, log) -> list[dict]:
+    """A fine-tuning run (data.format=sft) on its own examples: the loss over their trained targets,
+    as its validation reports it (`validate_examples`); there is no bits per byte."""
+    from jaxlm.data import examples
+
+    if split not in ("validation", "train"):
+        raise DataError(f"--split {split}: a fine-tuning run's examples have the splits validation and train")
+    train, valid = examples.load(o.cfg.data, o.tokenizer, o.cfg.train.seq_len)
+    ex = valid if split == "validation" else train
+    source = (o.cfg.data.valid_source if split == "validation" else "") or o.cfg.data.source
+    T = o.cfg.train.seq_len
+    results = []
+    for s, params, t0 in each_checkpoint(o, all_checkpoints, log):
+        t1 = time.perf_counter()
+        ev = validate_examples(o.stepper, params, ex, o.cfg)
+        res = {"run_dir": o.run_dir, "step": s, "data": f"{split} examples of {source}", "context": T,
+               "stride": T, "tokens": ev["eval_tokens"], "bytes": 0, "documents": len(ex), "loss": ev["eval_loss"],
+               "ppl": ev["eval_ppl"], "bpb": float("nan"), "ci_unit": f"{len(ex)} examples",
+               "mesh": {k: int(v) for k, v in o.mesh.shape.items()}, "restore_s": t1 - t0,
+               "eval_s": time.perf_counter() - t1, "tokenizer_sha256": o.tokenizer.sha256,
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if "eval_loss_ci95" in ev:
+            res.update(loss_ci95=ev["eval_loss_ci95"], ppl_ci95=[math.exp(min(v, 700.0)) for v in ev["eval_loss_ci95"]])
+        results.append(res)
+        if write and jax.process_index() == 0:
+            _write(o.run_dir, res, f"step{s}")
+        log(f"checkpoint {s}: loss {res['loss']:.4f} over the {res['tokens']:,} trained tokens of {len(ex)} examples")
     return results
 
 

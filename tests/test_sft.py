@@ -235,6 +235,10 @@ def test_fine_tune_run_exports_its_template_and_transformers_renders_the_trained
     targets = np.ones(len(want.ids), bool)
     targets[want.starts[:-1]] = False  # an example's first id is never a target
     assert rec["eval_tokens"] == int(want.trained[targets].sum()) > 0  # the completion-only loss's tokens
+    from jaxlm.evaluate import evaluate  # `jaxlm eval` on a fine-tuning run: its validation, as the loop scored it
+
+    got = evaluate(str(run), write=False)[0]
+    assert got["tokens"] == rec["eval_tokens"] and abs(got["loss"] - rec["eval_loss"]) <= 1e-6 * rec["eval_loss"]
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     for c in CONVERSATIONS:
