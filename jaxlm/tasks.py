@@ -24,14 +24,12 @@ put in front of every other context; they are not scored.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
 import numpy as np
 
-from jaxlm.data.examples import Examples
-from jaxlm.data.sources import decode
+from jaxlm.data.examples import Examples, jsonl_records
 from jaxlm.errors import DataError
 
 Z95 = 1.959964
@@ -69,18 +67,7 @@ def read_task(path: str, fewshot: int = 0) -> Task:
     """The task file at `path`; its first `fewshot` examples become the fixed prefix."""
     if not os.path.isfile(path):
         raise DataError(f"task file '{path}' does not exist")
-    rows = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            line = decode(raw, where)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where} is not valid JSON ({e.msg})") from None
-            rows.append((where, *_check(record, where)))
+    rows = [(where, *_check(record, where)) for where, record in jsonl_records(path)]
     if fewshot < 0 or len(rows) <= fewshot:
         raise DataError(f"'{path}' has {len(rows)} examples: none would be left to score after --fewshot {fewshot}")
     shots = "".join(f"{c}{chs[y]}\n\n" for _, c, chs, y in rows[:fewshot])

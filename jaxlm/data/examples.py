@@ -62,22 +62,26 @@ def read_records(source: str, invalid_utf8: str = "error") -> list[tuple[str, di
     spec = parse_source(source)
     if spec.kind != "jsonl":
         raise DataError(f"data.format=sft reads jsonl files of examples; '{source}' is a {spec.kind}: source")
-    out = []
-    for path in _files(spec.target):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                line = decode(raw, where, invalid_utf8)
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where} is not valid JSON ({e.msg})") from None
-                out.append((where, check(record, where)))
+    out = [(where, check(record, where)) for path in _files(spec.target)
+           for where, record in jsonl_records(path, invalid_utf8)]
     if not out:
         raise DataError(f"'{source}' holds no examples")
     return out
+
+
+def jsonl_records(path: str, invalid_utf8: str = "error"):
+    """Yield (file:line, parsed JSON) of each non-blank line of a jsonl file; DataError at a line that is
+    not UTF-8 (see data.invalid_utf8) or not JSON."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            line = decode(raw, where, invalid_utf8)
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where} is not valid JSON ({e.msg})") from None
 
 
 def check(record, where: str) -> dict:
