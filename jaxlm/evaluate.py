@@ -33,7 +33,7 @@ import numpy as np
 from jaxlm import checkpoint as ckpt
 from jaxlm import files
 from jaxlm.config import Config
-from jaxlm.data import cache, packing
+from jaxlm.data import cache
 from jaxlm.data.loader import Windows, unscored_id, window_batches
 from jaxlm.data.sources import parse_source
 from jaxlm.data.tokenizer import Tokenizer
@@ -185,30 +185,11 @@ def validate(stepper, params, split: Split, cfg: Config, eos_id: int, unscored: 
     return {f"eval_{k}": res[k] for k in keys if k in res}
 
 
-def score_examples(stepper, params, ex, seq_len: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(NLL summed over each example's trained targets, their count), float64, examples packed as
-    training packs them (`packing.eval_batches`)."""
-    sums, counts = np.zeros(len(ex), np.float64), np.zeros(len(ex), np.float64)
-    pending = []
-
-    def drain(keep: int):
-        while len(pending) > keep:
-            owner, mask, out = pending.pop(0)
-            got = np.asarray(jax.device_get(out), np.float64).reshape(owner.shape)
-            scored = (owner >= 0) & (mask > 0)
-            sums[:] += np.bincount(owner[scored], weights=got[scored], minlength=len(ex))
-            counts[:] += np.bincount(owner[scored], minlength=len(ex))
-
-    for owner, mask, local in packing.eval_batches(ex, batch_size, seq_len, stepper.local_rows(batch_size)):
-        pending.append((owner, mask, stepper.eval_step(params, stepper.place(local, batch_size))))
-        drain(2)
-    drain(0)
-    return sums, counts
-
-
 def validate_examples(stepper, params, ex, cfg: Config) -> dict:
     """The training loop's validation of fine-tuning examples: the loss over their trained targets
     (data.loss_on), with a 95% interval over examples, as `eval_*` metrics."""
+    from jaxlm.tasks import score_examples
+
     sums, counts = score_examples(stepper, params, ex, cfg.train.seq_len, cfg.eval.batch_size or cfg.train.batch_size)
     loss = float(sums.sum() / max(counts.sum(), 1))
     out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": int(counts.sum()),

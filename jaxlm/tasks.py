@@ -1,5 +1,8 @@
 """Multiple-choice tasks: each choice's log-likelihood given its context, and accuracy.
 
+`score_examples` scores packed `Examples` on a stepper's mesh: the requests here, and the validation
+examples of a fine-tuning run (`jaxlm.evaluate.validate_examples`).
+
 A task file is jsonl, one example per line: `{"context": TEXT, "choices": [TEXT, ...], "label": INDEX}`.
 Every (context, choice) pair is one request, encoded as lm-evaluation-harness encodes it
 (`encode_pair`): trailing spaces of the context move to the front of the choice, the context and
@@ -27,8 +30,10 @@ import dataclasses
 import math
 import os
 
+import jax
 import numpy as np
 
+from jaxlm.data import packing
 from jaxlm.data.examples import Examples, jsonl_records
 from jaxlm.errors import DataError
 
@@ -136,10 +141,29 @@ def metrics(task: Task, lls: np.ndarray) -> dict:
     return out
 
 
+def score_examples(stepper, params, ex, seq_len: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL summed over each example's trained targets, their count), float64, examples packed as
+    training packs them (`packing.eval_batches`)."""
+    sums, counts = np.zeros(len(ex), np.float64), np.zeros(len(ex), np.float64)
+    pending = []
+
+    def drain(keep: int):
+        while len(pending) > keep:
+            owner, mask, out = pending.pop(0)
+            got = np.asarray(jax.device_get(out), np.float64).reshape(owner.shape)
+            scored = (owner >= 0) & (mask > 0)
+            sums[:] += np.bincount(owner[scored], weights=got[scored], minlength=len(ex))
+            counts[:] += np.bincount(owner[scored], minlength=len(ex))
+
+    for owner, mask, local in packing.eval_batches(ex, batch_size, seq_len, stepper.local_rows(batch_size)):
+        pending.append((owner, mask, stepper.eval_step(params, stepper.place(local, batch_size))))
+        drain(2)
+    drain(0)
+    return sums, counts
+
+
 def score_task(stepper, params, tok, task: Task, seq_len: int, batch_size: int) -> dict:
     """The task's metrics for `params` (every request scored once on the stepper's mesh)."""
-    from jaxlm.evaluate import score_examples
-
     ex = request_examples(tok, task.pairs(), seq_len)
     sums, counts = score_examples(stepper, params, ex, seq_len, batch_size)
     want = np.add.reduceat(ex.trained.astype(np.int64), ex.starts[:-1])
