@@ -270,3 +270,24 @@ def test_bad_fine_tuning_inputs_exit_2_with_the_line_at_fault(task, tmp_path, ca
         assert code == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
+
+
+def test_a_fine_tuning_run_resumes_bitwise(task, tmp_path):
+    """8 steps at once against 4, then the same command to 8: the same losses, to the bit."""
+    from jaxlm.cli import main
+    from test_cli import TINY_CLI
+
+    paths, _, tok_path = task
+    common = ["data.format=sft", f"data.source=jsonl:{paths['train']}", f"data.valid_source=jsonl:{paths['valid']}",
+              f"data.tokenizer={tok_path}", "eval.every=0", "checkpoint.every=4", "train.seq_len=64",
+              "train.log_every=1"] + [a for a in TINY_CLI if not a.startswith("train.seq_len")]
+
+    def losses(run):
+        records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+    assert main(["train", f"run.dir={tmp_path / 'once'}", "train.steps=8"] + common) == 0
+    assert main(["train", f"run.dir={tmp_path / 'twice'}", "train.steps=4"] + common) == 0
+    assert main(["train", f"run.dir={tmp_path / 'twice'}", "train.steps=8"] + common) == 0
+    once, twice = losses(tmp_path / "once"), losses(tmp_path / "twice")
+    assert sorted(once) == list(range(8)) and once == twice
