@@ -61,10 +61,14 @@ def _hf_folder(family, tmp_path):
                                          eos_token_id=fast.token_to_id(eos))
     else:
         cls = transformers.LlamaConfig if family == "llama3" else transformers.MistralConfig
+        extra = ({"sliding_window": None} if family == "mistral" else  # Llama 3.1's RoPE scaling, 32 -> 256
+                 {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                           "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 32}})
         config = cls(vocab_size=V, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
+                     num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3,
                      tie_word_embeddings=False, bos_token_id=fast.token_to_id(bos), eos_token_id=fast.token_to_id(eos),
-                     **({"sliding_window": None} if family == "mistral" else {}))
+                     **extra)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     folder = tmp_path / f"hf-{family}"
     model.save_pretrained(str(folder))
@@ -85,6 +89,15 @@ def test_imported_model_starts_documents_and_prompts_with_its_own_start_token(fa
     m = load(str(run), devices=jax.devices()[:1])
     tok = m.tokenizer
     assert (tok.start_token, tok.eos_token) == (bos, eos)
+    # float32 logits of 200 positions of real text (the llama3 scaling matters past its original 32)
+    text = (folder.parent / "corpus" / "doc0.txt").read_text(encoding="utf-8")
+    ids = np.asarray([encode_prompt(tok, text)[:200 if family != "gpt2" else 64]], np.int32)
+    ours = np.asarray(m.model.apply({"params": m.params}, ids))
+    with torch.no_grad():
+        want = model(torch.tensor(ids)).logits.numpy()
+    err = float(np.max(np.abs(ours - want)) / np.max(np.abs(want)))
+    print(f"{family} with its tokenizer.json: largest logit error relative to the largest logit {err:.2e}")
+    assert err <= 1e-5, err
     for text in TEXTS:  # the same ids as transformers, the start token in front where the family puts it
         want = hf_tok(text)["input_ids"]
         assert encode_prompt(tok, text) == (want if front else [hf_tok.convert_tokens_to_ids(bos)] + want)
