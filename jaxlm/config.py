@@ -169,6 +169,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    name: str = _f("adamw", "adamw, or muon (Newton-Schulz-orthogonalised momentum on the hidden matrices, AdamW on "
+                   "embeddings, head, norms and biases; docs/training.md)")
     lr: float = _f(1e-3, "peak learning rate")
     schedule: str = _f("cosine", "constant, cosine, linear, wsd (warmup-stable-decay) or inverse_sqrt")
     warmup_steps: int = _f(100, "linear warmup from 0 to lr")
@@ -181,6 +183,12 @@ class OptimConfig:
     decay_embeddings: bool = _f(False, "apply weight decay to embeddings and the output head too")
     grad_clip: float = _f(1.0, "global gradient-norm clip; 0 = off")
     z_loss: float = _f(0.0, "weight of the z-loss (log-partition squared) term; 0 = off")
+    adam_lr: float = _f(0.0, "muon: the peak learning rate of the AdamW leaves (embeddings, head, norms, biases); "
+                        "0 = optim.lr")
+    muon_beta: float = _f(0.95, "muon: momentum of the hidden matrices (Nesterov)")
+    muon_ns_steps: int = _f(5, "muon: Newton-Schulz iterations")
+    muon_rms: float = _f(0.2, "muon: each matrix update's RMS is scaled to this (0.2: about AdamW's), so an AdamW "
+                         "learning rate is a sensible start; 0 = Keller Jordan's sqrt(max(1, out/in)) instead")
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,10 @@ def _validate_choices(cfg: Config) -> None:
         raise ConfigError("model.rope_scaling=llama3 needs rope_scaling_factor > 0, 0 < rope_low_freq_factor < "
                           "rope_high_freq_factor and rope_original_max_len > 0")
     _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
+    _choice("optim.name", cfg.optim.name, ("adamw", "muon"))
+    if cfg.optim.name == "muon" and m.parametrization == "mup":
+        raise ConfigError("optim.name=muon with model.parametrization=mup is not supported yet: µP's multipliers "
+                          "under Muon are not worked out")
     _choice("mesh.backend", cfg.mesh.backend, BACKENDS)
     _choice("train.on_bad_steps", cfg.train.on_bad_steps, ("stop", "rollback"))
     _choice("data.tokenizer_type", cfg.data.tokenizer_type, ("bpe", "unigram", "bytelevel"))

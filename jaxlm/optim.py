@@ -1,7 +1,20 @@
 """Optax optimizer: learning-rate schedules with linear warmup, AdamW with a decay mask, clipping,
-and under model.parametrization=mup the per-leaf lr multipliers of `jaxlm.mup` (docs/mup.md)."""
+under model.parametrization=mup the per-leaf lr multipliers of `jaxlm.mup` (docs/mup.md), and Muon.
+
+Muon (`optim.name=muon`) is optax.contrib's pieces, put together here because jaxlm needs its
+own choices: the hidden matrices (every kernel of a block) take `scale_by_muon`, whose
+Newton-Schulz iteration runs on each matrix as the layer uses it. A q, k or v kernel
+[D, N, H] is one D x (N H) matrix, o [N, H, D] one (N H) x D matrix, and a scanned stack's
+leading layer axis is a batch axis, so each layer is orthogonalised on its own, never the
+flattened stack (`muon_dimensions`). The update is scaled to RMS `optim.muon_rms`
+(`scale_by_shape`'s consistent_rms: sqrt(max(fan_in, fan_out)) times it; 0.2 is about AdamW's
+update RMS), then the decoupled weight decay under jaxlm's decay mask, then the schedule. The
+embeddings, the head, norms and biases take jaxlm's AdamW (with its decay mask) at
+`optim.adam_lr` on the same schedule shape."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -79,10 +92,62 @@ def _mup_adamw(o: OptimConfig, m: ModelConfig, schedule) -> optax.GradientTransf
     )
 
 
+def _keys(path) -> list[str]:
+    """A leaf's path as names, without the `value` of a boxed (logically partitioned) parameter."""
+    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return keys[:-1] if keys and keys[-1] == "value" else keys
+
+
+def muon_labels(params):
+    """"muon" for the hidden matrices (the kernels of the blocks), "adam" for every other leaf."""
+
+    def label(path, leaf) -> str:
+        keys = _keys(path)
+        hidden = keys[-1] == "kernel" and (keys[0] == "blocks" or keys[0].startswith("block_"))
+        return "muon" if hidden and leaf.ndim >= 2 else "adam"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def muon_dimensions(params):
+    """Each hidden matrix's `MuonDimensionNumbers`: its input axes (two for the attention output's
+    [N, H, D], else the first), its output axes (the rest), a scanned stack's layer axis left out (a
+    batch axis: orthogonalised per layer); None for the AdamW leaves."""
+    from optax.contrib import MuonDimensionNumbers
+
+    def dims(path, leaf, label):
+        if label != "muon":
+            return None
+        keys = _keys(path)
+        first = 1 if keys[0] == "blocks" else 0
+        n_in = 2 if keys[-2] == "o" else 1
+        return MuonDimensionNumbers(tuple(range(first, first + n_in)), tuple(range(first + n_in, leaf.ndim)))
+
+    return jax.tree_util.tree_map_with_path(dims, params, muon_labels(params))
+
+
+def _muon(o: OptimConfig, schedule, total_steps: int) -> optax.GradientTransformation:
+    from optax.contrib import scale_by_muon
+    from optax.contrib._muon import scale_by_shape  # not exported by optax.contrib (optax 0.2.8)
+
+    adam_schedule = make_schedule(dataclasses.replace(o, lr=o.adam_lr or o.lr), total_steps)
+    matrices = optax.chain(
+        scale_by_muon(beta=o.muon_beta, ns_steps=o.muon_ns_steps, eps=o.eps, weight_dimension_numbers=muon_dimensions),
+        scale_by_shape(weight_dimension_numbers=muon_dimensions, consistent_rms=o.muon_rms or None),
+        optax.add_decayed_weights(o.weight_decay, lambda p: decay_mask(p, o.decay_embeddings)),
+        optax.scale_by_learning_rate(schedule),
+    )
+    rest = optax.adamw(adam_schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                       mask=lambda p: decay_mask(p, o.decay_embeddings))
+    return optax.partition({"muon": matrices, "adam": rest}, muon_labels)
+
+
 def make_optimizer(o: OptimConfig, total_steps: int, model: ModelConfig | None = None):
     """(optax transformation, schedule); `model` with parametrization=mup adds µP's multipliers."""
     schedule = make_schedule(o, total_steps)
-    if model is not None and mup.is_mup(model):
+    if o.name == "muon":
+        adam = _muon(o, schedule, total_steps)
+    elif model is not None and mup.is_mup(model):
         adam = _mup_adamw(o, model, schedule)
     else:
         adam = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
