@@ -51,8 +51,15 @@ class MemoryPlan:
 
     def describe(self) -> str:
         mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
-        return (f"{mib(self.total)} MiB (params+adam {mib(self.state)}, grads {mib(self.gradients)}, "
+        return (f"{mib(self.total)} MiB (params+optimizer {mib(self.state)}, grads {mib(self.gradients)}, "
                 f"activations {mib(self.activations)}, logits {mib(self.logits)}, batch {mib(self.batch)})")
+
+
+def block_matrices(m: ModelConfig) -> int:
+    """Parameters in the blocks' kernels (what Muon updates, with one moment each)."""
+    D, F, H = m.d_model, m.ff_dim, m.head_dim
+    attn = D * (m.n_heads + 2 * m.kv_heads) * H + m.n_heads * H * D
+    return m.n_layers * (attn + (3 if m.family == "llama" else 2) * D * F)
 
 
 def plan(cfg: Config, m: ModelConfig, params: int, vocab: int, mesh_shape: dict[str, int],
@@ -76,7 +83,8 @@ def plan(cfg: Config, m: ModelConfig, params: int, vocab: int, mesh_shape: dict[
     vocab = -(-vocab // tensor)
     logit_tokens = rows * (loss_chunk or T)
     keys = 4 if cfg.data.segment_ids else 2
-    return MemoryPlan(state=3 * 4 * params // shards, gradients=4 * params // shards,
+    moments = 2 * params - (block_matrices(m) if cfg.optim.name == "muon" else 0)  # Muon keeps one per matrix
+    return MemoryPlan(state=4 * (params + moments) // shards, gradients=4 * params // shards,
                       activations=m.n_layers * layer + recompute, logits=2 * 4 * logit_tokens * vocab,
                       batch=keys * 4 * tokens * cfg.train.grad_accum)
 

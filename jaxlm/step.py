@@ -65,11 +65,22 @@ def abstract_key(seed: int):
     return jax.eval_shape(jax.random.key, seed)
 
 
+def _unmask(boxed):
+    """The boxed state with optax's masked-out entries (a partitioned optimizer's state for the leaves
+    another branch owns, as in Muon's) unboxed, so its specs have the unboxed state's structure."""
+    import optax
+
+    def unmask(x):
+        return x.value if isinstance(x, nn.LogicallyPartitioned) and isinstance(x.value, optax.MaskedNode) else x
+
+    return jax.tree.map(unmask, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
 def state_shardings(model: Decoder, tx, mesh, seq_len: int):
     """Shardings of the train state, from the logical axis names of an abstract init."""
     with sharding.activate(mesh):
         boxed = jax.eval_shape(_mesh_init(model, tx, mesh, seq_len), abstract_key(0))
-    return sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+    return sharding.logical_to_sharding(nn.get_partition_spec(_unmask(boxed)), mesh)
 
 
 def state_init(model: Decoder, tx, mesh, seq_len: int, shardings):

@@ -89,3 +89,18 @@ def test_five_muon_steps_on_a_mesh_equal_one_device(mesh):
 
     one = train(cfg((1, 1, 1)), 1, 5)
     assert_same(train(cfg(mesh), 8, 5), one)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_memory_plan_counts_one_moment_per_muon_matrix(family):
+    from jaxlm.memory import block_matrices, plan
+
+    cfg = tiny_config(f"model.family={family}", "model.n_kv_heads=4" if family == "llama" else "model.n_kv_heads=0")
+    p = _params(cfg)
+    n_muon = sum(x.size for x, label in zip(jax.tree.leaves(p), jax.tree.leaves(muon_labels(p))) if label == "muon")
+    assert n_muon == block_matrices(cfg.model) > 0
+    n = sum(x.size for x in jax.tree.leaves(p))
+    mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+    adamw = plan(cfg, cfg.model, n, 256, mesh, 0).state
+    muon = plan(tiny_config(f"model.family={family}", "optim.name=muon"), cfg.model, n, 256, mesh, 0).state
+    assert adamw == 3 * 4 * n and adamw - muon == 4 * n_muon

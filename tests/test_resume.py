@@ -28,8 +28,10 @@ def _args(small_corpus, run_dir, steps, *extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", [["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.kernels=cpu"],
-                                  ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.kernels=standard"]],
-                         ids=["2x2x2-cpu", "2x2x2-standard"])
+                                  ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.kernels=standard"],
+                                  ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.kernels=cpu",
+                                   "model.family=llama", "optim.name=muon"]],
+                         ids=["2x2x2-cpu", "2x2x2-standard", "2x2x2-muon"])
 def test_resume_after_sigkill_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, small_corpus, mesh):
     """On the mesh with all three axes (sharded and replicated state at once), with each kernel set.
     Bitwise resumes on the default data=8 mesh are test_checkpoint's (damaged checkpoints, --resume)."""
