@@ -34,7 +34,6 @@ import numpy as np
 
 from jaxlm import sharding, tasks
 from jaxlm.data import packing
-from jaxlm.data.examples import Examples
 from jaxlm.errors import ConfigError
 
 try:
@@ -98,14 +97,7 @@ class JaxlmLM(LM):
 
     def score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) of each (context ids, continuation ids), cut to max_length + 1 ids."""
-        ids, flags, starts = [], [], [0]
-        for ctx, cont in pairs:
-            seq = (ctx + cont)[-(self.T + 1):]
-            ids += seq
-            flags += ([0] * len(ctx) + [1] * len(cont))[-(self.T + 1):]
-            starts.append(len(ids))
-        ex = Examples(np.asarray(ids, np.int32), np.asarray(flags, np.uint8), np.asarray(starts, np.int64),
-                      [str(i) for i in range(len(pairs))])
+        ex = tasks.pair_examples(pairs, self.T)
         sums, greedy, counts = (np.zeros(len(pairs), np.float64) for _ in range(3))
         local = sharding.process_rows(self.mesh, self.rows)
         with sharding.activate(self.mesh):

@@ -90,21 +90,29 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
     return [tok.start_id] + ctx, whole[len(ctx):]
 
 
+def pair_examples(pairs: list[tuple[list[int], list[int]]], seq_len: int) -> Examples:
+    """(context ids, continuation ids) pairs as `Examples` whose trained ids are the continuations', each
+    cut from the left to seq_len + 1 ids (as lm-eval cuts)."""
+    ids, flags, starts = [], [], [0]
+    for ctx, cont in pairs:
+        ids += (ctx + cont)[-(seq_len + 1):]
+        flags += ([0] * len(ctx) + [1] * len(cont))[-(seq_len + 1):]
+        starts.append(len(ids))
+    return Examples(np.asarray(ids, np.int32), np.asarray(flags, np.uint8), np.asarray(starts, np.int64),
+                    [f"request {i}" for i in range(len(pairs))])
+
+
 def request_examples(tok, pairs: list[tuple[str, str]], seq_len: int) -> Examples:
     """The requests as `Examples` whose trained ids are the continuations' (left-truncated)."""
-    ids, flags, starts = [], [], [0]
+    encoded = []
     for i, (context, continuation) in enumerate(pairs):
         ctx, cont = encode_pair(tok, context, continuation)
         if not cont:
             raise DataError(f"request {i}: the choice {continuation!r} encodes to no tokens after its context")
         if len(cont) > seq_len:
             raise DataError(f"request {i}: the choice is {len(cont)} tokens, more than the context length {seq_len}")
-        seq, flag = (ctx + cont)[-(seq_len + 1):], ([0] * len(ctx) + [1] * len(cont))[-(seq_len + 1):]
-        ids += seq
-        flags += flag
-        starts.append(len(ids))
-    return Examples(np.asarray(ids, np.int32), np.asarray(flags, np.uint8), np.asarray(starts, np.int64),
-                    [f"request {i}" for i in range(len(pairs))])
+        encoded.append((ctx, cont))
+    return pair_examples(encoded, seq_len)
 
 
 def wilson(k: float, n: int) -> list[float]:
