@@ -107,9 +107,6 @@ def _validate_choices(cfg: Config) -> None:
                           "rope_high_freq_factor and rope_original_max_len > 0")
     _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
     _choice("optim.name", cfg.optim.name, ("adamw", "muon"))
-    if cfg.optim.name == "muon" and m.parametrization == "mup":
-        raise ConfigError("optim.name=muon with model.parametrization=mup is not supported yet: µP's multipliers "
-                          "under Muon are not worked out")
     _choice("mesh.backend", cfg.mesh.backend, BACKENDS)
     _choice("train.on_bad_steps", cfg.train.on_bad_steps, ("stop", "rollback"))
     _choice("data.tokenizer_type", cfg.data.tokenizer_type, ("bpe", "unigram", "bytelevel"))
@@ -185,6 +182,8 @@ def _validate_mup(m: ModelConfig) -> None:
             raise ConfigError(f"{key} must be >= 0 (0 = the default), got {v}")
     if m.mup_output_mult <= 0:
         raise ConfigError(f"model.mup_output_mult (alpha_out) must be > 0, got {m.mup_output_mult}")
+    if m.mup_embed_lr_mult <= 0:
+        raise ConfigError(f"model.mup_embed_lr_mult must be > 0, got {m.mup_embed_lr_mult}")
 
 
 def _divisors(n: int) -> list[int]:

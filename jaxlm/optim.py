@@ -10,7 +10,8 @@ flattened stack (`muon_dimensions`). The update is scaled to RMS `optim.muon_rms
 (`scale_by_shape`'s consistent_rms: sqrt(max(fan_in, fan_out)) times it; 0.2 is about AdamW's
 update RMS), then the decoupled weight decay under jaxlm's decay mask, then the schedule. The
 embeddings, the head, norms and biases take jaxlm's AdamW (with its decay mask) at
-`optim.adam_lr` on the same schedule shape."""
+`optim.adam_lr` on the same schedule shape. Under µP the AdamW leaves take µP's Adam rules and
+the hidden matrices Muon's width rule (`mup.hidden_lr`: 1 / sqrt(m) with the update RMS pinned)."""
 
 from __future__ import annotations
 
@@ -69,21 +70,26 @@ def decay_mask(params, decay_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def scale_by_table(m: ModelConfig) -> optax.GradientTransformation:
-    """Each leaf's update times its µP lr multiplier (`mup.table`, built from the update tree);
-    leaves whose multiplier is 1 are passed through untouched."""
+def scale_by_table(m: ModelConfig, o: OptimConfig | None = None) -> optax.GradientTransformation:
+    """Each leaf's update times its µP lr multiplier (`mup.table`, built from the update tree, which
+    under `optax.partition` holds only that partition's leaves); leaves whose multiplier is 1 are
+    passed through untouched."""
 
     def update(updates, state, params=None):
         del params
         return jax.tree.map(lambda u, k: u if k == 1.0 else u * jnp.asarray(k, u.dtype), updates,
-                            mup.lr_multipliers(updates, m)), state
+                            mup.lr_multipliers(updates, m, o)), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def _mup_adamw(o: OptimConfig, m: ModelConfig, schedule) -> optax.GradientTransformation:
-    """optax.adamw's chain with eps / m and the µP lr multipliers between Adam and the decoupled weight
-    decay: a leaf moves by lr * (adam * k + wd * p), so its lr is scaled by k while lr * wd stays."""
+def _adamw(o: OptimConfig, m: ModelConfig | None, schedule) -> optax.GradientTransformation:
+    """optax.adamw with jaxlm's decay mask; under µP its chain with eps / m and the µP lr multipliers
+    between Adam and the decoupled weight decay: a leaf moves by lr * (adam * k + wd * p), so its lr
+    is scaled by k while lr * wd stays."""
+    if m is None or not mup.is_mup(m):
+        return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                           mask=lambda p: decay_mask(p, o.decay_embeddings))
     return optax.chain(
         optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=mup.adam_eps(o.eps, m)),
         scale_by_table(m),
@@ -126,31 +132,26 @@ def muon_dimensions(params):
     return jax.tree_util.tree_map_with_path(dims, params, muon_labels(params))
 
 
-def _muon(o: OptimConfig, schedule, total_steps: int) -> optax.GradientTransformation:
+def _muon(o: OptimConfig, schedule, total_steps: int, m: ModelConfig | None) -> optax.GradientTransformation:
     from optax.contrib import scale_by_muon
     from optax.contrib._muon import scale_by_shape  # not exported by optax.contrib (optax 0.2.8)
 
     adam_schedule = make_schedule(dataclasses.replace(o, lr=o.adam_lr or o.lr), total_steps)
+    mup_on = m is not None and mup.is_mup(m)
     matrices = optax.chain(
-        scale_by_muon(beta=o.muon_beta, ns_steps=o.muon_ns_steps, eps=o.eps, weight_dimension_numbers=muon_dimensions),
+        scale_by_muon(beta=o.muon_beta, ns_steps=o.muon_ns_steps, eps=mup.adam_eps(o.eps, m) if mup_on else o.eps,
+                      weight_dimension_numbers=muon_dimensions),
         scale_by_shape(weight_dimension_numbers=muon_dimensions, consistent_rms=o.muon_rms or None),
+        *([scale_by_table(m, o)] if mup_on else []),  # the sp chain (and its state tree) as it was
         optax.add_decayed_weights(o.weight_decay, lambda p: decay_mask(p, o.decay_embeddings)),
         optax.scale_by_learning_rate(schedule),
     )
-    rest = optax.adamw(adam_schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                       mask=lambda p: decay_mask(p, o.decay_embeddings))
-    return optax.partition({"muon": matrices, "adam": rest}, muon_labels)
+    return optax.partition({"muon": matrices, "adam": _adamw(o, m, adam_schedule)}, muon_labels)
 
 
 def make_optimizer(o: OptimConfig, total_steps: int, model: ModelConfig | None = None):
     """(optax transformation, schedule); `model` with parametrization=mup adds µP's multipliers."""
     schedule = make_schedule(o, total_steps)
-    if o.name == "muon":
-        adam = _muon(o, schedule, total_steps)
-    elif model is not None and mup.is_mup(model):
-        adam = _mup_adamw(o, model, schedule)
-    else:
-        adam = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                           mask=lambda p: decay_mask(p, o.decay_embeddings))
+    adam = _muon(o, schedule, total_steps, model) if o.name == "muon" else _adamw(o, model, schedule)
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(), adam)
     return tx, schedule

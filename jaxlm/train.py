@@ -327,7 +327,7 @@ def _compile_and_plan(cfg: Config, stepper: Stepper, state, vocab: int, batch_ke
     log(distributed.describe())
     log(_kernel_line(stepper, T))
     if mup.is_mup(cfg.model):
-        for line in mup.describe(params, cfg.model):
+        for line in mup.describe(params, cfg.model, cfg.optim):
             log(line)
     if peak[0]:
         log(f"peak for MFU: {peak[0] / 1e12:.2f} TFLOP/s per device ({peak[1]})")

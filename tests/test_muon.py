@@ -104,3 +104,57 @@ def test_the_memory_plan_counts_one_moment_per_muon_matrix(family):
     adamw = plan(cfg, cfg.model, n, 256, mesh, 0).state
     muon = plan(tiny_config(f"model.family={family}", "optim.name=muon"), cfg.model, n, 256, mesh, 0).state
     assert adamw == 3 * 4 * n and adamw - muon == 4 * n_muon
+
+
+# µP at width 64 over a base of 16 (m = 4), embedding lr x 3
+MUP = ["model.parametrization=mup", "model.mup_base_width=16", "model.mup_embed_lr_mult=3.0"]
+
+
+@pytest.mark.parametrize("rms,hidden", [(0.2, 0.5), (0.0, 1.0)])
+def test_mup_under_muon_scales_the_hidden_matrices_by_the_spectral_rule(rms, hidden):
+    """µP's first Muon step against sp's on the same gradients (no decay): the hidden matrices move by
+    1 / sqrt(m) of sp's with the update RMS pinned (optim.muon_rms > 0) and by as much with optax's shape
+    scaling (muon_rms = 0); on the AdamW side the embedding moves by mup_embed_lr_mult of sp's, the head,
+    norms and biases as sp's."""
+    base = ["model.family=llama", "model.tie_embeddings=false", "optim.name=muon", "optim.grad_clip=0",
+            "optim.weight_decay=0", "optim.eps=1e-12", f"optim.muon_rms={rms}"]
+    sp, mu = tiny_config(*base), tiny_config(*base, *MUP)
+    p = _params(sp)
+    rng = np.random.default_rng(0)
+    g = jax.tree.map(lambda x: jnp.asarray(1e-3 * rng.choice([-1, 1], x.shape) * (1 + rng.random(x.shape)),
+                                           jnp.float32), p)  # no entry near 0, where Adam's eps would count
+
+    def first(cfg):
+        tx, _ = make_optimizer(cfg.optim, 10, cfg.model)
+        return tx.update(g, tx.init(p), p)[0]
+
+    u_sp, u_mu = first(sp), first(mu)
+    labels = muon_labels(p)
+    seen = set()
+    for (path, a), b, label in zip(jax.tree_util.tree_leaves_with_path(u_mu), jax.tree.leaves(u_sp),
+                                   jax.tree.leaves(labels)):
+        name = jax.tree_util.keystr(path)
+        want = hidden if label == "muon" else 3.0 if "embed" in name else 1.0
+        seen.add((label, want))
+        np.testing.assert_allclose(np.asarray(a), want * np.asarray(b), rtol=1e-5, atol=1e-12, err_msg=name)
+    assert seen == {("muon", hidden), ("adam", 3.0), ("adam", 1.0)}
+
+
+def test_mup_under_muon_at_the_base_width_is_sp_muon_bit_for_bit():
+    """m = 1, alpha_out 1, embedding multiplier 1, no zero init: every multiplier is 1 and left out."""
+    sp = train(tiny_config("model.family=llama", "optim.name=muon", "model.kernels=standard"), 1, 2)
+    mu = train(tiny_config("model.family=llama", "optim.name=muon", "model.kernels=standard",
+                           "model.parametrization=mup", "model.mup_base_width=64"), 1, 2)
+    for a, b in zip(sp[0], mu[0]):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    jax.tree.map(np.testing.assert_array_equal, mu[1], sp[1])
+
+
+def test_five_mup_muon_steps_on_the_2x2x2_mesh_equal_one_device():
+    def cfg(m):
+        return tiny_config("model.family=llama", "model.n_kv_heads=8", "optim.name=muon", "optim.eps=4e-6",
+                           f"mesh.data={m[0]}", f"mesh.fsdp={m[1]}", f"mesh.tensor={m[2]}", "model.kernels=standard",
+                           *MUP, "model.mup_output_mult=2.0")
+
+    one = train(cfg((1, 1, 1)), 1, 5)
+    assert_same(train(cfg((2, 2, 2)), 8, 5), one)

@@ -21,10 +21,10 @@ from jaxlm.optim import make_optimizer
 from conftest import decoder, tiny_config
 from test_step import train
 
-# width 64 over base 16: m = 4; head dim 8 over a base head dim of 4; alpha_out 2
+# width 64 over base 16: m = 4; head dim 8 over a base head dim of 4; alpha_out 2; embedding lr x 3
 MUP = ["model.parametrization=mup", "model.mup_base_width=16", "model.mup_base_head_dim=4",
-       "model.mup_output_mult=2.0"]
-M, Q_MULT, OUT_MULT = 4.0, math.sqrt(4 / 8), 2.0 / 4.0
+       "model.mup_output_mult=2.0", "model.mup_embed_lr_mult=3.0"]
+M, Q_MULT, OUT_MULT, EMB = 4.0, math.sqrt(4 / 8), 2.0 / 4.0, 3.0
 
 
 def _family(family: str, tied: bool) -> list[str]:
@@ -43,14 +43,16 @@ def _roles(params, m):
         mup.table(params, m))}
 
 
-@pytest.mark.parametrize("family,tied", [("gpt2", True), ("gpt2", False), ("llama", False), ("llama", True)])
-def test_table_for_both_families_tied_and_untied(family, tied):
-    cfg = tiny_config(*_family(family, tied), *MUP)
+@pytest.mark.parametrize("family,tied,zero", [("gpt2", True, True), ("gpt2", False, True), ("llama", False, True),
+                                              ("llama", True, False), ("llama", False, False)])
+def test_table_for_both_families_tied_and_untied(family, tied, zero):
+    cfg = tiny_config(*_family(family, tied), *MUP, *(["model.mup_zero_init=true"] if zero else []))
+    assert cfg.model.mup_zero_init == zero  # off unless asked for
     model, params = _init(cfg)
     roles = _roles(params, model.cfg)
-    expected = {"hidden": (1 / math.sqrt(M), 1 / M, 1.0), "query": (0.0, 1 / M, Q_MULT),
-                "readout": (0.0, 1.0, OUT_MULT), "tied": (1.0, 1.0, OUT_MULT),
-                "embedding": (1.0, 1.0, 1.0), "norm": (1.0, 1.0, 1.0), "bias": (1.0, 1.0, 1.0)}
+    expected = {"hidden": (1 / math.sqrt(M), 1 / M, 1.0), "query": (0.0 if zero else 1 / math.sqrt(M), 1 / M, Q_MULT),
+                "readout": (0.0 if zero else 1.0, 1.0, OUT_MULT), "tied": (1.0, EMB, OUT_MULT),
+                "embedding": (1.0, EMB, 1.0), "norm": (1.0, 1.0, 1.0), "bias": (1.0, 1.0, 1.0)}
     for name, r in roles.items():
         assert (r.init, r.lr, r.forward) == pytest.approx(expected[r.role], rel=1e-12), (name, r)
     mlp = ("gate", "up", "down") if family == "llama" else ("up", "down")
@@ -68,18 +70,25 @@ def test_table_for_both_families_tied_and_untied(family, tied):
     sp = dataclasses.replace(model.cfg, parametrization="sp")
     assert {(r.init, r.lr, r.forward) for r in _roles(params, sp).values()} == {(1.0, 1.0, 1.0)}
 
-    # the init the model gives: zero query (and untied head), hidden std / sqrt(m), embeddings unchanged
+    # the init the model gives: zero query and untied head with zero init (else std / sqrt(m) and unchanged),
+    # hidden std / sqrt(m), embeddings unchanged
     blocks = params["blocks"]
-    assert not np.any(blocks["attn"]["q"]["kernel"])
-    if not tied:
-        assert not np.any(params["head"]["kernel"])
+    if zero:
+        assert not np.any(blocks["attn"]["q"]["kernel"])
+        if not tied:
+            assert not np.any(params["head"]["kernel"])
+    else:
+        np.testing.assert_allclose(np.std(blocks["attn"]["q"]["kernel"]), 0.02 / math.sqrt(M), rtol=0.05)
+        if not tied:
+            np.testing.assert_allclose(np.std(params["head"]["kernel"]), 0.02, rtol=0.05)
     np.testing.assert_allclose(np.std(blocks["attn"]["k"]["kernel"]), 0.02 / math.sqrt(M), rtol=0.05)
     np.testing.assert_allclose(np.std(blocks["mlp"]["up"]["kernel"]), 0.02 / math.sqrt(M), rtol=0.05)
     np.testing.assert_allclose(np.std(blocks["mlp"]["down"]["kernel"]), 0.02 / math.sqrt(M * 2 * 2), rtol=0.05)
     np.testing.assert_allclose(np.std(params["embed"]["embedding"]), 0.02, rtol=0.05)
     lines = mup.describe(params, model.cfg)
     assert lines[0].startswith("parametrization: mup, m = d_model/base = 64/16 = 4;")
-    assert any(line.split()[1] == "query" and "init std zero" in line for line in lines[1:])
+    assert any(line.split()[1] == "query" and ("init std zero" in line) == zero for line in lines[1:])
+    assert "embedding lr x3;" in lines[0] and f"readout {'on' if zero else 'off'}" in lines[0]
 
 
 def test_attention_and_output_multipliers():
@@ -136,7 +145,7 @@ def test_lr_scaling_keeps_the_weight_decay_product():
         return g / (jnp.abs(g) + o.eps / M)
 
     got = _first_update(o, m, grads, params)
-    lr_mult = {"hidden": 1 / M, "query": 1 / M}
+    lr_mult = {"hidden": 1 / M, "query": 1 / M, "embedding": EMB}
     decays = {"hidden", "query"}  # matrices; not embeddings, the head, norms or biases
     for path, u in jax.tree_util.tree_leaves_with_path(got):
         keys = tuple(str(k.key) for k in path)
@@ -181,7 +190,7 @@ def test_mup_five_steps_on_one_device_equal_the_2x2x2_mesh(family):
     """float32, relative 1e-5: losses and gradient norms, and each parameter relative to its leaf's scale
     (at least the init std: the key biases get an exactly zero gradient, softmax being blind to a shift of
     a query's scores, so they hold nothing but roundoff that Adam scales up by 1 / eps)."""
-    extra = MUP + ["train.loss_chunk=4096", "optim.eps=4e-6"]  # Adam's eps / m = 1e-6, as in test_step
+    extra = MUP + ["train.loss_chunk=4096", "optim.eps=4e-6", "model.mup_zero_init=true"]  # eps / m = 1e-6
     one = _steps(family, *extra, steps=5)
     mesh = _steps(family, *extra, n_devices=8, mesh=(2, 2, 2), steps=5)
     for a, b in zip(mesh[0], one[0]):
@@ -200,6 +209,7 @@ def test_mup_five_steps_on_one_device_equal_the_2x2x2_mesh(family):
     ("model.mup_base_width=-8", "model.mup_base_width must be >= 0"),
     ("model.mup_attn_mult=-1", "model.mup_attn_mult must be >= 0"),
     ("model.mup_output_mult=0", r"model.mup_output_mult \(alpha_out\) must be > 0"),
+    ("model.mup_embed_lr_mult=-1", "model.mup_embed_lr_mult must be > 0"),
 ])
 def test_bad_mup_settings_are_refused(override, match):
     with pytest.raises(ConfigError, match=match):

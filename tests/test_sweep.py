@@ -262,7 +262,9 @@ def test_a_mup_sweep_takes_one_lr_for_every_width_and_trains_under_mup(tmp_path,
         path.write_text(text)
         with pytest.raises(ConfigError, match=match):
             sweep_file.load_sweep(str(path))
-    path.write_text(MUP_SWEEP)
+    # trained under Muon, with alpha_out and the embedding multiplier tuned at the base carried in the overrides
+    path.write_text(MUP_SWEEP.replace("  run.tensorboard: false", "  run.tensorboard: false\n  optim.name: muon\n"
+                                      "  model.mup_output_mult: 2.0\n  model.mup_embed_lr_mult: 0.5"))
     assert main(["sweep", str(path), "--dir", sweep.dir]) == 0
     out = capsys.readouterr().out
     assert "mup: one lr for every size, base width 32" in out and "2 of 2 runs done" in out
@@ -270,9 +272,12 @@ def test_a_mup_sweep_takes_one_lr_for_every_width_and_trains_under_mup(tmp_path,
     assert [(r["name"], r["status"], float(r["lr"])) for r in rows] == [("w32-d1.02k-s0", "done", 4e-3),
                                                                         ("w64-d1.02k-s0", "done", 4e-3)]
     stored = open(os.path.join(planning.run_dir(sweep, "w64-d1.02k-s0"), "config.yaml")).read()
-    assert "parametrization: mup" in stored and "mup_base_width: 32" in stored
+    assert "parametrization: mup" in stored and "mup_base_width: 32" in stored and "name: muon" in stored
+    assert "mup_output_mult: 2.0" in stored and "mup_embed_lr_mult: 0.5" in stored
     plan = open(os.path.join(sweep.dir, "logs", "w64-d1.02k-s0.log")).read()
-    assert "m = d_model/base = 64/32 = 2" in plan
+    assert "m = d_model/base = 64/32 = 2" in plan and "logits x alpha_out/m = 1;" in plan
+    assert "embedding lr x0.5;" in plan and "Muon on the hidden matrices: lr x0.7071 (1/sqrt(m)" in plan
+    assert "memory per device" in plan
 
 
 def test_a_sweep_with_a_failed_run_exits_1_and_names_it(tmp_path, capsys):

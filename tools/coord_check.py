@@ -34,6 +34,7 @@ import numpy as np
 from jaxlm import mup
 from jaxlm.config import load_config
 from jaxlm.model import rope
+from jaxlm.optim import muon_labels
 from jaxlm.sharding import make_mesh
 from jaxlm.step import Stepper, build
 
@@ -61,26 +62,34 @@ def config(args, parametrization: str, width: int, seed: int = 0):
         f"model.n_layers={args.layers}", f"model.max_seq_len={args.seq_len}", "model.scan_layers=false",
         "model.kernels=standard", f"model.parametrization={parametrization}", f"model.mup_base_width={args.widths[0]}",
         f"train.batch_size={args.batch}", f"train.seq_len={args.seq_len}", f"train.seed={seed}", "mesh.data=1",
-        f"optim.lr={args.lr}", "optim.schedule=constant", "optim.warmup_steps=0",
+        f"model.mup_zero_init={str(args.zero_init).lower()}", f"optim.name={args.optimizer}",
+        f"optim.muon_rms={args.muon_rms}", f"optim.lr={args.lr}", "optim.schedule=constant", "optim.warmup_steps=0",
         f"optim.weight_decay={args.weight_decay}", f"optim.grad_clip={args.grad_clip}", "train.loss_chunk=0"])
 
 
 def _scores(q_BTNH, k_BTKH, m, positions_BT):
-    """mean |scores| over causal entries, as the model's attention computes them."""
+    """The attention scores [B, N, T, T] as the model's attention computes them (before the causal mask)."""
     if m.family == "llama":
         q_BTNH, k_BTKH = rope(q_BTNH, positions_BT, m.rope_theta), rope(k_BTKH, positions_BT, m.rope_theta)
     k_BTNH = jnp.repeat(k_BTKH, q_BTNH.shape[2] // k_BTKH.shape[2], axis=2)
-    s_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH * mup.query_mult(m), k_BTNH) / np.sqrt(m.head_dim)
-    t = q_BTNH.shape[1]
+    return jnp.einsum("btnh,bsnh->bnts", q_BTNH * mup.query_mult(m), k_BTNH) / np.sqrt(m.head_dim)
+
+
+def _mean_abs(name: str, x):
+    """mean |x|; over the causal entries for attention scores."""
+    if not name.endswith("attn_scores"):
+        return jnp.mean(jnp.abs(x))
+    t = x.shape[-1]
     causal = jnp.tril(jnp.ones((t, t), bool))
-    return jnp.sum(jnp.where(causal, jnp.abs(s_BNTS), 0.0)) / (s_BNTS.shape[0] * s_BNTS.shape[1] * causal.sum())
+    return jnp.sum(jnp.where(causal, jnp.abs(x), 0.0)) / (x.shape[0] * x.shape[1] * causal.sum())
 
 
 def measure_fn(model):
-    """jitted (params, tokens) -> {tensor name: mean |x|}."""
+    """(tensors, measure): jitted (params, tokens) -> {tensor name: x}, and (params, tokens, base) ->
+    {tensor name: mean |x - base[name]|} (base None: mean |x|)."""
     m = model.cfg
 
-    def measure(params, tokens_BT):
+    def tensors(params, tokens_BT):
         logits, state = model.apply({"params": params}, tokens_BT, capture_intermediates=True,
                                     mutable=["intermediates"])
         inter = state["intermediates"]
@@ -88,17 +97,21 @@ def measure_fn(model):
         x = jnp.take(params["embed"]["embedding"], tokens_BT, axis=0)
         if m.family == "gpt2":
             x = x + jnp.take(params["pos_embed"], positions_BT, axis=0)
-        out = {"embedding": jnp.mean(jnp.abs(x))}
+        out = {"embedding": x}
         for i in range(m.n_layers):
             b = inter[f"block_{i}"]
             q, k = b["attn"]["q"]["__call__"][0], b["attn"]["k"]["__call__"][0]
             out[f"block{i}.attn_scores"] = _scores(q, k, m, positions_BT)
-            out[f"block{i}.attn_out"] = jnp.mean(jnp.abs(b["attn"]["__call__"][0][0]))
-            out[f"block{i}.mlp_out"] = jnp.mean(jnp.abs(b["mlp"]["__call__"][0]))
-        out["logits"] = jnp.mean(jnp.abs(logits))
+            out[f"block{i}.attn_out"] = b["attn"]["__call__"][0][0]
+            out[f"block{i}.mlp_out"] = b["mlp"]["__call__"][0]
+        out["logits"] = logits
         return out
 
-    return jax.jit(measure)
+    def measure(params, tokens_BT, base):
+        return {name: _mean_abs(name, x if base is None else x - base[name])
+                for name, x in tensors(params, tokens_BT).items()}
+
+    return jax.jit(tensors), jax.jit(measure)
 
 
 def setup(args, parametrization: str, width: int):
@@ -110,13 +123,22 @@ def setup(args, parametrization: str, width: int):
 
 
 def one_run(args, stepper, measure, seed: int, tokens: np.ndarray) -> dict[str, list[float]]:
-    """{tensor: [mean |x| before step 0, 1, ...], "loss": [loss of the last step]} of one training run."""
+    """{tensor: [mean |x| before step 0, 1, ...], "loss": [loss of the last step]} of one training run
+    (with --delta the mean |x(params) - x(params with the hidden matrices at their init)|, 0 before step 0)."""
+    tensors, measure = measure
     state = stepper.init_state(seed)
-    probe = batch(tokens, np.random.default_rng(10_000 + seed), args.batch, args.seq_len)["inputs"]
+    probe = jnp.asarray(batch(tokens, np.random.default_rng(10_000 + seed), args.batch, args.seq_len)["inputs"])
+    init = jax.device_get(stepper.params(state))  # a copy: the train step donates the state's buffers
+    hidden = muon_labels(init)
     rng = np.random.default_rng(seed)
     series: dict[str, list[float]] = {}
     for _ in range(args.steps):
-        for name, v in jax.device_get(measure(stepper.params(state), jnp.asarray(probe))).items():
+        params = stepper.params(state)
+        base = None
+        if args.delta:  # the same params with every hidden matrix put back: what their updates contributed
+            base = tensors(jax.tree.map(lambda p, p0, label: p0 if label == "muon" else p, params, init, hidden),
+                           probe)
+        for name, v in jax.device_get(measure(params, probe, base)).items():
             series.setdefault(name, []).append(float(v))
         state, metrics = stepper.train(state, stepper.place(batch(tokens, rng, args.batch, args.seq_len),
                                                             args.batch))
@@ -189,6 +211,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--family", choices=("gpt2", "llama"), default="gpt2")
+    p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                   help="muon: the hidden matrices take Muon (optim.lr), the rest AdamW at the same lr")
+    p.add_argument("--muon-rms", type=float, default=0.2, help="optim.muon_rms (0: optax's shape scaling)")
+    p.add_argument("--zero-init", action="store_true", help="model.mup_zero_init=true (query and untied head)")
+    p.add_argument("--delta", action="store_true",
+                   help="record what the hidden matrices' updates contributed, mean |x(params) - x(params with "
+                        "the hidden matrices at their init)|, not mean |x|: it sees their lr's width rule, which "
+                        "mean |x| does not while the init and the embeddings' updates dominate")
     p.add_argument("--parametrizations", nargs="+", default=["sp", "mup"])
     p.add_argument("--out", default="coord_check.json")
     p.add_argument("--plot", default="", help="PNG path of the panels; empty = no figure")

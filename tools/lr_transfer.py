@@ -3,13 +3,15 @@
     python tools/lr_transfer.py [--widths 64 128 256] [--log2-lrs -10 -9 ... -3] [--seeds 2]
         [--steps 400] [--layers 2] [--head-dim 16] [--family llama] [--out lr_transfer.json]
         [--plot lr_transfer.png] [--run-seeds 1] [--merge a.json b.json]
+        [--output-mult 1.0] [--embed-lr-mult 1.0]
 
 For each parametrization, width, learning rate and seed it trains a fresh model (one CPU device)
 with jaxlm's own train step and optimizer on byte tokens of Tiny Shakespeare (the first 90%; a
 synthetic text when the file is missing) and scores the validation loss on fixed windows of the
 last 10%. The training batches depend on the seed only, so every width and learning rate of a
-seed sees the same tokens. Under `mup` (and `mup-nozero`: µP without the zero init of the query
-and readout) the first width is the base width. A run whose loss is not finite counts as
+seed sees the same tokens. Under `mup` (and `mup-zero`: µP with the zero init of the query
+and readout) the first width is the base width, and --output-mult and --embed-lr-mult (tuned there
+by tools/mup_base.py) are carried to every width. A run whose loss is not finite counts as
 diverged.
 
 For each parametrization and width the optimum is the vertex of a parabola fitted (least
@@ -49,7 +51,9 @@ def config(args, parametrization: str, width: int, lr: float):
         f"model.n_layers={args.layers}", f"model.max_seq_len={args.seq_len}", f"model.kernels={args.kernels}",
         f"model.d_ff={round(args.mlp_ratio * width)}",
         f"model.parametrization={parametrization.split('-')[0]}", f"model.mup_base_width={args.widths[0]}",
-        f"model.mup_zero_init={str(parametrization != 'mup-nozero').lower()}", f"train.batch_size={args.batch}",
+        f"model.mup_zero_init={str(parametrization == 'mup-zero').lower()}",
+        f"model.mup_output_mult={args.output_mult}", f"model.mup_embed_lr_mult={args.embed_lr_mult}",
+        f"train.batch_size={args.batch}",
         f"train.seq_len={args.seq_len}", f"train.steps={args.steps}",
         "mesh.data=1", f"optim.lr={lr}", f"optim.schedule={args.schedule}",
         f"optim.warmup_steps={round(args.warmup * args.steps)}", f"optim.weight_decay={args.weight_decay}",
@@ -171,7 +175,8 @@ def report(args, table: dict) -> str:
 
 SAME = ("widths", "log2_lrs", "seeds", "steps", "batch", "seq_len", "layers", "head_dim", "family", "mlp_ratio",
         "kernels",
-        "schedule", "warmup", "weight_decay", "grad_clip", "eval_batches")
+        "schedule", "warmup", "weight_decay", "grad_clip", "eval_batches", "output_mult", "embed_lr_mult")
+NEW_SETTINGS = {"output_mult": 1.0, "embed_lr_mult": 1.0}  # their values in files written before they existed
 
 
 def previous_runs(args, path: str) -> dict:
@@ -180,7 +185,7 @@ def previous_runs(args, path: str) -> dict:
         return {}
     with open(path, encoding="utf-8") as f:
         old = json.load(f)
-    differ = [k for k in SAME if old["settings"].get(k) != vars(args)[k]]
+    differ = [k for k in SAME if old["settings"].get(k, NEW_SETTINGS.get(k)) != vars(args)[k]]
     if differ:
         raise SystemExit(f"{path} holds runs of other settings ({', '.join(differ)}): use another --out")
     return old.get("runs", {})
@@ -201,7 +206,8 @@ def merge(args, runs: dict) -> dict:
     return runs
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The grid's and the runs' settings (tools/mup_base.py takes the same)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--log2-lrs", type=int, nargs="+", default=list(range(-10, -2)))
@@ -220,14 +226,22 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=0.0)
     p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--parametrizations", nargs="+", default=["sp", "mup"], choices=("sp", "mup", "mup-nozero"),
-                   help="mup-nozero: mup with model.mup_zero_init=false (query and readout start as under sp)")
+    p.add_argument("--parametrizations", nargs="+", default=["sp", "mup"], choices=("sp", "mup", "mup-zero"),
+                   help="mup: model.mup_zero_init=false, the default; mup-zero: the query and an untied head "
+                        "start at zero (what `mup` meant in files written before the default changed)")
+    p.add_argument("--output-mult", type=float, default=1.0, help="mup: model.mup_output_mult (alpha_out)")
+    p.add_argument("--embed-lr-mult", type=float, default=1.0, help="mup: model.mup_embed_lr_mult")
     p.add_argument("--out", default="lr_transfer.json")
     p.add_argument("--plot", default="", help="PNG path of the figure; empty = no figure")
     p.add_argument("--run-seeds", type=int, nargs="+", default=None,
                    help="train only these of the seeds 0..--seeds-1 (another process trains the rest)")
     p.add_argument("--merge", nargs="+", default=[],
                    help="join the runs of these JSON files (same settings) into --out and report; trains nothing")
+    return p
+
+
+def main() -> None:
+    p = parser()
     args = p.parse_args()
     run_seeds = list(range(args.seeds)) if args.run_seeds is None else args.run_seeds
     if any(not 0 <= s < args.seeds for s in run_seeds):
