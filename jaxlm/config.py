@@ -39,6 +39,10 @@ class ModelConfig:
     max_seq_len: int = _f(1024, "longest sequence the model accepts (gpt2: size of the position table)")
     bias: Optional[bool] = _f(None, "biases in dense layers and norms; default: gpt2 yes, llama no")
     qkv_bias: bool = _f(False, "llama: biases on the q, k and v projections only (Qwen2's layout)")
+    qk_norm: bool = _f(False, "llama: RMSNorm of each head's query and key (a learned scale over the head dim) "
+                       "before RoPE, as Qwen3 and OLMo 2; exports as Qwen3ForCausalLM")
+    activation: str = _f("auto", "the MLP's nonlinearity: auto = the family's (gpt2 tanh GELU, llama SwiGLU), or relu2: "
+                         "relu(x)^2 (gpt2: relu2(up); llama: relu2(gate) * up); exports as hidden_act relu2")
     tie_embeddings: Optional[bool] = _f(None, "share input embedding and output head; default: gpt2 yes, llama no")
     norm_eps: float = _f(1e-5, "epsilon of LayerNorm / RMSNorm")
     rope_theta: float = _f(10000.0, "RoPE base frequency (llama)")

@@ -101,6 +101,9 @@ def _validate_choices(cfg: Config) -> None:
     _choice("model.rope_scaling", m.rope_scaling, ("none", "llama3"))
     if m.qkv_bias and m.family != "llama":
         raise ConfigError("model.qkv_bias=true is for the llama family (gpt2 has biases everywhere: model.bias)")
+    if m.qk_norm and m.family != "llama":
+        raise ConfigError("model.qk_norm=true is for the llama family (RMSNorm, as Qwen3)")
+    _choice("model.activation", m.activation, ("auto", "relu2"))
     if m.rope_scaling == "llama3" and not (m.rope_scaling_factor > 0 and 0 < m.rope_low_freq_factor
                                            < m.rope_high_freq_factor and m.rope_original_max_len > 0):
         raise ConfigError("model.rope_scaling=llama3 needs rope_scaling_factor > 0, 0 < rope_low_freq_factor < "

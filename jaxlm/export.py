@@ -58,6 +58,10 @@ def check_exportable(cfg: ModelConfig) -> None:
                           "instead, or use --format safetensors)")
     if cfg.family not in hf_names.TABLES:
         raise ExportError(f"no Hugging Face mapping for model.family={cfg.family}")
+    if cfg.qk_norm and (cfg.use_bias or cfg.qkv_bias):
+        raise ExportError("model.qk_norm with biases has no Hugging Face architecture: Qwen3ForCausalLM (the one "
+                          "with q_norm and k_norm) has attention biases on q, k, v and o together and none in the "
+                          "MLP (use --format safetensors)")
 
 
 def fold_mup(p: dict, cfg: ModelConfig) -> dict:
@@ -90,7 +94,7 @@ def to_hf(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     dims = _dims(cfg, p["embed"]["embedding"].shape[0])
     out: dict[str, np.ndarray] = {}
     for e, name, i in hf_names.rows(hf_names.TABLES[cfg.family], cfg.n_layers):
-        if not e.applies(cfg.use_bias, cfg.tied, cfg.qkv_bias):
+        if not e.applies(cfg.use_bias, cfg.tied, cfg.qkv_bias, cfg.qk_norm):
             continue
         shapes = e.shapes(dims)
         xs = []
@@ -130,17 +134,20 @@ def hf_config(cfg: ModelConfig, vocab: int, tok: Tokenizer | None) -> dict:
         qwen2 = cfg.qkv_bias and not cfg.use_bias  # biases on q, k and v only: transformers' Qwen2
         kind = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False} if qwen2 \
             else {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+        if cfg.qk_norm:  # q_norm and k_norm: transformers' Qwen3
+            kind = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False}
         return {**kind, "vocab_size": vocab,
                 "hidden_size": cfg.d_model, "intermediate_size": cfg.ff_dim, "num_hidden_layers": cfg.n_layers,
                 "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-                "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+                "hidden_act": "relu2" if cfg.activation == "relu2" else "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
                 "rope_theta": cfg.rope_theta, **_rope_config(cfg),
                 "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias, "tie_word_embeddings": cfg.tied,
                 "attention_dropout": 0.0, "initializer_range": cfg.init_std, "torch_dtype": "float32",
                 "dtype": "float32", **ids}
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
             "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.ff_dim,
-            "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "activation_function": "gelu_new",
+            "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
+            "activation_function": "relu2" if cfg.activation == "relu2" else "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
             "scale_attn_weights": True, "tie_word_embeddings": cfg.tied, "initializer_range": cfg.init_std,
             "torch_dtype": "float32", "dtype": "float32", **ids}
@@ -276,15 +283,19 @@ def export(path: str, out_dir: str, fmt: str = "hf", max_shard_bytes: int = DEFA
 def model_config_from_hf(hf: dict) -> list[str]:
     """jaxlm model.* overrides for a Hugging Face config.json (llama or gpt2)."""
     kind = hf.get("model_type")
-    if kind == "qwen2" and hf.get("use_sliding_window"):
-        raise ExportError("use_sliding_window=true (Qwen2's sliding window on some layers) is not supported")
-    if kind in ("llama", "mistral", "qwen2"):
+    if kind in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        raise ExportError(f"use_sliding_window=true ({kind}'s sliding window on some layers) is not supported")
+    if kind == "qwen3" and hf.get("attention_bias"):
+        raise ExportError("attention_bias=true with qwen3 (biases on q, k, v and o, none in the MLP) is not "
+                          "supported: jaxlm's model.bias covers the MLP too")
+    if kind in ("llama", "mistral", "qwen2", "qwen3"):
         D, N = hf["hidden_size"], hf["num_attention_heads"]
         if (hf.get("head_dim") or D // N) != D // N:
             raise ExportError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads={D // N}; "
                               "jaxlm derives the head size from the width")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ExportError(f"hidden_act={hf['hidden_act']}: jaxlm's llama MLP is SwiGLU (silu)")
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "relu2"):
+            raise ExportError(f"hidden_act={act}: jaxlm's llama MLP is SwiGLU (silu) or relu2-gated (relu2)")
         rope = hf.get("rope_parameters") or {}
         if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
             raise ExportError("attention_bias and mlp_bias differ; jaxlm has one model.bias for both")
@@ -298,12 +309,13 @@ def model_config_from_hf(hf: dict) -> list[str]:
                 *_rope_scaling_keys(hf.get("rope_scaling") or rope),
                 f"model.norm_eps={hf.get('rms_norm_eps', 1e-6)}", f"model.rope_theta={theta}",
                 f"model.bias={str(bool(hf.get('attention_bias', False))).lower()}",
-                f"model.qkv_bias={str(kind == 'qwen2').lower()}",
+                f"model.qkv_bias={str(kind == 'qwen2').lower()}", f"model.qk_norm={str(kind == 'qwen3').lower()}",
+                f"model.activation={'auto' if act == 'silu' else act}",
                 f"model.tie_embeddings={str(bool(hf.get('tie_word_embeddings', False))).lower()}"]
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ExportError(f"activation_function={act}: jaxlm's gpt2 MLP uses the tanh GELU (gelu_new)")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "relu2"):
+            raise ExportError(f"activation_function={act}: jaxlm's gpt2 MLP uses the tanh GELU (gelu_new) or relu2")
         for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if hf.get(key):
                 raise ExportError(f"{key}=true is not supported")
@@ -311,9 +323,10 @@ def model_config_from_hf(hf: dict) -> list[str]:
         return ["model.family=gpt2", f"model.d_model={D}", f"model.n_layers={hf['n_layer']}",
                 f"model.n_heads={hf['n_head']}", f"model.d_ff={hf.get('n_inner') or 4 * D}",
                 f"model.max_seq_len={hf['n_positions']}", f"model.norm_eps={hf.get('layer_norm_epsilon', 1e-5)}",
-                "model.bias=true", f"model.tie_embeddings={str(bool(hf.get('tie_word_embeddings', True))).lower()}"]
+                "model.bias=true", f"model.tie_embeddings={str(bool(hf.get('tie_word_embeddings', True))).lower()}",
+                f"model.activation={'relu2' if act == 'relu2' else 'auto'}"]
     raise ExportError(f"model_type={kind!r} ({', '.join(hf.get('architectures') or [])}) is not supported: jaxlm "
-                      "imports llama, mistral, qwen2 and gpt2 checkpoints")
+                      "imports llama, mistral, qwen2, qwen3 and gpt2 checkpoints")
 
 
 def _rope_scaling_keys(scaling: dict) -> list[str]:
@@ -348,7 +361,7 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, target) -> dict:
     params: dict = {}
     layers: list[dict] = [{} for _ in range(cfg.n_layers)]
     for e, name, i in hf_names.rows(table, cfg.n_layers):
-        if not e.applies(cfg.use_bias, cfg.tied, cfg.qkv_bias):
+        if not e.applies(cfg.use_bias, cfg.tied, cfg.qkv_bias, cfg.qk_norm):
             continue
         shapes = e.shapes(dims)
         for path, x in zip(e.paths, e.layout.from_hf(get(name, e.layout.hf_shape(shapes)), shapes)):

@@ -9,7 +9,8 @@ key/value heads, H head dimension, F MLP width. jaxlm kernels are [in, out] with
 their own axes; torch Linear weights are [out, in]; GPT-2's Conv1D weights are [in, out].
 
 The last column says when a row applies: always (empty); "bias" only with model.bias;
-"untied" only with an untied head (a tied head is the embedding, written once); "zeros"
+"untied" only with an untied head (a tied head is the embedding, written once); "qkv_bias" with
+model.bias or model.qkv_bias; "qk_norm" only with model.qk_norm (Qwen3's q_norm, k_norm); "zeros"
 always, a jaxlm model without biases exporting zeros (the same function). Exported tensors
 keep the table's order, the rows with `{i}` repeated for each layer where they stand.
 Adding a family is adding a table here (and a layout if none fits).
@@ -85,8 +86,9 @@ class Entry:
     def per_layer(self) -> bool:
         return "{i}" in self.hf
 
-    def applies(self, use_bias: bool, tied: bool, qkv_bias: bool = False) -> bool:
-        return {"bias": use_bias, "qkv_bias": use_bias or qkv_bias, "untied": not tied}.get(self.when, True)
+    def applies(self, use_bias: bool, tied: bool, qkv_bias: bool = False, qk_norm: bool = False) -> bool:
+        return {"bias": use_bias, "qkv_bias": use_bias or qkv_bias, "untied": not tied,
+                "qk_norm": qk_norm}.get(self.when, True)
 
     def shapes(self, dims: dict[str, int]) -> Shapes:
         return [tuple(dims[d] for d in self.shape.split())] * len(self.paths)
@@ -107,6 +109,8 @@ LLAMA = _table(  # LlamaForCausalLM
     ("attn.v.kernel", "D K H", "model.layers.{i}.self_attn.v_proj.weight", HEADS_IN),
     ("attn.v.bias", "K H", "model.layers.{i}.self_attn.v_proj.bias", MERGE_HEADS, "qkv_bias"),
     ("attn.o.kernel", "N H D", "model.layers.{i}.self_attn.o_proj.weight", HEADS_OUT),
+    ("attn.q_norm.RMSNorm_0.scale", "H", "model.layers.{i}.self_attn.q_norm.weight", SAME, "qk_norm"),
+    ("attn.k_norm.RMSNorm_0.scale", "H", "model.layers.{i}.self_attn.k_norm.weight", SAME, "qk_norm"),
     ("mlp.gate.kernel", "D F", "model.layers.{i}.mlp.gate_proj.weight", TRANSPOSE),
     ("mlp.up.kernel", "D F", "model.layers.{i}.mlp.up_proj.weight", TRANSPOSE),
     ("mlp.down.kernel", "F D", "model.layers.{i}.mlp.down_proj.weight", TRANSPOSE),

@@ -165,6 +165,8 @@ class Attention(nn.Module):
                      name="q")(x_BTD)
         k_BTKH = qkv((D, K, H), ("embed", "kv_heads", "head_dim"), std, name="k")(x_BTD)
         v_BTKH = qkv((D, K, H), ("embed", "kv_heads", "head_dim"), std, name="v")(x_BTD)
+        if c.qk_norm:  # each head's q and k RMS-normalised over the head dim, before RoPE (Qwen3's order)
+            q_BTNH, k_BTKH = Norm(c, name="q_norm")(q_BTNH), Norm(c, name="k_norm")(k_BTKH)
         if c.family == "llama":
             q_BTNH = rope(q_BTNH, positions_BT, rope_frequencies(c))
             k_BTKH = rope(k_BTKH, positions_BT, rope_frequencies(c))
@@ -201,7 +203,12 @@ class Mlp(nn.Module):
         linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c), kernels=c.kernels)
         up = functools.partial(linear, (D, F), ("embed", "mlp"), mup.init_std(c, "hidden", c.init_std))
         ops = kernels.ops(c.kernels)
-        if c.family == "llama":
+        if c.activation == "relu2":  # plain JAX in every kernel set: relu(x)^2, gated for llama
+            first = up(name="gate" if c.family == "llama" else "up")(x_BTD)
+            h_BTF = jnp.square(jax.nn.relu(first))
+            if c.family == "llama":
+                h_BTF = h_BTF * up(name="up")(x_BTD)
+        elif c.family == "llama":
             h_BTF = ops.swiglu(up(name="gate")(x_BTD), up(name="up")(x_BTD))
         else:
             h_BTF = ops.gelu(up(name="up")(x_BTD))

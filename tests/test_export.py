@@ -257,20 +257,25 @@ def _random_hf(family, tmp_path):
         config = transformers.MistralConfig(**llama, sliding_window=None)
     elif family == "qwen2":  # biases on q, k and v only
         config = transformers.Qwen2Config(**llama, use_sliding_window=False)
-    else:
+    elif family == "qwen3-relu2":  # q_norm and k_norm (model.qk_norm), and a relu2-gated MLP (model.activation)
+        config = transformers.Qwen3Config(**llama, head_dim=8, use_sliding_window=False, hidden_act="relu2")
+    else:  # gpt2, and gpt2-relu2: relu(x)^2 in place of the GELU
         config = transformers.GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                         initializer_range=0.2)
+                                         initializer_range=0.2,
+                                         activation_function="relu2" if family == "gpt2-relu2" else "gelu_new")
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # transformers initialises biases to zero: random ones, so their mapping is tested
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0.0, 0.5)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):  # and the per-head norms' scales
+                p.normal_(1.0, 0.5)
     directory = tmp_path / f"hf-{family}"
     model.save_pretrained(str(directory))
     return model, directory
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama3", "mistral", "qwen2", "qwen3-relu2", "gpt2-relu2"])
 def test_import_random_transformers_model_and_export_it_back_bit_for_bit(family, trained_run, tmp_path):
     model, hf_dir = _random_hf(family, tmp_path)
     tok = trained_run[1] / "tokenizer.model"

@@ -50,7 +50,7 @@ def config(args, parametrization: str, width: int, lr: float):
         f"model.family={args.family}", f"model.d_model={width}", f"model.n_heads={width // args.head_dim}",
         f"model.n_layers={args.layers}", f"model.max_seq_len={args.seq_len}", f"model.kernels={args.kernels}",
         f"model.d_ff={round(args.mlp_ratio * width)}",
-        f"model.parametrization={parametrization.split('-')[0]}", f"model.mup_base_width={args.widths[0]}",
+        f"model.parametrization={parametrization.split('-')[0]}", f"model.mup_base_width={args.base_width or args.widths[0]}",
         f"model.mup_zero_init={str(parametrization == 'mup-zero').lower()}",
         f"model.mup_output_mult={args.output_mult}", f"model.mup_embed_lr_mult={args.embed_lr_mult}",
         f"train.batch_size={args.batch}",
@@ -175,8 +175,8 @@ def report(args, table: dict) -> str:
 
 SAME = ("widths", "log2_lrs", "seeds", "steps", "batch", "seq_len", "layers", "head_dim", "family", "mlp_ratio",
         "kernels",
-        "schedule", "warmup", "weight_decay", "grad_clip", "eval_batches", "output_mult", "embed_lr_mult")
-NEW_SETTINGS = {"output_mult": 1.0, "embed_lr_mult": 1.0}  # their values in files written before they existed
+        "schedule", "warmup", "weight_decay", "grad_clip", "eval_batches", "output_mult", "embed_lr_mult", "base_width")
+NEW_SETTINGS = {"output_mult": 1.0, "embed_lr_mult": 1.0, "base_width": 0}  # their values in files written before they existed
 
 
 def previous_runs(args, path: str) -> dict:
@@ -229,6 +229,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parametrizations", nargs="+", default=["sp", "mup"], choices=("sp", "mup", "mup-zero"),
                    help="mup: model.mup_zero_init=false, the default; mup-zero: the query and an untied head "
                         "start at zero (what `mup` meant in files written before the default changed)")
+    p.add_argument("--base-width", type=int, default=0,
+                   help="mup: model.mup_base_width; 0 = the first of --widths (set it to train only wider models)")
     p.add_argument("--output-mult", type=float, default=1.0, help="mup: model.mup_output_mult (alpha_out)")
     p.add_argument("--embed-lr-mult", type=float, default=1.0, help="mup: model.mup_embed_lr_mult")
     p.add_argument("--out", default="lr_transfer.json")

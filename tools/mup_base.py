@@ -33,7 +33,8 @@ import lr_transfer  # noqa: E402
 from coord_check import batch  # noqa: E402
 
 # the settings every run of one --out must share (the grid's own lists may grow)
-SAME = tuple(k for k in lr_transfer.SAME if k not in ("widths", "log2_lrs", "output_mult", "embed_lr_mult"))
+SAME = tuple(k for k in lr_transfer.SAME
+             if k not in ("widths", "log2_lrs", "output_mult", "embed_lr_mult", "base_width"))
 
 
 def parser():
