@@ -41,6 +41,8 @@ class ModelConfig:
     qkv_bias: bool = _f(False, "llama: biases on the q, k and v projections only (Qwen2's layout)")
     qk_norm: bool = _f(False, "llama: RMSNorm of each head's query and key (a learned scale over the head dim) "
                        "before RoPE, as Qwen3 and OLMo 2; exports as Qwen3ForCausalLM")
+    logit_softcap: float = _f(0.0, "cap the logits smoothly at this size, cap * tanh(logits / cap) (Gemma 2, "
+                              "modded-nanogpt); 0 = none; no transformers architecture matches, so export refuses it")
     activation: str = _f("auto", "the MLP's nonlinearity: auto = the family's (gpt2 tanh GELU, llama SwiGLU), or relu2: "
                          "relu(x)^2 (gpt2: relu2(up); llama: relu2(gate) * up); exports as hidden_act relu2")
     tie_embeddings: Optional[bool] = _f(None, "share input embedding and output head; default: gpt2 yes, llama no")

@@ -104,6 +104,8 @@ def _validate_choices(cfg: Config) -> None:
     if m.qk_norm and m.family != "llama":
         raise ConfigError("model.qk_norm=true is for the llama family (RMSNorm, as Qwen3)")
     _choice("model.activation", m.activation, ("auto", "relu2"))
+    if m.logit_softcap < 0:
+        raise ConfigError(f"model.logit_softcap must be >= 0 (0 = none), got {m.logit_softcap}")
     if m.rope_scaling == "llama3" and not (m.rope_scaling_factor > 0 and 0 < m.rope_low_freq_factor
                                            < m.rope_high_freq_factor and m.rope_original_max_len > 0):
         raise ConfigError("model.rope_scaling=llama3 needs rope_scaling_factor > 0, 0 < rope_low_freq_factor < "

@@ -58,6 +58,10 @@ def check_exportable(cfg: ModelConfig) -> None:
                           "instead, or use --format safetensors)")
     if cfg.family not in hf_names.TABLES:
         raise ExportError(f"no Hugging Face mapping for model.family={cfg.family}")
+    if cfg.logit_softcap:
+        raise ExportError(f"model.logit_softcap={cfg.logit_softcap:g} has no transformers architecture: the one "
+                          "with a final soft cap (Gemma 2) differs in its norms and embedding scale (use --format "
+                          "safetensors)")
     if cfg.qk_norm and (cfg.use_bias or cfg.qkv_bias):
         raise ExportError("model.qk_norm with biases has no Hugging Face architecture: Qwen3ForCausalLM (the one "
                           "with q_norm and k_norm) has attention biases on q, k, v and o together and none in the "

@@ -329,7 +329,8 @@ class Decoder(nn.Module):
             logits_BTV = kernels.ops(c.kernels).attend(x_BTD.astype(dt), embed.embedding.astype(dt))
         else:
             logits_BTV = head(x_BTD)
-        logits_BTV = _constrain(logits_BTV, ("batch", "length", "act_vocab"))
+        logits_BTV = kernels.standard.softcap(_constrain(logits_BTV, ("batch", "length", "act_vocab")),
+                                              c.logit_softcap)
         if cache is None:
             return logits_BTV
         return logits_BTV, {**cache, "k": kv[0], "v": kv[1], "index": cache["index"] + tokens_BT.shape[1]}

@@ -133,7 +133,7 @@ def train_loss(params, batch: dict, model: Decoder, count, z_loss: float, chunk:
     weight_BT = batch_mask(batch) / count
     loss = kernels.ops(model.cfg.kernels).loss
     total, sum_nll, _ = loss(x_BTD, head, batch["targets"], weight_BT, z_loss * weight_BT, model.cfg.tied, chunk,
-                             compute_dtype(model.cfg))
+                             compute_dtype(model.cfg), model.cfg.logit_softcap)
     return total, sum_nll
 
 
@@ -251,7 +251,8 @@ def eval_step(params, batch: dict, *, model: Decoder, budget: int = 0, shards: i
     x_BTD, head = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
                               batch.get("segment_ids"), hidden=True)
     nll_BT = kernels.standard.chunked_nll(x_BTD, head, batch["targets"], model.cfg.tied, chunk,
-                                          compute_dtype(model.cfg), kernels.ops(model.cfg.kernels).head_logits)
+                                          compute_dtype(model.cfg), kernels.ops(model.cfg.kernels).head_logits,
+                                          model.cfg.logit_softcap)
     return nll_BT * mask_BT
 
 

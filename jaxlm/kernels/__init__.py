@@ -42,7 +42,7 @@ class Ops:
     swiglu: Callable  # (gate, up) -> silu(gate) * up
     norm: Callable | None  # (x, scale, bias, rms, eps), or None: Flax's LayerNorm / RMSNorm modules
     loss: Callable  # (x_BTD, w, targets, weight, z_weight, tied, chunk, dtype) -> (loss, nll sum, z sum)
-    head_logits: Callable  # (x_BCD, w, tied, dtype) -> float32 logits of a chunk
+    head_logits: Callable  # (x_BCD, w, tied, dtype, cap=0) -> float32 logits of a chunk, soft-capped
 
 
 CPU = Ops(dots.contract, dots.attend, layers.gelu, layers.swiglu, layers.norm, loss.fused_loss, loss.head_logits)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.kernels.dots import einsum, table_grad, weight_grad
-from jaxlm.kernels.standard import chunks, unchunks
+from jaxlm.kernels.standard import chunks, softcap, unchunks
 
 
 def chunk_length(seq_len: int, rows: int, vocab: int, budget: int) -> int:
@@ -35,22 +35,22 @@ def chunk_length(seq_len: int, rows: int, vocab: int, budget: int) -> int:
     return best
 
 
-def head_logits(x_BCD, w, tied: bool, dtype):
-    """Chunk logits in float32, computed in `dtype` like the model's own head."""
+def head_logits(x_BCD, w, tied: bool, dtype, cap: float = 0.0):
+    """Chunk logits in float32, computed in `dtype` like the model's own head, soft-capped at `cap`."""
     if tied:  # w: the embedding table [V, D]
         z = einsum("bcd,vd->bcv", x_BCD.astype(dtype), w.astype(dtype))
     else:  # w: the head kernel [D, V]
         z = einsum("bcd,dv->bcv", x_BCD.astype(dtype), w.astype(dtype))
-    return nn.with_logical_constraint(z, ("batch", "length", "act_vocab")).astype(jnp.float32)
+    return softcap(nn.with_logical_constraint(z, ("batch", "length", "act_vocab")).astype(jnp.float32), cap)
 
 
-def _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: int, dtype):
+def _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: int, dtype, cap: float):
     """((loss, sum of weight*NLL, sum of z_weight*logZ^2), (d loss/d x, d loss/d w)): the
     custom VJP's forward rule."""
 
     def body(dw, xs):
         x_BCD, t_BC, wt_BC, zw_BC = xs
-        logits_BCV = head_logits(x_BCD, w, tied, dtype)
+        logits_BCV = head_logits(x_BCD, w, tied, dtype, cap)
         max_BC = jax.lax.stop_gradient(jnp.max(logits_BCV, axis=-1))
         exp_BCV = jnp.exp(logits_BCV - max_BC[..., None])  # the one exp per logit
         sum_BC = jnp.sum(exp_BCV, axis=-1)
@@ -62,6 +62,8 @@ def _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: in
         # d/dlogits of wt*(logZ - z_t) + zw*logZ^2 = (wt + 2 zw logZ) softmax - wt onehot(t)
         coef_BC = (wt_BC + 2.0 * zw_BC * logz_BC) / sum_BC
         dlogits_BCV = coef_BC[..., None] * exp_BCV - jnp.where(is_target_BCV, wt_BC[..., None], 0.0)
+        if cap:  # through cap * tanh(z / cap): d/dz = 1 - tanh^2 = 1 - (capped / cap)^2
+            dlogits_BCV = dlogits_BCV * (1.0 - jnp.square(logits_BCV / cap))
         dlogits_BCV = dlogits_BCV.astype(dtype)
         if tied:
             dx_BCD = einsum("bcv,vd->bcd", dlogits_BCV, w.astype(dtype))
@@ -79,18 +81,19 @@ def _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: in
     return (sums[0] + sums[1], sums[0], sums[1]), (unchunks(dx_NBCD), dw.astype(w.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def fused_loss(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: int, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def fused_loss(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: int, dtype, cap: float = 0.0):
     """sum(weight * NLL) + sum(z_weight * logZ^2) over the batch, with the two sums as well.
 
     x_BTD: final hidden states (after the last norm); w: the embedding table [V, D] when
-    `tied`, else the head kernel [D, V]. The weights carry no gradient. Returns
-    (loss, weighted NLL sum, weighted z sum); only `loss` may be differentiated.
+    `tied`, else the head kernel [D, V]; cap: the logits' soft cap (0: none). The weights carry
+    no gradient. Returns (loss, weighted NLL sum, weighted z sum); only `loss` may be
+    differentiated.
     """
-    return _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied, chunk, dtype)[0]
+    return _forward(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied, chunk, dtype, cap)[0]
 
 
-def _fused_bwd(tied, chunk, dtype, grads, cotangents):
+def _fused_bwd(tied, chunk, dtype, cap, grads, cotangents):
     g = cotangents[0]  # the sums are diagnostics: their cotangents are ignored
     dx_BTD, dw = grads
     return (dx_BTD * g.astype(dx_BTD.dtype), dw * g.astype(dw.dtype), None, None, None)

@@ -121,12 +121,17 @@ def _sharded_flash(q_BTNH, k_BTKH, v_BTKH, seg_BT):
     return fn(q_BTNH, k_BTKH, v_BTKH, seg_BT)
 
 
-def head_logits(x_BCD, w, tied: bool, dtype):
-    """Logits of hidden states through the output head, in float32; w: the embedding table
-    [V, D] when `tied`, else the head kernel [D, V]."""
+def softcap(logits, cap: float):
+    """cap * tanh(logits / cap) (model.logit_softcap), in the logits' dtype; the logits when cap is 0."""
+    return logits if not cap else (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
+
+
+def head_logits(x_BCD, w, tied: bool, dtype, cap: float = 0.0):
+    """Logits of hidden states through the output head, in float32, soft-capped at `cap` (0: not); w:
+    the embedding table [V, D] when `tied`, else the head kernel [D, V]."""
     x_BCD, w = x_BCD.astype(dtype), w.astype(dtype)
     z = attend(x_BCD, w) if tied else contract(x_BCD, w, 1)
-    return nn.with_logical_constraint(z, ("batch", "length", "act_vocab")).astype(jnp.float32)
+    return softcap(nn.with_logical_constraint(z, ("batch", "length", "act_vocab")).astype(jnp.float32), cap)
 
 
 def chunks(x_BT_, c: int):
@@ -147,7 +152,7 @@ def _nll_logz(logits_BCV, targets_BC):
     return logz_BC - target_BC, logz_BC
 
 
-def chunked_loss(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: int, dtype):
+def chunked_loss(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk: int, dtype, cap: float = 0.0):
     """sum(weight * NLL) + sum(z_weight * logZ^2), with the two sums, walking the sequence in
     chunks of `chunk` positions: the same contract as `kernels.loss.fused_loss`, by autodiff.
 
@@ -158,7 +163,7 @@ def chunked_loss(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk
     @jax.checkpoint
     def body(sums, xs):
         x_BCD, t_BC, wt_BC, zw_BC = xs
-        nll_BC, logz_BC = _nll_logz(head_logits(x_BCD, w, tied, dtype), t_BC)
+        nll_BC, logz_BC = _nll_logz(head_logits(x_BCD, w, tied, dtype, cap), t_BC)
         return sums + jnp.stack([jnp.sum(wt_BC * nll_BC), jnp.sum(zw_BC * jnp.square(logz_BC))]), None
 
     xs = tuple(chunks(a, chunk) for a in (x_BTD, targets_BT, weight_BT, z_weight_BT))
@@ -166,14 +171,14 @@ def chunked_loss(x_BTD, w, targets_BT, weight_BT, z_weight_BT, tied: bool, chunk
     return sums[0] + sums[1], sums[0], sums[1]
 
 
-def chunked_nll(x_BTD, w, targets_BT, tied: bool, chunk: int, dtype, logits=head_logits):
+def chunked_nll(x_BTD, w, targets_BT, tied: bool, chunk: int, dtype, logits=head_logits, cap: float = 0.0):
     """NLL [B, T] float32 of every target, computing the logits `chunk` positions at a time
-    (evaluation: no backward pass). `logits(x_BCD, w, tied, dtype)` is the head of the
+    (evaluation: no backward pass). `logits(x_BCD, w, tied, dtype, cap)` is the head of the
     model's kernel set."""
 
     def one(xs):
         x_BCD, t_BC = xs
-        return _nll_logz(logits(x_BCD, w, tied, dtype), t_BC)[0]
+        return _nll_logz(logits(x_BCD, w, tied, dtype, cap), t_BC)[0]
 
     return unchunks(jax.lax.map(one, (chunks(x_BTD, chunk), chunks(targets_BT, chunk))))
 
