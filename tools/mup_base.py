@@ -104,7 +104,7 @@ def best(rows: dict) -> float:
 
 
 def table(title: str, args, rows: dict) -> str:
-    lines = [f"{title:>14}  " + " ".join(f"{f'2^{lr}':>7}" for lr in args.log2_lrs) + "     best"]
+    lines = [title, f"{'':>14}  " + " ".join(f"{f'2^{lr}':>7}" for lr in args.log2_lrs) + "     best"]
     for v, s in rows.items():
         cells = " ".join(f"{y:7.4f}" if y is not None else "diverged"[:7] for y in s["mean"])
         edge = " (lr at the grid's edge)" if s["at_edge"] else ""
@@ -147,8 +147,8 @@ def main() -> None:
                    "stage2": {f"{e:g}": s for e, s in stage2.items()}, "chosen": chosen}, f, indent=1)
     print(f"base width {args.width}, {args.steps} steps, seed-mean validation loss (nats per byte), "
           f"{args.seeds} seeds")
-    print(table("alpha_out", args, stage1))
-    print(table(f"embed lr x (alpha_out {alpha:g})", args, stage2))
+    print(table("alpha_out (embedding lr x1), against the lr:", args, stage1))
+    print(table(f"embedding lr multiplier (alpha_out {alpha:g}), against the lr:", args, stage2))
     print(f"carry to every width: model.mup_output_mult={alpha:g} model.mup_embed_lr_mult={embed:g} "
           f"(tools/lr_transfer.py --output-mult {alpha:g} --embed-lr-mult {embed:g}); best lr 2^"
           f"{chosen['best_log2_lr']}, loss {chosen['best_loss']:.4f}"

@@ -1,0 +1,48 @@
+"""tools/mup_base.py's bookkeeping, without training: a pair's score is its best seed-mean loss over the
+learning rates (incomplete or diverged cells left out, a best lr at the grid's edge flagged), the best value
+is the lowest score, and an --out of other settings is refused rather than mixed in."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import mup_base  # noqa: E402
+
+
+def _args(*extra):
+    return mup_base.parser().parse_args(["--log2-lrs", "-9", "-8", "-7", "--seeds", "2", *extra])
+
+
+def _runs(cells):
+    """{(alpha, embed, lr): [loss of seed 0, loss of seed 1]} -> the tool's runs dict."""
+    return {mup_base.key(a, e, lr): [{"seed": s, "valid_loss": v} for s, v in enumerate(losses)]
+            for (a, e, lr), losses in cells.items()}
+
+
+def test_score_takes_the_best_seed_mean_and_flags_the_grid_edge():
+    args = _args()
+    runs = _runs({(1.0, 1.0, -9): [2.0, 2.2], (1.0, 1.0, -8): [1.9, 2.0], (1.0, 1.0, -7): [2.3, 2.3],
+                  (8.0, 1.0, -9): [2.5, 2.5], (8.0, 1.0, -8): [2.0, 2.0], (8.0, 1.0, -7): [1.8, 1.9],
+                  (2.0, 1.0, -9): [1.0, None], (2.0, 1.0, -8): [1.7]})  # a diverged seed, a missing seed
+    one = mup_base.score(args, runs, 1.0, 1.0)
+    assert one["mean"] == pytest.approx([2.1, 1.95, 2.3]) and one["best_log2_lr"] == -8 and not one["at_edge"]
+    eight = mup_base.score(args, runs, 8.0, 1.0)
+    assert eight["best_loss"] == pytest.approx(1.85) and eight["at_edge"]
+    two = mup_base.score(args, runs, 2.0, 1.0)
+    assert two["mean"] == [None, None, None] and two["best_loss"] is None
+    assert mup_base.best({1.0: one, 8.0: eight, 2.0: two}) == 8.0
+    with pytest.raises(SystemExit, match="every run diverged"):
+        mup_base.best({2.0: two})
+
+
+def test_an_out_file_of_other_settings_is_refused(tmp_path):
+    out = tmp_path / "base.json"
+    args = _args("--out", str(out))
+    out.write_text(json.dumps({"settings": dict(vars(args), steps=999), "runs": {}}))
+    with pytest.raises(SystemExit, match="other settings \\(steps\\)"):
+        mup_base.load(args)
+    out.write_text(json.dumps({"settings": dict(vars(args), log2_lrs=[-10], output_mult=8.0), "runs": {"x": []}}))
+    assert mup_base.load(args) == {"x": []}  # the grid's own lists may grow between runs
