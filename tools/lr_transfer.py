@@ -151,7 +151,9 @@ def plot(args, table: dict, path: str) -> None:
     axes[0][0].set_ylabel("validation loss (nats per byte)")
     finite = [y for par in pars for w in args.widths for y in table[par][str(w)]["mean"] if y is not None]
     axes[0][0].set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 1.5))
-    fig.suptitle(f"learning-rate transfer: {args.family}, {args.layers} layers, head dim {args.head_dim},\n"
+    tuned = (f", mup alpha_out {args.output_mult:g}, embedding lr x{args.embed_lr_mult:g}"
+             if (args.output_mult, args.embed_lr_mult) != (1.0, 1.0) else "")
+    fig.suptitle(f"learning-rate transfer: {args.family}, {args.layers} layers, head dim {args.head_dim}{tuned},\n"
                  f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, {args.seeds} seeds", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=120)
