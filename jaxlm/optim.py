@@ -84,10 +84,10 @@ def scale_by_table(m: ModelConfig, o: OptimConfig | None = None) -> optax.Gradie
 
 
 def _adamw(o: OptimConfig, m: ModelConfig | None, schedule) -> optax.GradientTransformation:
-    """optax.adamw with jaxlm's decay mask; under µP its chain with eps / m and the µP lr multipliers
-    between Adam and the decoupled weight decay: a leaf moves by lr * (adam * k + wd * p), so its lr
-    is scaled by k while lr * wd stays."""
-    if m is None or not mup.is_mup(m):
+    """optax.adamw with jaxlm's decay mask; with a µP model `m` its chain with eps / m and the µP lr
+    multipliers between Adam and the decoupled weight decay: a leaf moves by lr * (adam * k + wd * p),
+    so its lr is scaled by k while lr * wd stays."""
+    if m is None:
         return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                            mask=lambda p: decay_mask(p, o.decay_embeddings))
     return optax.chain(
@@ -133,16 +133,16 @@ def muon_dimensions(params):
 
 
 def _muon(o: OptimConfig, schedule, total_steps: int, m: ModelConfig | None) -> optax.GradientTransformation:
+    """Muon on the hidden matrices, `_adamw` on the rest; `m`: a µP model, or None."""
     from optax.contrib import scale_by_muon
     from optax.contrib._muon import scale_by_shape  # not exported by optax.contrib (optax 0.2.8)
 
     adam_schedule = make_schedule(dataclasses.replace(o, lr=o.adam_lr or o.lr), total_steps)
-    mup_on = m is not None and mup.is_mup(m)
     matrices = optax.chain(
-        scale_by_muon(beta=o.muon_beta, ns_steps=o.muon_ns_steps, eps=mup.adam_eps(o.eps, m) if mup_on else o.eps,
+        scale_by_muon(beta=o.muon_beta, ns_steps=o.muon_ns_steps, eps=o.eps if m is None else mup.adam_eps(o.eps, m),
                       weight_dimension_numbers=muon_dimensions),
         scale_by_shape(weight_dimension_numbers=muon_dimensions, consistent_rms=o.muon_rms or None),
-        *([scale_by_table(m, o)] if mup_on else []),  # the sp chain (and its state tree) as it was
+        *([] if m is None else [scale_by_table(m, o)]),  # the sp chain (and its state tree) as it was
         optax.add_decayed_weights(o.weight_decay, lambda p: decay_mask(p, o.decay_embeddings)),
         optax.scale_by_learning_rate(schedule),
     )
@@ -152,6 +152,7 @@ def _muon(o: OptimConfig, schedule, total_steps: int, m: ModelConfig | None) -> 
 def make_optimizer(o: OptimConfig, total_steps: int, model: ModelConfig | None = None):
     """(optax transformation, schedule); `model` with parametrization=mup adds µP's multipliers."""
     schedule = make_schedule(o, total_steps)
-    adam = _muon(o, schedule, total_steps, model) if o.name == "muon" else _adamw(o, model, schedule)
+    m = model if model is not None and mup.is_mup(model) else None  # the µP model, or None: no multipliers
+    adam = _muon(o, schedule, total_steps, m) if o.name == "muon" else _adamw(o, m, schedule)
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(), adam)
     return tx, schedule

@@ -65,6 +65,15 @@ def split(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return tokens[:cut], tokens[cut:]
 
 
+def seed_batches(args, train: np.ndarray, seeds) -> dict[int, list[dict]]:
+    """Each seed's training batches: the same tokens for every width, learning rate and setting."""
+    out = {}
+    for s in seeds:
+        rng = np.random.default_rng(s)
+        out[s] = [batch(train, rng, args.batch, args.seq_len) for _ in range(args.steps)]
+    return out
+
+
 def valid_batches(args, valid: np.ndarray) -> list[dict]:
     """Fixed, non-overlapping windows of the held-out tokens, in batches of the training shape."""
     rows = args.eval_batches * args.batch
@@ -258,10 +267,7 @@ def main() -> None:
         return
     train, held = split(corpus())
     valid = valid_batches(args, held)
-    seed_batches = {}
-    for s in run_seeds:  # a seed's batches: the same tokens for every width and learning rate
-        rng = np.random.default_rng(s)
-        seed_batches[s] = [batch(train, rng, args.batch, args.seq_len) for _ in range(args.steps)]
+    batches = seed_batches(args, train, run_seeds)
     runs = previous_runs(args, args.out)
     total, done, start = len(args.parametrizations) * len(args.widths) * len(args.log2_lrs) * len(run_seeds), 0, time.time()
     for par in args.parametrizations:
@@ -273,7 +279,7 @@ def main() -> None:
                     if any(r["seed"] == seed for r in cell):
                         continue
                     t0 = time.time()
-                    r = one_run(args, par, w, 2.0 ** lr, seed_batches[seed], valid)
+                    r = one_run(args, par, w, 2.0 ** lr, batches[seed], valid)
                     cell.append(dict(r, seed=seed, seconds=round(time.time() - t0, 2)))
                     print(f"[{done}/{total}] {par} width {w} lr 2^{lr} seed {seed}: valid "
                           f"{r['valid_loss'] if r['valid_loss'] is None else round(r['valid_loss'], 4)} "

@@ -30,7 +30,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lr_transfer  # noqa: E402
-from coord_check import batch  # noqa: E402
 
 # the settings every run of one --out must share (the grid's own lists may grow)
 SAME = tuple(k for k in lr_transfer.SAME
@@ -123,10 +122,7 @@ def main() -> None:
     args.widths, args.parametrizations = [args.width], ["mup"]
     train, held = lr_transfer.split(lr_transfer.corpus())
     valid = lr_transfer.valid_batches(args, held)
-    batches = {}
-    for s in range(args.seeds):  # the same batches as lr_transfer's seed s
-        rng = np.random.default_rng(s)
-        batches[s] = [batch(train, rng, args.batch, args.seq_len) for _ in range(args.steps)]
+    batches = lr_transfer.seed_batches(args, train, range(args.seeds))  # lr_transfer's, seed for seed
     runs = load(args)
     per_pair = len(args.log2_lrs) * args.seeds
     progress = [0, per_pair * (len(args.output_mults) + len(args.embed_lr_mults) - 1)]

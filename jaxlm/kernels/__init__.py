@@ -41,7 +41,7 @@ class Ops:
     gelu: Callable
     swiglu: Callable  # (gate, up) -> silu(gate) * up
     norm: Callable | None  # (x, scale, bias, rms, eps), or None: Flax's LayerNorm / RMSNorm modules
-    loss: Callable  # (x_BTD, w, targets, weight, z_weight, tied, chunk, dtype) -> (loss, nll sum, z sum)
+    loss: Callable  # (x_BTD, w, targets, weight, z_weight, tied, chunk, dtype, cap=0) -> (loss, nll sum, z sum)
     head_logits: Callable  # (x_BCD, w, tied, dtype, cap=0) -> float32 logits of a chunk, soft-capped
 
 
