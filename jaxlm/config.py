@@ -43,6 +43,9 @@ class ModelConfig:
                        "before RoPE, as Qwen3 and OLMo 2; exports as Qwen3ForCausalLM")
     logit_softcap: float = _f(0.0, "cap the logits smoothly at this size, cap * tanh(logits / cap) (Gemma 2, "
                               "modded-nanogpt); 0 = none; no transformers architecture matches, so export refuses it")
+    value_embeds: int = _f(0, "value embeddings (modded-nanogpt): this many extra token tables of the value width, "
+                           "table j added to the values of layer j and of layer n_layers - value_embeds + j (the "
+                           "first and last layers share them), zero at init; 0 = none; export refuses them")
     activation: str = _f("auto", "the MLP's nonlinearity: auto = the family's (gpt2 tanh GELU, llama SwiGLU), or relu2: "
                          "relu(x)^2 (gpt2: relu2(up); llama: relu2(gate) * up); exports as hidden_act relu2")
     tie_embeddings: Optional[bool] = _f(None, "share input embedding and output head; default: gpt2 yes, llama no")

@@ -104,6 +104,8 @@ def _validate_choices(cfg: Config) -> None:
     if m.qk_norm and m.family != "llama":
         raise ConfigError("model.qk_norm=true is for the llama family (RMSNorm, as Qwen3)")
     _choice("model.activation", m.activation, ("auto", "relu2"))
+    if not 0 <= m.value_embeds <= m.n_layers:
+        raise ConfigError(f"model.value_embeds must be between 0 and model.n_layers={m.n_layers}, got {m.value_embeds}")
     if m.logit_softcap < 0:
         raise ConfigError(f"model.logit_softcap must be >= 0 (0 = none), got {m.logit_softcap}")
     if m.rope_scaling == "llama3" and not (m.rope_scaling_factor > 0 and 0 < m.rope_low_freq_factor

@@ -62,6 +62,9 @@ def check_exportable(cfg: ModelConfig) -> None:
         raise ExportError(f"model.logit_softcap={cfg.logit_softcap:g} has no transformers architecture: the one "
                           "with a final soft cap (Gemma 2) differs in its norms and embedding scale (use --format "
                           "safetensors)")
+    if cfg.value_embeds:
+        raise ExportError(f"model.value_embeds={cfg.value_embeds} has no transformers architecture: no Hugging Face "
+                          "model adds a token table to the attention values (use --format safetensors)")
     if cfg.qk_norm and (cfg.use_bias or cfg.qkv_bias):
         raise ExportError("model.qk_norm with biases has no Hugging Face architecture: Qwen3ForCausalLM (the one "
                           "with q_norm and k_norm) has attention biases on q, k, v and o together and none in the "

@@ -1,6 +1,6 @@
 """Parameter and FLOP counts, MFU, and the metrics writers (metrics.jsonl + TensorBoard).
 
-Parameter counts (`count_params`): `embedding` is the token and position tables,
+Parameter counts (`count_params`): `embedding` is the token and position tables (and value embeddings),
 `non_embedding` everything else (an untied output head included), `head` the output
 projection's V x D (when the head is tied it is the embedding table, not a second
 array), and `matmul` = non_embedding + head when tied: every parameter that a token
@@ -41,7 +41,7 @@ def count_params(params, tied: bool | None = None) -> dict[str, int]:
         total += size
         if "embed" in name:
             embedding += size
-            if "'pos_embed'" not in name:
+            if "'embed'" in name:  # the token table (not positions, not value embeddings)
                 vocab_by_width = size
         elif name.startswith("['head']"):
             head += size

@@ -153,9 +153,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None, drop=None):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None, drop=None, ve_BTKH=None):
         """kv: this layer's cache (k_BSKH, v_BSKH) or None; slots: (first slot written, valid_BS);
-        drop: this layer's dropout keys [sites, B, 2] (training only) or None."""
+        drop: this layer's dropout keys [sites, B, 2] (training only) or None; ve_BTKH: this layer's
+        value embedding (added to the values) or None."""
         c = self.cfg
         D, N, K, H = c.d_model, c.n_heads, c.kv_heads, c.head_dim
         linear = functools.partial(Linear, use_bias=c.use_bias, dtype=compute_dtype(c), kernels=c.kernels)
@@ -165,6 +166,8 @@ class Attention(nn.Module):
                      name="q")(x_BTD)
         k_BTKH = qkv((D, K, H), ("embed", "kv_heads", "head_dim"), std, name="k")(x_BTD)
         v_BTKH = qkv((D, K, H), ("embed", "kv_heads", "head_dim"), std, name="v")(x_BTD)
+        if ve_BTKH is not None:  # value embeddings: a token's own table row joins its value (and the cache)
+            v_BTKH = v_BTKH + ve_BTKH.astype(v_BTKH.dtype)
         if c.qk_norm:  # each head's q and k RMS-normalised over the head dim, before RoPE (Qwen3's order)
             q_BTNH, k_BTKH = Norm(c, name="q_norm")(q_BTNH), Norm(c, name="k_norm")(k_BTKH)
         if c.family == "llama":
@@ -226,15 +229,15 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None, drop=None):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv=None, slots=None, drop=None, ve_BTKH=None):
         """drop: this layer's dropout keys [sites, B, 2] (a slice of `kernels.dropout.row_keys`), or
-        None: no dropout."""
+        None: no dropout; ve_BTKH: this layer's value embedding or None."""
         c = self.cfg
         kept = [None, None]  # the surviving elements of the attention and the MLP branch
         if drop is not None:  # both masks in one hash: sites ATTN_OUT and MLP_OUT are 0 and 1
             kept = kernels.dropout.residual_keep(drop[:2], x_BTD.shape[1], x_BTD.shape[2], c.dropout)
         h_BTD, kv = Attention(c, name="attn")(Norm(c, name="attn_norm")(x_BTD), positions_BT, segment_ids_BT,
-                                              kv, slots, drop)
+                                              kv, slots, drop, ve_BTKH)
         x_BTD = x_BTD + _dropout(h_BTD, kept[kernels.dropout.ATTN_OUT], c.dropout)
         h_BTD = Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD))
         x_BTD = x_BTD + _dropout(h_BTD, kept[kernels.dropout.MLP_OUT], c.dropout)
@@ -292,6 +295,7 @@ class Decoder(nn.Module):
             x_BTD = x_BTD + jnp.take(pos_TD, positions_BT, axis=0).astype(dt)
         x_BTD = _constrain(x_BTD, ("batch", "length", "act_embed"))
 
+        ve_L = value_embeddings(self, c, tokens_BT, self.vocab_size, dt)
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=_POLICIES[c.remat], prevent_cse=not c.scan_layers)
@@ -301,18 +305,23 @@ class Decoder(nn.Module):
         # keys [L, sites, B, 2], layer by layer like the parameters; no argument at all without dropout
         drop = () if dropout is None or c.dropout == 0 or cache is not None else (
             kernels.dropout.row_keys(dropout[0], c.n_layers, dropout[1]),)
+        # the blocks' optional trailing arguments, layer by layer: dropout keys, then value embeddings
+        # (with a None for the keys when there are none, so each keeps its position)
+        extra, axes = drop, (0,) * len(drop)
+        if ve_L is not None:
+            extra, axes = (extra or (None,)) + (ve_L,), (axes or (nn.broadcast,)) + (0,)
         if c.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast) + (0,) * len(drop),
+                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast) + axes,
                             length=c.n_layers, unroll=c.scan_unroll or c.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BTD, kv = stack(c, name="blocks")(x_BTD, positions_BT, segment_ids_BT, kv, slots, *drop)
+            x_BTD, kv = stack(c, name="blocks")(x_BTD, positions_BT, segment_ids_BT, kv, slots, *extra)
         else:
             layers = []
             for i in range(c.n_layers):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
                 x_BTD, layer_kv = block(c, name=f"block_{i}")(x_BTD, positions_BT, segment_ids_BT, layer_kv, slots,
-                                                              *(d[i] for d in drop))
+                                                              *(None if e is None else e[i] for e in extra))
                 layers.append(layer_kv)
             if kv is not None:
                 kv = tuple(jnp.stack([lk[j] for lk in layers]) for j in (0, 1))
@@ -334,6 +343,32 @@ class Decoder(nn.Module):
         if cache is None:
             return logits_BTV
         return logits_BTV, {**cache, "k": kv[0], "v": kv[1], "index": cache["index"] + tokens_BT.shape[1]}
+
+
+def value_embed_layers(c: ModelConfig) -> list:
+    """Which value-embedding table each layer adds to its values (None: none): table j serves layer j
+    and layer n_layers - value_embeds + j (modded-nanogpt's first and last layers); where the two
+    ranges overlap (value_embeds > n_layers / 2) the first wins."""
+    n, k = c.n_layers, c.value_embeds
+    return [i if i < k else (i - (n - k) if i >= n - k else None) for i in range(n)]
+
+
+def value_embeddings(module: nn.Module, c: ModelConfig, tokens_BT, vocab_size: int, dt):
+    """The value embeddings of `tokens_BT`, a [B, T, K, H] or None for each layer; stacked into
+    [L, B, T, K, H] under model.scan_layers, with zeros where a layer has no table (so the scanned
+    block adds exactly nothing there). None when model.value_embeds is 0. The tables are parameters `value_embed_j` [V, K, H] of `module`, zero at init: training
+    starts from the model without them."""
+    if not c.value_embeds:
+        return None
+    shape = (vocab_size, c.kv_heads, c.head_dim)
+    tables = [module.param(f"value_embed_{j}", _zeros(("vocab", "kv_heads", "head_dim")), shape, jnp.float32)
+              for j in range(c.value_embeds)]
+    rows = [jnp.take(_constrain(t, (None, "act_kv_heads", "head_dim")), tokens_BT, axis=0).astype(dt) for t in tables]
+    per_layer = [None if j is None else rows[j] for j in value_embed_layers(c)]
+    if not c.scan_layers:
+        return per_layer
+    zeros = jnp.zeros(tokens_BT.shape + shape[1:], dt)
+    return jnp.stack([zeros if v is None else v for v in per_layer])
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, valid_BS) -> dict:

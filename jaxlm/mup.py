@@ -6,7 +6,7 @@ m = d_model / model.mup_base_width:
 
 - hidden matrices (attention q, k, v, o; MLP gate, up, down): init std / sqrt(m) (variance / m),
   Adam lr / m;
-- embeddings (token table, gpt2's position table): init unchanged, Adam lr times
+- embeddings (token table, gpt2's position table, value embeddings): init unchanged, Adam lr times
   model.mup_embed_lr_mult (a constant tuned at the base width, 1 unless set); norms and biases:
   unchanged;
 - readout: the logits are multiplied by alpha_out / m in the forward pass; an untied head
@@ -116,7 +116,7 @@ def role(path: tuple[str, ...], m: ModelConfig) -> str:
     leaf = path[-1]
     if leaf == "embedding":
         return "tied" if m.tied else "embedding"
-    if path[0] == "pos_embed":
+    if path[0] == "pos_embed" or path[0].startswith("value_embed"):
         return "embedding"
     if path[0] == "head" and leaf == "kernel":
         return "readout"
