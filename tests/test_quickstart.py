@@ -1,8 +1,8 @@
 """The README quickstart (`jaxlm train experiments/shakespeare.yaml` from the repository root)
 works from the repository alone: no TFDS data dir, no ../shared, no TensorFlow. It reaches
-validation bits per byte <= 2.15 on the held-out last 10% of the shipped Tiny Shakespeare
-(nanoGPT's 5 minutes on this kind of CPU: 2.31; the config before the scaling-law sweep:
-2.18), `jaxlm eval` reproduces the training loop's validation number, and its input
+validation bits per byte <= 2.12 on the held-out last 10% of the shipped Tiny Shakespeare
+(measured 2.095 to 2.103 over seeds and sessions; nanoGPT's 5 minutes on this kind of CPU:
+2.31; the config before the scaling-law sweep: 2.18), `jaxlm eval` reproduces the training loop's validation number, and its input
 pipeline keeps up: the loop found its next batch not ready at no more than 1% of the steps
 (a count: the time waited is printed, not asserted)."""
 
@@ -86,12 +86,13 @@ def quickstart(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_quickstart_reaches_2_15_bits_per_byte(quickstart):
+def test_quickstart_reaches_2_12_bits_per_byte(quickstart):
     cfg, result, train_docs, valid_docs = quickstart
     assert cfg.data.source.startswith("text:")
     # 2.0951 with epochs without replacement (data.sampling=epochs, the default), 2.1108 with random windows,
-    # both on a 2-core Intel Xeon (docs/data.md)
-    assert result.eval_bpb <= 2.15
+    # both on a 2-core Intel Xeon (docs/data.md); seeds 0 and 1 later 2.0984 and 2.1033 (docs/training.md,
+    # "Recipe options": no option moves it by more than the seeds differ)
+    assert result.eval_bpb <= 2.12
 
     # validation is the tail of the file, never trained on: train + valid is the whole text, once
     text = TEXT.read_text(encoding="utf-8")
