@@ -46,3 +46,16 @@ def test_an_out_file_of_other_settings_is_refused(tmp_path):
         mup_base.load(args)
     out.write_text(json.dumps({"settings": dict(vars(args), log2_lrs=[-10], output_mult=8.0), "runs": {"x": []}}))
     assert mup_base.load(args) == {"x": []}  # the grid's own lists may grow between runs
+
+
+def test_init_std_reaches_the_model_and_an_older_file_without_it_means_the_default(tmp_path):
+    import lr_transfer
+
+    args = _args("--init-std", "0.04")
+    assert lr_transfer.config(args, "mup", 128, 1e-3).model.init_std == 0.04
+    out = tmp_path / "base.json"
+    older = {k: v for k, v in vars(_args("--out", str(out))).items() if k != "init_std"}
+    out.write_text(json.dumps({"settings": older, "runs": {"x": []}}))
+    assert mup_base.load(_args("--out", str(out))) == {"x": []}  # written at the default, 0.02
+    with pytest.raises(SystemExit, match="other settings \\(init_std\\)"):
+        mup_base.load(_args("--out", str(out), "--init-std", "0.04"))

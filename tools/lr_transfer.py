@@ -53,7 +53,7 @@ def config(args, parametrization: str, width: int, lr: float):
         f"model.parametrization={parametrization.split('-')[0]}", f"model.mup_base_width={args.base_width or args.widths[0]}",
         f"model.mup_zero_init={str(parametrization == 'mup-zero').lower()}",
         f"model.mup_output_mult={args.output_mult}", f"model.mup_embed_lr_mult={args.embed_lr_mult}",
-        f"train.batch_size={args.batch}",
+        f"model.init_std={args.init_std}", f"train.batch_size={args.batch}",
         f"train.seq_len={args.seq_len}", f"train.steps={args.steps}",
         "mesh.data=1", f"optim.lr={lr}", f"optim.schedule={args.schedule}",
         f"optim.warmup_steps={round(args.warmup * args.steps)}", f"optim.weight_decay={args.weight_decay}",
@@ -162,6 +162,7 @@ def plot(args, table: dict, path: str) -> None:
     axes[0][0].set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 1.5))
     tuned = (f", mup alpha_out {args.output_mult:g}, embedding lr x{args.embed_lr_mult:g}"
              if (args.output_mult, args.embed_lr_mult) != (1.0, 1.0) else "")
+    tuned += f", init std {args.init_std:g}" if args.init_std != 0.02 else ""
     fig.suptitle(f"learning-rate transfer: {args.family}, {args.layers} layers, head dim {args.head_dim}{tuned},\n"
                  f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, {args.seeds} seeds", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
@@ -186,8 +187,10 @@ def report(args, table: dict) -> str:
 
 SAME = ("widths", "log2_lrs", "seeds", "steps", "batch", "seq_len", "layers", "head_dim", "family", "mlp_ratio",
         "kernels",
-        "schedule", "warmup", "weight_decay", "grad_clip", "eval_batches", "output_mult", "embed_lr_mult", "base_width")
-NEW_SETTINGS = {"output_mult": 1.0, "embed_lr_mult": 1.0, "base_width": 0}  # their values in files written before they existed
+        "schedule", "warmup", "weight_decay", "grad_clip", "eval_batches", "output_mult", "embed_lr_mult", "base_width",
+        "init_std")
+# their values in files written before they existed
+NEW_SETTINGS = {"output_mult": 1.0, "embed_lr_mult": 1.0, "base_width": 0, "init_std": 0.02}
 
 
 def previous_runs(args, path: str) -> dict:
@@ -244,6 +247,8 @@ def parser() -> argparse.ArgumentParser:
                    help="mup: model.mup_base_width; 0 = the first of --widths (set it to train only wider models)")
     p.add_argument("--output-mult", type=float, default=1.0, help="mup: model.mup_output_mult (alpha_out)")
     p.add_argument("--embed-lr-mult", type=float, default=1.0, help="mup: model.mup_embed_lr_mult")
+    p.add_argument("--init-std", type=float, default=0.02,
+                   help="model.init_std: the init std (under mup, at the base width; hidden matrices get / sqrt(m))")
     p.add_argument("--out", default="lr_transfer.json")
     p.add_argument("--plot", default="", help="PNG path of the figure; empty = no figure")
     p.add_argument("--run-seeds", type=int, nargs="+", default=None,

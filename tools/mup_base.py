@@ -55,7 +55,7 @@ def load(args) -> dict:
         return {}
     with open(args.out, encoding="utf-8") as f:
         old = json.load(f)
-    differ = [k for k in SAME if old["settings"].get(k) != vars(args)[k]]
+    differ = [k for k in SAME if old["settings"].get(k, lr_transfer.NEW_SETTINGS.get(k)) != vars(args)[k]]
     if differ:
         raise SystemExit(f"{args.out} holds runs of other settings ({', '.join(differ)}): use another --out")
     return old["runs"]
