@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -59,3 +60,38 @@ def test_init_std_reaches_the_model_and_an_older_file_without_it_means_the_defau
     assert mup_base.load(_args("--out", str(out))) == {"x": []}  # written at the default, 0.02
     with pytest.raises(SystemExit, match="other settings \\(init_std\\)"):
         mup_base.load(_args("--out", str(out), "--init-std", "0.04"))
+
+
+def test_the_three_stages_choose_each_best_and_an_interrupted_search_resumes(tmp_path, monkeypatch, capsys):
+    """The search with lr_transfer's training replaced by a loss that is lowest at alpha_out 4, embedding
+    x1 and init std 0.01, at lr 2^-8: each stage picks its coordinate's best, init cells other than
+    --init-std are stored under their own key, and a second call trains nothing it already has."""
+    import lr_transfer
+
+    calls = []
+
+    def one_run(args, parametrization, width, lr, batches, valid):
+        calls.append((args.output_mult, args.embed_lr_mult, args.init_std, lr))
+        loss = (abs(args.output_mult - 4) + abs(args.embed_lr_mult - 1) + 100 * abs(args.init_std - 0.01)
+                + abs(lr - 2.0 ** -8) * 100)
+        return {"train_loss": loss, "valid_loss": 2.0 + loss}
+
+    monkeypatch.setattr(lr_transfer, "one_run", one_run)
+    monkeypatch.setattr(lr_transfer, "corpus", lambda: np.zeros(1000, np.int32))
+    monkeypatch.setattr(lr_transfer, "valid_batches", lambda args, held: [])
+    monkeypatch.setattr(lr_transfer, "seed_batches", lambda args, train, seeds: {s: [] for s in seeds})
+    out = tmp_path / "base.json"
+    argv = ["mup_base.py", "--output-mults", "1", "4", "8", "--embed-lr-mults", "0.25", "4", "--init-stds", "0.01",
+            "0.04", "--log2-lrs", "-9", "-8", "-7", "--seeds", "2", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    mup_base.main()
+    saved = json.loads(out.read_text())
+    assert saved["chosen"]["mup_output_mult"] == 4 and saved["chosen"]["mup_embed_lr_mult"] == 1
+    assert saved["chosen"]["init_std"] == 0.01 and saved["chosen"]["best_log2_lr"] == -8
+    assert "4/1/-8/init0.01" in saved["runs"] and "4/1/-8" in saved["runs"]  # 0.02, the file's own, has no suffix
+    assert len(calls) == 3 * 2 * (3 + 2 + 2)  # lrs x seeds x (alphas + other embeds + other inits)
+    assert {c[2] for c in calls} == {0.02, 0.01, 0.04} and saved["settings"]["init_std"] == 0.02
+    assert "model.init_std=0.01" in capsys.readouterr().out
+    calls.clear()
+    mup_base.main()
+    assert calls == []

@@ -1,7 +1,7 @@
-"""µP's base-width hyperparameters: alpha_out and the embedding lr multiplier, tuned at the base width.
+"""µP's base-width hyperparameters: alpha_out, the embedding lr multiplier and the init std, tuned at the base width.
 
     python tools/mup_base.py [--width 64] [--output-mults 0.25 0.5 1 2 4 8] [--embed-lr-mults 0.25 1 4 16]
-        [--log2-lrs -9 -8 -7] [--seeds 2] [--steps 400] [--out mup_base.json]
+        [--init-stds 0.005 0.01] [--log2-lrs -9 -8 -7] [--seeds 2] [--steps 400] [--out mup_base.json]
         (and every model and training setting of tools/lr_transfer.py)
 
 µP carries a model's hyperparameters from its base width to every wider model unchanged, so the
@@ -11,7 +11,9 @@ the embedding tables' lr times the multiplier) with the runs of tools/lr_transfe
 batches, schedule and validation windows) and searches one coordinate at a time:
 
 1. alpha_out (model.mup_output_mult) over --output-mults, embedding multiplier 1;
-2. the embedding lr multiplier (model.mup_embed_lr_mult) over --embed-lr-mults, at the best alpha_out.
+2. the embedding lr multiplier (model.mup_embed_lr_mult) over --embed-lr-mults, at the best alpha_out;
+3. with --init-stds, the init std (model.init_std, which µP divides by sqrt(m) for the hidden
+   matrices of wider models) at the best pair; --init-std is the one stages 1 and 2 use.
 
 A pair's score is its best seed-mean validation loss over --log2-lrs (the lr is tuned with it; a
 best lr at the edge of that grid is flagged). The runs go to --out as they finish, so an interrupted
@@ -21,6 +23,7 @@ for a run's config, and the --output-mult / --embed-lr-mult of tools/lr_transfer
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -42,12 +45,15 @@ def parser():
     p.add_argument("--width", type=int, default=64, help="the base width (model.mup_base_width)")
     p.add_argument("--output-mults", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     p.add_argument("--embed-lr-mults", type=float, nargs="+", default=[0.25, 1.0, 4.0, 16.0])
+    p.add_argument("--init-stds", type=float, nargs="*", default=[],
+                   help="stage 3: init stds to try at the best pair (none: skip it)")
     p.set_defaults(log2_lrs=[-9, -8, -7], out="mup_base.json")
     return p
 
 
-def key(alpha: float, embed: float, lr: int) -> str:
-    return f"{alpha:g}/{embed:g}/{lr}"
+def key(alpha: float, embed: float, lr: int, init: float | None = None) -> str:
+    """A cell's name in --out; `init` only where it is not the file's own --init-std."""
+    return f"{alpha:g}/{embed:g}/{lr}" + ("" if init is None else f"/init{init:g}")
 
 
 def load(args) -> dict:
@@ -61,11 +67,15 @@ def load(args) -> dict:
     return old["runs"]
 
 
-def score(args, runs: dict, alpha: float, embed: float) -> dict:
+def _init(args, init: float | None) -> float | None:
+    return None if init is None or init == args.init_std else init
+
+
+def score(args, runs: dict, alpha: float, embed: float, init: float | None = None) -> dict:
     """The pair's seed-mean loss at each lr, its best, and whether the best lr is at the grid's edge."""
     mean = []
     for lr in args.log2_lrs:
-        vals = [r["valid_loss"] for r in runs.get(key(alpha, embed, lr), [])]
+        vals = [r["valid_loss"] for r in runs.get(key(alpha, embed, lr, _init(args, init)), [])]
         mean.append(None if len(vals) < args.seeds or None in vals else float(np.mean(vals)))
     finite = [(lr, y) for lr, y in zip(args.log2_lrs, mean) if y is not None]
     if not finite:
@@ -75,19 +85,21 @@ def score(args, runs: dict, alpha: float, embed: float) -> dict:
             "at_edge": len(args.log2_lrs) > 1 and lr in (min(args.log2_lrs), max(args.log2_lrs))}
 
 
-def train_pair(args, runs, alpha, embed, batches, valid, progress) -> None:
+def train_pair(args, runs, alpha, embed, batches, valid, progress, init: float | None = None) -> None:
+    run_args = argparse.Namespace(**{**vars(args), "init_std": init or args.init_std})
     for lr in args.log2_lrs:
-        cell = runs.setdefault(key(alpha, embed, lr), [])
+        cell = runs.setdefault(key(alpha, embed, lr, _init(args, init)), [])
         for seed in range(args.seeds):
             progress[0] += 1
             if any(r["seed"] == seed for r in cell):
                 continue
             t0 = time.time()
-            args.output_mult, args.embed_lr_mult = alpha, embed
-            r = lr_transfer.one_run(args, "mup", args.width, 2.0 ** lr, batches[seed], valid)
+            run_args.output_mult, run_args.embed_lr_mult = alpha, embed
+            r = lr_transfer.one_run(run_args, "mup", args.width, 2.0 ** lr, batches[seed], valid)
             cell.append(dict(r, seed=seed, seconds=round(time.time() - t0, 2)))
             loss = r["valid_loss"]
-            print(f"[{progress[0]}/{progress[1]}] alpha_out {alpha:g} embed lr x{embed:g} lr 2^{lr} seed {seed}: "
+            print(f"[{progress[0]}/{progress[1]}] alpha_out {alpha:g} embed lr x{embed:g} init "
+                  f"{run_args.init_std:g} lr 2^{lr} seed {seed}: "
                   f"valid {'diverged' if loss is None else round(loss, 4)} ({time.time() - t0:.1f} s)",
                   file=sys.stderr, flush=True)
             with open(args.out + ".tmp", "w", encoding="utf-8") as f:
@@ -125,7 +137,8 @@ def main() -> None:
     batches = lr_transfer.seed_batches(args, train, range(args.seeds))  # lr_transfer's, seed for seed
     runs = load(args)
     per_pair = len(args.log2_lrs) * args.seeds
-    progress = [0, per_pair * (len(args.output_mults) + len(args.embed_lr_mults) - 1)]
+    inits = [i for i in args.init_stds if i != args.init_std]
+    progress = [0, per_pair * (len(args.output_mults) + len(args.embed_lr_mults) - 1 + len(inits))]
     for alpha in args.output_mults:
         train_pair(args, runs, alpha, 1.0, batches, valid, progress)
     stage1 = {a: score(args, runs, a, 1.0) for a in args.output_mults}
@@ -135,18 +148,27 @@ def main() -> None:
             train_pair(args, runs, alpha, embed, batches, valid, progress)
     stage2 = {e: score(args, runs, alpha, e) for e in args.embed_lr_mults}
     embed = best(stage2)
-    chosen = {"mup_output_mult": alpha, "mup_embed_lr_mult": embed, "best_loss": stage2[embed]["best_loss"],
-              "best_log2_lr": stage2[embed]["best_log2_lr"], "default_loss": stage1.get(1.0, {}).get("best_loss")}
+    for init in inits:
+        train_pair(args, runs, alpha, embed, batches, valid, progress, init)
+    stage3 = {i: score(args, runs, alpha, embed, i) for i in [args.init_std] + inits}
+    init = best(stage3)
+    chosen = {"mup_output_mult": alpha, "mup_embed_lr_mult": embed, "init_std": init,
+              "best_loss": stage3[init]["best_loss"], "best_log2_lr": stage3[init]["best_log2_lr"],
+              "default_loss": stage1.get(1.0, {}).get("best_loss")}
     args.output_mult, args.embed_lr_mult = alpha, embed
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"settings": vars(args), "runs": runs, "stage1": {f"{a:g}": s for a, s in stage1.items()},
-                   "stage2": {f"{e:g}": s for e, s in stage2.items()}, "chosen": chosen}, f, indent=1)
+                   "stage2": {f"{e:g}": s for e, s in stage2.items()},
+                   "stage3": {f"{i:g}": s for i, s in stage3.items()}, "chosen": chosen}, f, indent=1)
     print(f"base width {args.width}, {args.steps} steps, seed-mean validation loss (nats per byte), "
           f"{args.seeds} seeds")
     print(table("alpha_out (embedding lr x1), against the lr:", args, stage1))
     print(table(f"embedding lr multiplier (alpha_out {alpha:g}), against the lr:", args, stage2))
+    if inits:
+        print(table(f"init std (alpha_out {alpha:g}, embedding lr x{embed:g}), against the lr:", args, stage3))
     print(f"carry to every width: model.mup_output_mult={alpha:g} model.mup_embed_lr_mult={embed:g} "
-          f"(tools/lr_transfer.py --output-mult {alpha:g} --embed-lr-mult {embed:g}); best lr 2^"
+          f"model.init_std={init:g} (tools/lr_transfer.py --output-mult {alpha:g} --embed-lr-mult {embed:g} "
+          f"--init-std {init:g}); best lr 2^"
           f"{chosen['best_log2_lr']}, loss {chosen['best_loss']:.4f}"
           + (f" against {chosen['default_loss']:.4f} with both 1" if chosen["default_loss"] is not None else ""))
 
