@@ -143,7 +143,7 @@ def plot(args, table: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     pars = list(table)
-    fig, axes = plt.subplots(1, len(pars), figsize=(4.5 * len(pars), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(pars), figsize=(max(4.5 * len(pars), 8.0), 3.6), squeeze=False, sharey=True)
     colors = plt.cm.viridis(np.linspace(0, 0.85, len(args.widths)))
     for ax, par in zip(axes[0], pars):
         for w, color in zip(args.widths, colors):
