@@ -356,8 +356,8 @@ def value_embed_layers(c: ModelConfig) -> list:
 def value_embeddings(module: nn.Module, c: ModelConfig, tokens_BT, vocab_size: int, dt):
     """The value embeddings of `tokens_BT`, a [B, T, K, H] or None for each layer; stacked into
     [L, B, T, K, H] under model.scan_layers, with zeros where a layer has no table (so the scanned
-    block adds exactly nothing there). None when model.value_embeds is 0. The tables are parameters `value_embed_j` [V, K, H] of `module`, zero at init: training
-    starts from the model without them."""
+    block adds exactly nothing there). None when model.value_embeds is 0. The tables are parameters
+    `value_embed_j` [V, K, H] of `module`, zero at init: training starts from the model without them."""
     if not c.value_embeds:
         return None
     shape = (vocab_size, c.kv_heads, c.head_dim)

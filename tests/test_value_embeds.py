@@ -88,8 +88,8 @@ def test_cached_greedy_decode_equals_full_forward_decoding_with_value_embeddings
 @pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 8, 1)], ids=lambda m: "x".join(map(str, m)))
 def test_steps_with_value_embeddings_on_a_mesh_equal_one_device(mesh):
     def cfg(m):
-        return tiny_config("model.family=llama", "model.n_kv_heads=8", "model.value_embeds=1", "model.dropout=0.1", "optim.eps=1e-6",
-                           "train.loss_chunk=4096", f"mesh.data={m[0]}", f"mesh.fsdp={m[1]}", f"mesh.tensor={m[2]}")
+        return tiny_config("model.family=llama", "model.n_kv_heads=8", "model.value_embeds=1", "model.dropout=0.1",
+                           "optim.eps=1e-6", "train.loss_chunk=4096", f"mesh.data={m[0]}", f"mesh.fsdp={m[1]}", f"mesh.tensor={m[2]}")
 
     got, want = train(cfg(mesh), 8, 3), train(cfg((1, 1, 1)), 1, 3)
     assert_same(got, want)

@@ -68,6 +68,7 @@ def load(args) -> dict:
 
 
 def _init(args, init: float | None) -> float | None:
+    """`init` as a cell's key names it: None for the file's own --init-std."""
     return None if init is None or init == args.init_std else init
 
 
@@ -86,9 +87,10 @@ def score(args, runs: dict, alpha: float, embed: float, init: float | None = Non
 
 
 def train_pair(args, runs, alpha, embed, batches, valid, progress, init: float | None = None) -> None:
-    run_args = argparse.Namespace(**{**vars(args), "init_std": init or args.init_std})
+    init = _init(args, init)
+    run_args = argparse.Namespace(**{**vars(args), "init_std": args.init_std if init is None else init})
     for lr in args.log2_lrs:
-        cell = runs.setdefault(key(alpha, embed, lr, _init(args, init)), [])
+        cell = runs.setdefault(key(alpha, embed, lr, init), [])
         for seed in range(args.seeds):
             progress[0] += 1
             if any(r["seed"] == seed for r in cell):
