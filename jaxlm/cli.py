@@ -353,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader of stdout went away (`jaxlm sweep F --list | head`): nothing left to say to it.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a command ended by SIGPIPE
     except JaxlmError as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return _fail_together(EXIT_USER_ERROR, str(e))

@@ -58,6 +58,20 @@ def test_user_error_exits_2_without_traceback(tmp_path):
     assert "did you mean 'optim.lr'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_closed_stdout_ends_quietly(tmp_path):
+    """`jaxlm sweep F --list | head -1`: once the reader has gone, the command stops without a traceback."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\nsizes:\n  - {name: a, d_model: 32, n_layers: 2, n_heads: 4}\n"
+                     "tokens: [1.0e4, 2.0e4]\nseeds: [0, 1, 2]\nlr: 1.0e-3\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to stdout now fails with EPIPE
+    proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "sweep", str(sweep), "--list"], stdout=write_end,
+                          stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
+
+
 def test_help_lists_every_option_group(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
