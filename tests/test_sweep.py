@@ -316,3 +316,25 @@ def test_sweep_eval_task_adds_accuracy_columns_and_fit_fits_accuracy_against_los
     assert "acc(L) = 0.500 + " in capsys.readouterr().out
     fit = json.load(open(os.path.join(out_dir, "fit.json")))["accuracy"]
     assert fit["runs"] == len(scored) and fit["chance"] == 0.5 and 0 <= fit["a"] <= 0.5 and fit["k"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in pathlib.Path(ROOT, "experiments", "sweeps").glob("*.yaml")))
+def test_every_shipped_sweep_file_plans(name, monkeypatch):
+    """Each sweep in experiments/sweeps/ loads and plans every run's config from the repository root (no training);
+    the QK-norm sweep plans the same runs as the one it copies, with the option on."""
+    monkeypatch.chdir(ROOT)
+    sw = sweep_file.load_sweep(os.path.join("experiments", "sweeps", name))
+    runs = planning.plan(sw)
+    assert runs and len({r.name for r in runs}) == len(runs)
+    if name == "gutenberg_qknorm.yaml":
+        base = planning.plan(sweep_file.load_sweep(os.path.join("experiments", "sweeps", "gutenberg.yaml")))
+        def what(r):
+            return r.name, r.steps, r.tokens, r.warmup, r.kind, r.branch_of, r.branch_step
+        assert [what(r) for r in base] == [what(r) for r in runs]
+        for b, q in zip(base, runs):  # the q and k norm scales: head dim entries each, per layer
+            size = next(z for z in sw.sizes if z.name == b.size).model
+            scales = 2 * size["d_model"] // size["n_heads"] * size["n_layers"]
+            assert q.counts["non_embedding"] - b.counts["non_embedding"] == scales
+            assert q.lr == pytest.approx(b.lr, rel=1e-3) and q.lr < b.lr  # the rule sees the larger N
+        assert all("model.qk_norm=true" in r.overrides for r in runs)
+        assert not any("model.qk_norm=true" in r.overrides for r in base)
