@@ -3,13 +3,14 @@
     python tools/lr_transfer.py [--widths 64 128 256] [--log2-lrs -10 -9 ... -3] [--seeds 2]
         [--steps 400] [--layers 2] [--head-dim 16] [--family llama] [--out lr_transfer.json]
         [--plot lr_transfer.png] [--run-seeds 1] [--merge a.json b.json]
-        [--output-mult 1.0] [--embed-lr-mult 1.0]
+        [--output-mult 1.0] [--embed-lr-mult 1.0] [--init-std 0.02] [--base-width W]
 
 For each parametrization, width, learning rate and seed it trains a fresh model (one CPU device)
 with jaxlm's own train step and optimizer on byte tokens of Tiny Shakespeare (the first 90%; a
 synthetic text when the file is missing) and scores the validation loss on fixed windows of the
 last 10%. The training batches depend on the seed only, so every width and learning rate of a
-seed sees the same tokens. Under `mup` (and `mup-zero`: µP with the zero init of the query
+seed sees the same tokens; the init does not (every run starts from `train.seed` 0), so a seed
+is a data order. Under `mup` (and `mup-zero`: µP with the zero init of the query
 and readout) the first width is the base width, and --output-mult and --embed-lr-mult (tuned there
 by tools/mup_base.py) are carried to every width. A run whose loss is not finite counts as
 diverged.
