@@ -11,8 +11,8 @@ synthetic text when the file is missing) and scores the validation loss on fixed
 last 10%. The training batches depend on the seed only, so every width and learning rate of a
 seed sees the same tokens; the init does not (every run starts from `train.seed` 0), so a seed
 is a data order. Under `mup` (and `mup-zero`: µP with the zero init of the query
-and readout) the first width is the base width, and --output-mult and --embed-lr-mult (tuned there
-by tools/mup_base.py) are carried to every width. A run whose loss is not finite counts as
+and readout) the first width is the base width, and --output-mult, --embed-lr-mult and --init-std
+(tuned there by tools/mup_base.py) are carried to every width. A run whose loss is not finite counts as
 diverged.
 
 For each parametrization and width the optimum is the vertex of a parabola fitted (least

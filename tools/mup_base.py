@@ -88,7 +88,8 @@ def score(args, runs: dict, alpha: float, embed: float, init: float | None = Non
 
 def train_pair(args, runs, alpha, embed, batches, valid, progress, init: float | None = None) -> None:
     init = _init(args, init)
-    run_args = argparse.Namespace(**{**vars(args), "init_std": args.init_std if init is None else init})
+    run_args = argparse.Namespace(**{**vars(args), "output_mult": alpha, "embed_lr_mult": embed,
+                                     "init_std": args.init_std if init is None else init})
     for lr in args.log2_lrs:
         cell = runs.setdefault(key(alpha, embed, lr, init), [])
         for seed in range(args.seeds):
@@ -96,7 +97,6 @@ def train_pair(args, runs, alpha, embed, batches, valid, progress, init: float |
             if any(r["seed"] == seed for r in cell):
                 continue
             t0 = time.time()
-            run_args.output_mult, run_args.embed_lr_mult = alpha, embed
             r = lr_transfer.one_run(run_args, "mup", args.width, 2.0 ** lr, batches[seed], valid)
             cell.append(dict(r, seed=seed, seconds=round(time.time() - t0, 2)))
             loss = r["valid_loss"]
