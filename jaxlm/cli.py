@@ -13,7 +13,8 @@ import sys
 import traceback
 
 from jaxlm import cli_checkpoints
-from jaxlm.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, DivergedError, JaxlmError
+from jaxlm.errors import (EXIT_CLOSED_STDOUT, EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, DivergedError,
+                          JaxlmError)
 
 TRAIN_EPILOG = """\
 Overrides are dotted keys, e.g.  jaxlm train experiments/shakespeare.yaml optim.lr=3e-3 mesh.fsdp=4
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         # The reader of stdout went away (`jaxlm sweep F --list | head`): nothing left to say to it.
         # Point stdout at /dev/null so the interpreter's final flush does not raise a second time.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # what a shell reports for a command ended by SIGPIPE
+        return EXIT_CLOSED_STDOUT
     except JaxlmError as e:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return _fail_together(EXIT_USER_ERROR, str(e))

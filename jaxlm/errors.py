@@ -8,6 +8,7 @@ EXIT_RUNS_FAILED = 1  # jaxlm sweep: the sweep went through, but a run failed or
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3  # stopped after too many consecutive non-finite steps (and rollbacks, if enabled)
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after writing a checkpoint (EX_TEMPFAIL: run again)
+EXIT_CLOSED_STDOUT = 141  # the reader of stdout went away (`| head`): what a shell reports for SIGPIPE
 
 
 class JaxlmError(Exception):

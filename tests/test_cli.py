@@ -10,6 +10,7 @@ import time
 import pytest
 
 from jaxlm.cli import main, parse_args
+from jaxlm.errors import EXIT_CLOSED_STDOUT
 from jaxlm.metrics import read_metrics
 
 TINY_CLI = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=64",
@@ -66,9 +67,9 @@ def test_closed_stdout_ends_quietly(tmp_path):
     read_end, write_end = os.pipe()
     os.close(read_end)  # every write to stdout now fails with EPIPE
     proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "sweep", str(sweep), "--list"], stdout=write_end,
-                          stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                          stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=120)
     os.close(write_end)
-    assert proc.returncode == 141, proc.stderr
+    assert proc.returncode == EXIT_CLOSED_STDOUT == 141, proc.stderr
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
 
 
